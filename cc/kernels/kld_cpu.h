@@ -1,0 +1,37 @@
+// The CPU kernel core's interface: plain loops over contiguous memory, no TensorFlow.
+//
+// The same core (kld_cpu_impl.h) is compiled twice: for the baseline x86-64 ISA
+// (kld_cpu_generic.cc) and for AVX2+FMA+F16C (kld_cpu_avx2.cc). Each build exports one table;
+// Cpu() picks the best the running CPU supports, once.
+#ifndef TF_KLD_CC_KERNELS_KLD_CPU_H_
+#define TF_KLD_CC_KERNELS_KLD_CPU_H_
+
+#include <cstdint>
+
+namespace tf_kld {
+namespace cpu {
+
+enum class Type { kHalf, kBfloat16, kFloat, kDouble };
+
+struct Kernels {
+  const char* isa;
+  // loss[r] for rows [row_begin, row_end) of [*, cols] inputs; out points at loss[0].
+  void (*forward_rows)(Type type, const void* y_true, const void* y_pred, void* out,
+                       int64_t row_begin, int64_t row_end, int64_t cols, double eps);
+  // Sum of the terms of n contiguous elements, in double: one chunk of a very wide row.
+  double (*sum_terms)(Type type, const void* y_true, const void* y_pred, int64_t n, double eps);
+  // Gradient for flat elements [begin, end) of [*, cols] inputs; grad has one value per row.
+  void (*gradient)(Type type, const void* grad, const void* y_true, const void* y_pred, void* out,
+                   int64_t begin, int64_t end, int64_t cols, double eps, bool wrt_true);
+};
+
+const Kernels& GenericKernels();
+const Kernels& Avx2Kernels();  // only call when the CPU has AVX2, FMA and F16C
+
+// The kernels for this CPU: AVX2 when available, unless TF_KLD_CPU_ISA=generic.
+const Kernels& Cpu();
+
+}  // namespace cpu
+}  // namespace tf_kld
+
+#endif  // TF_KLD_CC_KERNELS_KLD_CPU_H_

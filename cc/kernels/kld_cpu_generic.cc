@@ -1,0 +1,33 @@
+// The kernel core built for the baseline x86-64 ISA, and the run-time choice between builds.
+#define TF_KLD_ISA_NAME "generic"
+#define TF_KLD_KERNELS_FN GenericKernels
+#include "cc/kernels/kld_cpu_impl.h"
+
+#include <cstdlib>
+#include <cstring>
+
+namespace tf_kld {
+namespace cpu {
+
+namespace {
+const Kernels& Choose() {
+  const char* forced = std::getenv("TF_KLD_CPU_ISA");  // "generic" forces the baseline build
+  if (forced != nullptr && std::strcmp(forced, "generic") == 0) return GenericKernels();
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c")) {
+    return Avx2Kernels();
+  }
+#endif
+  return GenericKernels();
+}
+}  // namespace
+
+const Kernels& Cpu() {
+  static const Kernels& kernels = Choose();
+  return kernels;
+}
+
+}  // namespace cpu
+}  // namespace tf_kld

@@ -1,0 +1,222 @@
+// CPU specialisation of the KL-divergence functors and the OpKernels for both ops.
+#define EIGEN_USE_THREADS
+
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cc/kernels/kld.h"
+#include "cc/kernels/kld_cpu.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/register_types.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "unsupported/Eigen/CXX11/Tensor"
+
+namespace tf_kld {
+
+using CPUDevice = Eigen::ThreadPoolDevice;
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+
+namespace {
+
+template <typename T> struct CpuType;
+template <> struct CpuType<Eigen::half> { static constexpr cpu::Type value = cpu::Type::kHalf; };
+template <> struct CpuType<Eigen::bfloat16> { static constexpr cpu::Type value = cpu::Type::kBfloat16; };
+template <> struct CpuType<float> { static constexpr cpu::Type value = cpu::Type::kFloat; };
+template <> struct CpuType<double> { static constexpr cpu::Type value = cpu::Type::kDouble; };
+
+// Rows wider than this are summed in fixed chunks in parallel, so a few very wide rows still use
+// every core. The chunking depends only on the shape, so results do not depend on thread count.
+constexpr int64_t kChunk = 32768;
+// Rough cycles per element (one log, one division, conversions), for the thread pool's cost model.
+constexpr double kCyclesPerElement = 6.0;
+
+Eigen::TensorOpCost Cost(int64_t elements_per_item, int64_t bytes_in, int64_t bytes_out) {
+  return Eigen::TensorOpCost(static_cast<double>(bytes_in), static_cast<double>(bytes_out),
+                             kCyclesPerElement * static_cast<double>(elements_per_item));
+}
+
+// The loss of one row from a double sum, rounded once to T (through float for 16-bit types).
+template <typename T>
+T FromSum(double sum) {
+  return static_cast<T>(static_cast<float>(sum));
+}
+template <>
+double FromSum<double>(double sum) {
+  return sum;
+}
+
+}  // namespace
+
+template <typename T>
+struct KlDivergenceFunctor<CPUDevice, T> {
+  void operator()(const CPUDevice& d, const T* y_true, const T* y_pred, T* loss, int64_t rows,
+                  int64_t cols, double eps) const {
+    const cpu::Kernels& k = cpu::Cpu();
+    constexpr cpu::Type type = CpuType<T>::value;
+    if (cols <= kChunk) {
+      d.parallelFor(rows, Cost(cols, 2 * cols * sizeof(T), sizeof(T)),
+                    [&](Eigen::Index begin, Eigen::Index end) {
+                      k.forward_rows(type, y_true, y_pred, loss, begin, end, cols, eps);
+                    });
+      return;
+    }
+    const int64_t chunks = (cols + kChunk - 1) / kChunk;
+    std::vector<double> partial(rows * chunks);
+    d.parallelFor(rows * chunks, Cost(kChunk, 2 * kChunk * sizeof(T), sizeof(double)),
+                  [&](Eigen::Index begin, Eigen::Index end) {
+                    for (Eigen::Index item = begin; item < end; ++item) {
+                      const int64_t row = item / chunks, start = (item % chunks) * kChunk;
+                      const int64_t n = std::min<int64_t>(kChunk, cols - start);
+                      const int64_t offset = row * cols + start;
+                      partial[item] = k.sum_terms(type, y_true + offset, y_pred + offset, n, eps);
+                    }
+                  });
+    for (int64_t row = 0; row < rows; ++row) {
+      double sum = 0.0;
+      for (int64_t c = 0; c < chunks; ++c) sum += partial[row * chunks + c];
+      loss[row] = FromSum<T>(sum);
+    }
+  }
+};
+
+template <typename T>
+struct KlDivergenceGradFunctor<CPUDevice, T> {
+  void operator()(const CPUDevice& d, const T* grad, const T* y_true, const T* y_pred, T* out,
+                  int64_t rows, int64_t cols, double eps, Wrt wrt) const {
+    const cpu::Kernels& k = cpu::Cpu();
+    const bool wrt_true = wrt == Wrt::kYTrue;
+    // Blocks of whole SIMD vectors, so only a block's last vector can be partial.
+    d.parallelFor(rows * cols, Cost(1, 2 * sizeof(T), sizeof(T)),
+                  [](Eigen::Index n) { return (n + 63) & ~Eigen::Index{63}; },
+                  [&](Eigen::Index begin, Eigen::Index end) {
+                    k.gradient(CpuType<T>::value, grad, y_true, y_pred, out, begin, end, cols, eps,
+                               wrt_true);
+                  });
+  }
+};
+
+namespace {
+
+// Reads the clip epsilon: the float attr, or for float64 the exact double carried as text
+// (a TensorFlow float attr holds only 32 bits).
+template <typename T>
+absl::StatusOr<double> ReadEpsilon(OpKernelConstruction* ctx) {
+  float eps32 = 0.0f;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("epsilon", &eps32));
+  std::string eps64;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("epsilon_f64", &eps64));
+  if (!std::is_same<T, double>::value || eps64.empty()) return eps32;
+  char* end = nullptr;
+  errno = 0;
+  const double eps = std::strtod(eps64.c_str(), &end);
+  if (end == eps64.c_str() || *end != '\0' || errno != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "attr epsilon_f64 must be a decimal number such as \"1e-07\", got \"", eps64, "\""));
+  }
+  return eps;
+}
+
+// Shared checks: y_true and y_pred of one shape, rank >= 1.
+absl::Status CheckInputs(const Tensor& y_true, const Tensor& y_pred) {
+  if (y_true.dims() < 1 || y_pred.dims() < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "y_true and y_pred must have rank >= 1 (the loss reduces the last axis), got y_true ",
+        y_true.shape().DebugString(), " and y_pred ", y_pred.shape().DebugString()));
+  }
+  if (y_true.shape() != y_pred.shape()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "y_true and y_pred must have the same shape, got y_true ", y_true.shape().DebugString(),
+        " and y_pred ", y_pred.shape().DebugString(),
+        "; tf_kld.kl_divergence broadcasts them before calling the op"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+template <typename Device, typename T>
+class KlDivergenceOp : public OpKernel {
+ public:
+  explicit KlDivergenceOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_VALUE(eps_, ctx, ReadEpsilon<T>(ctx));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& y_true = ctx->input(0);
+    const Tensor& y_pred = ctx->input(1);
+    OP_REQUIRES_OK(ctx, CheckInputs(y_true, y_pred));
+    TensorShape loss_shape = y_true.shape();
+    loss_shape.RemoveLastDims(1);
+    Tensor* loss = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, loss_shape, &loss));
+    const int64_t rows = loss_shape.num_elements();
+    if (rows == 0) return;
+    KlDivergenceFunctor<Device, T>()(ctx->eigen_device<Device>(), y_true.flat<T>().data(),
+                                     y_pred.flat<T>().data(), loss->flat<T>().data(), rows,
+                                     y_true.dim_size(y_true.dims() - 1), eps_);
+  }
+
+ private:
+  double eps_ = 0.0;
+};
+
+template <typename Device, typename T>
+class KlDivergenceGradOp : public OpKernel {
+ public:
+  explicit KlDivergenceGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_VALUE(eps_, ctx, ReadEpsilon<T>(ctx));
+    std::string wrt;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("wrt", &wrt));
+    wrt_ = wrt == "y_true" ? Wrt::kYTrue : Wrt::kYPred;
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& grad = ctx->input(0);
+    const Tensor& y_true = ctx->input(1);
+    const Tensor& y_pred = ctx->input(2);
+    OP_REQUIRES_OK(ctx, CheckInputs(y_true, y_pred));
+    TensorShape loss_shape = y_true.shape();
+    loss_shape.RemoveLastDims(1);
+    OP_REQUIRES(ctx, grad.shape() == loss_shape,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "grad must have the loss's shape ", loss_shape.DebugString(),
+                    " (y_true/y_pred shape ", y_true.shape().DebugString(),
+                    " without the last axis), got ", grad.shape().DebugString())));
+    Tensor* out = nullptr;
+    // The output may take over the buffer of the input it is the gradient of (read once, in place).
+    const int reuse = wrt_ == Wrt::kYTrue ? 1 : 2;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({reuse}, 0, y_true.shape(), &out));
+    if (y_true.NumElements() == 0) return;
+    KlDivergenceGradFunctor<Device, T>()(ctx->eigen_device<Device>(), grad.flat<T>().data(),
+                                         y_true.flat<T>().data(), y_pred.flat<T>().data(),
+                                         out->flat<T>().data(), loss_shape.num_elements(),
+                                         y_true.dim_size(y_true.dims() - 1), eps_, wrt_);
+  }
+
+ private:
+  double eps_ = 0.0;
+  Wrt wrt_;
+};
+
+#define TF_KLD_REGISTER_CPU(T)                                                              \
+  REGISTER_KERNEL_BUILDER(                                                                  \
+      Name("TfKld>KlDivergence").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"),    \
+      KlDivergenceOp<CPUDevice, T>);                                                        \
+  REGISTER_KERNEL_BUILDER(                                                                  \
+      Name("TfKld>KlDivergenceGrad").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
+      KlDivergenceGradOp<CPUDevice, T>);
+
+TF_KLD_REGISTER_CPU(Eigen::half);
+TF_KLD_REGISTER_CPU(Eigen::bfloat16);
+TF_KLD_REGISTER_CPU(float);
+TF_KLD_REGISTER_CPU(double);
+#undef TF_KLD_REGISTER_CPU
+
+}  // namespace tf_kld

@@ -1,0 +1,70 @@
+"""pip build of tf_kld: compiles the op library against the installed TensorFlow.
+
+    pip install --no-build-isolation .     # isolation would pull a second TensorFlow into the build
+    pip wheel --no-build-isolation --no-deps -w dist .
+    python setup.py build_ext --inplace    # library into tf_kld/ of this checkout (tests, demo)
+
+Flags come from tools/build_flags.py (shared with Bazel's configure.sh). CXX overrides g++.
+"""
+
+import os
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import build_flags  # noqa: E402  pylint: disable=wrong-import-position
+
+
+class BuildOpLibrary(build_ext):
+    """Builds the TensorFlow op library (not a Python extension) with TensorFlow's flags."""
+
+    def get_ext_filename(self, fullname):
+        return os.path.join(*fullname.split(".")[:-1], build_flags.LIBRARY_NAME)
+
+    def build_extension(self, ext):
+        target = os.path.abspath(self.get_ext_fullpath(ext.name))
+        sources = build_flags.SOURCES + build_flags.AVX2_SOURCES
+        headers = [os.path.join("cc/kernels", f) for f in os.listdir(os.path.join(ROOT, "cc/kernels"))
+                   if f.endswith(".h")]
+        inputs = [os.path.join(ROOT, f) for f in sources + headers + ["tools/build_flags.py"]]
+        if not self.force and os.path.exists(target) and os.path.getmtime(target) >= max(
+                os.path.getmtime(f) for f in inputs):
+            print(f"tf_kld: {target} is up to date")
+            return
+        cxx = shlex.split(os.environ.get("CXX", "g++"))
+        tmp = os.path.abspath(os.path.join(self.build_temp, "tf_kld"))
+        os.makedirs(tmp, exist_ok=True)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+
+        def compile_one(source):
+            obj = os.path.join(tmp, os.path.basename(source) + ".o")
+            extra = build_flags.AVX2_FLAGS if source in build_flags.AVX2_SOURCES else []
+            cmd = cxx + build_flags.compile_flags() + extra + ["-c", source, "-o", obj]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, cwd=ROOT, check=True)
+            return obj
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            objects = list(pool.map(compile_one, sources))
+        cmd = cxx + objects + build_flags.link_flags() + ["-o", target]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+setup(
+    name="tf_kld",
+    version="0.1.0",
+    description="A fused Kullback-Leibler divergence loss op for TensorFlow, with its gradient",
+    packages=["tf_kld"],
+    ext_modules=[Extension("tf_kld._kld_ops", sources=build_flags.SOURCES + build_flags.AVX2_SOURCES)],
+    cmdclass={"build_ext": BuildOpLibrary},
+    python_requires=">=3.9",
+    install_requires=["tensorflow>=2.16"],
+    zip_safe=False,
+)

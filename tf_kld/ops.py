@@ -1,0 +1,246 @@
+"""Loads the op library, chooses between the custom op and the composite, registers gradients.
+
+The choice is made at trace time (once per eager call, once per tf.function trace):
+
+* ``reference`` - the pure-TF composite in :mod:`tf_kld.reference`.
+* ``custom``    - the fused C++ op; an error if the library did not load.
+* ``auto``      - the custom op when it is loaded and the graph is not being compiled by XLA
+                  (jit_compile, TPU), the composite otherwise.
+
+The default comes from the environment variable ``TF_KLD_IMPL`` (auto|custom|reference) and is
+overridden, per thread, by the :func:`implementation` context manager.
+"""
+
+import contextlib
+import os
+import threading
+import warnings
+
+import tensorflow as tf
+from tensorflow.python.framework import ops as tf_ops
+from tensorflow.python.ops import control_flow_util
+
+from tf_kld import reference
+
+IMPLEMENTATIONS = ("auto", "custom", "reference")
+LIBRARY_ENV = "TF_KLD_LIBRARY"
+IMPL_ENV = "TF_KLD_IMPL"
+FORWARD_OP = "TfKld>KlDivergence"
+GRAD_OP = "TfKld>KlDivergenceGrad"
+_LIBRARY_FILE = "_kld_ops.so"
+_REBUILD_HINT = ("Rebuild it against the installed TensorFlow with `pip install --no-build-isolation .` "
+                 "(or `./configure.sh && bazel build //...`), or point TF_KLD_LIBRARY at a built "
+                 "_kld_ops.so. Until then tf_kld computes with the pure-TensorFlow composite.")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def library_path():
+    """Where the op library is looked for: $TF_KLD_LIBRARY, else _kld_ops.so beside this file."""
+    return os.environ.get(LIBRARY_ENV) or os.path.join(os.path.dirname(__file__), _LIBRARY_FILE)
+
+
+def _load():
+    path = library_path()
+    if not os.path.exists(path):
+        return None, f"the op library {path} does not exist"
+    try:
+        return tf.load_op_library(path), None
+    except (tf.errors.NotFoundError, OSError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return None, (f"the op library {path} could not be loaded into TensorFlow "
+                      f"{tf.__version__} ({reason})")
+
+
+_module, _load_error = _load()
+if _module is None:
+    warnings.warn(f"tf_kld: {_load_error}. {_REBUILD_HINT}", RuntimeWarning, stacklevel=2)
+
+
+def custom_op_loaded():
+    """True when the fused C++ op library is loaded and the custom op can run."""
+    return _module is not None
+
+
+def load_error():
+    """Why the library did not load, or None."""
+    return _load_error
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing the implementation
+
+_state = threading.local()
+
+
+def _env_implementation():
+    value = os.environ.get(IMPL_ENV, "auto").strip().lower() or "auto"
+    if value not in IMPLEMENTATIONS:
+        raise ValueError(f"tf_kld: {IMPL_ENV}={value!r} is not one of {', '.join(IMPLEMENTATIONS)}.")
+    return value
+
+
+def current_implementation():
+    """The implementation requested now: the innermost `implementation()` block, else $TF_KLD_IMPL."""
+    stack = getattr(_state, "stack", None)
+    return stack[-1] if stack else _env_implementation()
+
+
+@contextlib.contextmanager
+def implementation(name):
+    """Context manager choosing the implementation ("auto", "custom" or "reference") on this thread.
+
+    It is consulted when an op is built: eagerly on each call, in a tf.function when it is traced.
+
+    >>> with tf_kld.implementation("reference"):
+    ...     loss = tf_kld.kl_divergence(y_true, y_pred)
+    """
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"tf_kld.implementation: {name!r} is not one of {', '.join(IMPLEMENTATIONS)}.")
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield name
+    finally:
+        stack.pop()
+
+
+def in_xla_context():
+    """True while building a graph that XLA will compile (jit_compile=True, TPU)."""
+    if tf.executing_eagerly():
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph())
+
+
+def use_custom_op():
+    """Whether the op being built now should be the fused custom op."""
+    impl = current_implementation()
+    if impl == "reference":
+        return False
+    if impl == "custom":
+        if _module is None:
+            raise RuntimeError(f"tf_kld: implementation 'custom' was requested but {_load_error}. "
+                               + _REBUILD_HINT.split(" Until then")[0])
+        return True
+    return _module is not None and not in_xla_context()
+
+
+# --------------------------------------------------------------------------------------------
+# The custom op
+
+
+def _epsilon_attrs(dtype):
+    eps = reference.epsilon(dtype)
+    # A TF "float" attr is 32-bit; float64 carries the exact double as text as well.
+    return {"epsilon": eps, "epsilon_f64": repr(eps) if dtype == tf.float64 else ""}
+
+
+def _broadcast(y_true, y_pred):
+    """Broadcasts both to a common shape (a no-op, no copy, when the shapes already agree)."""
+    if y_true.shape.is_fully_defined() and y_pred.shape.is_fully_defined():
+        if y_true.shape == y_pred.shape:
+            return y_true, y_pred
+        shape = tf.broadcast_static_shape(y_true.shape, y_pred.shape)
+    else:
+        shape = tf.broadcast_dynamic_shape(tf.shape(y_true), tf.shape(y_pred))
+    return tf.broadcast_to(y_true, shape), tf.broadcast_to(y_pred, shape)
+
+
+def custom_kl_divergence(y_true, y_pred):
+    """The fused op on prepared tensors (same dtype, broadcastable shapes)."""
+    y_true, y_pred = _broadcast(y_true, y_pred)
+    return _module.tf_kld_kl_divergence(y_true, y_pred, **_epsilon_attrs(y_pred.dtype))
+
+
+def _grad_op(grad, y_true, y_pred, wrt, attrs):
+    return _module.tf_kld_kl_divergence_grad(grad, y_true, y_pred, wrt=wrt, **attrs)
+
+
+@tf.RegisterGradient(FORWARD_OP)
+def _kl_divergence_grad(op, grad):
+    y_true, y_pred = op.inputs
+    attrs = {"epsilon": op.get_attr("epsilon"), "epsilon_f64": op.get_attr("epsilon_f64")}
+    # Eager tapes tell which inputs nobody differentiates; in graphs an unused node is pruned.
+    skip = getattr(op, "skip_input_indices", None) or ()
+    d_true = None if 0 in skip else _grad_op(grad, y_true, y_pred, "y_true", attrs)
+    d_pred = None if 1 in skip else _grad_op(grad, y_true, y_pred, "y_pred", attrs)
+    return d_true, d_pred
+
+
+def _op_epsilon(op):
+    eps64 = op.get_attr("epsilon_f64")
+    if isinstance(eps64, bytes):
+        eps64 = eps64.decode()
+    return float(eps64) if eps64 else op.get_attr("epsilon")
+
+
+@tf.RegisterGradient(GRAD_OP)
+def _kl_divergence_grad_grad(op, dout):
+    """Second order, in TF ops: the gradient of the fused first-order gradient."""
+    grad, y_true, y_pred = op.inputs
+    wrt = op.get_attr("wrt")
+    wrt = wrt.decode() if isinstance(wrt, bytes) else wrt
+    dtype = y_pred.dtype
+    work = reference.compute_dtype(dtype)
+    eps = _op_epsilon(op)
+    g = tf.cast(grad, work)[..., tf.newaxis]
+    t = tf.cast(y_true, work)
+    p = tf.cast(y_pred, work)
+    d = tf.cast(dout, work)
+    zero = tf.zeros_like(t)
+    t_in = tf.logical_and(t >= eps, t <= 1.0)
+    p_in = tf.logical_and(p >= eps, p <= 1.0)
+    tc = tf.clip_by_value(t, eps, 1.0)
+    pc = tf.clip_by_value(p, eps, 1.0)
+    if wrt == "y_pred":  # out = -g * tc / pc  where p is inside [eps, 1]
+        d = tf.where(p_in, d, zero)
+        d_grad = tf.reduce_sum(-d * tc / pc, axis=-1)
+        d_true = tf.where(t_in, -d * g / pc, zero)
+        d_pred = d * g * tc / (pc * pc)
+    else:  # out = g * (log(tc / pc) + 1)  where t is inside [eps, 1]
+        d = tf.where(t_in, d, zero)
+        d_grad = tf.reduce_sum(d * (tf.math.log(tc / pc) + 1.0), axis=-1)
+        d_true = d * g / tc
+        d_pred = tf.where(p_in, -d * g / pc, zero)
+    return tuple(tf.cast(x, dtype) for x in (d_grad, d_true, d_pred))
+
+
+# --------------------------------------------------------------------------------------------
+# The public entry point
+
+
+def kl_divergence(y_true, y_pred):
+    """Computes the Kullback-Leibler divergence loss between `y_true` and `y_pred`.
+
+    `loss = y_true * log(y_true / y_pred)`, summed over the last axis.
+
+    `y_true` is cast to `y_pred`'s dtype and both are clipped to `[epsilon, 1]` with
+    `keras.backend.epsilon()`; the shapes broadcast as in TensorFlow. A fused C++ op computes the
+    loss and its gradient; under XLA (jit_compile, TPU) the same formula runs as TensorFlow ops.
+    float16 and bfloat16 are computed in float32 and the result is cast back.
+
+    Standalone usage:
+
+    >>> y_true = [.4, .9, .2]
+    >>> y_pred = [.5, .8, .12]
+    >>> tf_kld.kl_divergence(y_true, y_pred).numpy()
+    0.11891246
+
+    Args:
+      y_true: Tensor of true targets.
+      y_pred: Tensor of predicted targets.
+
+    Returns:
+      A `Tensor` with loss: y_pred's dtype, shape = `[batch_size, d0, .. dN-1]`.
+
+    Raises:
+      TypeError: If `y_true` cannot be cast to the `y_pred.dtype`.
+    """
+    y_true, y_pred = reference.prepare(y_true, y_pred)
+    if use_custom_op():
+        return custom_kl_divergence(y_true, y_pred)
+    return reference.composite(y_true, y_pred, reference.epsilon(y_pred.dtype))
