@@ -2,13 +2,13 @@
 // ISA after defining TF_KLD_ISA_NAME ("generic", "avx2") and TF_KLD_KERNELS_FN (the table getter).
 //
 // Everything here has internal linkage (an anonymous namespace), so the AVX2 build of a helper can
-// never be linked in place of the baseline one. SIMD is written with GCC vector extensions over
-// 8 float lanes; the compiler maps them to one AVX register or two SSE registers.
+// never be linked in place of the baseline one. SIMD is written with GCC vector extensions, one
+// register wide: 8 float lanes with AVX, 4 with SSE2.
 //
 // float32 log: the rational approximation TensorFlow's CPU Log kernel uses (see Log below); a vector
 // that holds anything but positive normal numbers (0, Inf, NaN, negatives, subnormals: possible only
-// with an unusual epsilon) falls back to std::log lane by lane, as do the last n < 8 elements of a
-// row. float64 uses std::log throughout, as TensorFlow does.
+// with an unusual epsilon) falls back to std::log lane by lane, as do the last n < kLanes elements
+// of a row. float64 uses std::log throughout, as TensorFlow does.
 
 #include <cmath>
 #include <cstdint>
@@ -17,19 +17,22 @@
 
 #include "cc/kernels/kld_cpu.h"
 
-#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors never cross a call boundary here.
+#pragma GCC diagnostic ignored "-Wpsabi"  // vectors never cross a call boundary here.
 
 namespace tf_kld {
 namespace cpu {
 namespace {
 
+#if defined(__AVX__)
 constexpr int kLanes = 8;
-typedef float F8 __attribute__((vector_size(32)));
-typedef int32_t I8 __attribute__((vector_size(32)));
-typedef uint32_t U8 __attribute__((vector_size(32)));
-typedef uint16_t H8 __attribute__((vector_size(16)));
-typedef float F4 __attribute__((vector_size(16)));
-typedef double D4 __attribute__((vector_size(32)));
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float Vf __attribute__((vector_size(4 * kLanes)));      // kLanes floats
+typedef int32_t Vi __attribute__((vector_size(4 * kLanes)));    // lane masks: -1 true, 0 false
+typedef uint32_t Vu __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t Vh __attribute__((vector_size(2 * kLanes)));   // kLanes 16-bit values
+typedef double Vd __attribute__((vector_size(4 * kLanes)));     // kLanes / 2 doubles
 
 #define TF_KLD_INLINE inline __attribute__((always_inline))
 
@@ -41,15 +44,31 @@ TF_KLD_INLINE To BitCast(const From& from) {
   return to;
 }
 
-TF_KLD_INLINE F8 Splat(float x) { return F8{x, x, x, x, x, x, x, x}; }
+TF_KLD_INLINE Vf Splat(float x) { return Vf{} + x; }
 
-TF_KLD_INLINE bool AnyLane(I8 mask) {
-#if defined(__AVX2__)
+TF_KLD_INLINE bool AnyLane(Vi mask) {
+#if defined(__AVX__)
   return !_mm256_testz_si256(BitCast<__m256i>(mask), BitCast<__m256i>(mask));
 #else
-  const __m128i* halves = reinterpret_cast<const __m128i*>(&mask);
-  return _mm_movemask_epi8(_mm_or_si128(_mm_loadu_si128(halves), _mm_loadu_si128(halves + 1))) != 0;
+  return _mm_movemask_epi8(BitCast<__m128i>(mask)) != 0;
 #endif
+}
+
+// Adds the float lanes into two double accumulators (low and high half of the lanes).
+TF_KLD_INLINE void Accumulate(Vf terms, Vd* acc0, Vd* acc1) {
+#if defined(__AVX__)
+  *acc0 += __builtin_convertvector(__builtin_shufflevector(terms, terms, 0, 1, 2, 3), Vd);
+  *acc1 += __builtin_convertvector(__builtin_shufflevector(terms, terms, 4, 5, 6, 7), Vd);
+#else
+  *acc0 += __builtin_convertvector(__builtin_shufflevector(terms, terms, 0, 1), Vd);
+  *acc1 += __builtin_convertvector(__builtin_shufflevector(terms, terms, 2, 3), Vd);
+#endif
+}
+
+TF_KLD_INLINE double SumLanes(Vd acc) {
+  double sum = 0.0;
+  for (int i = 0; i < kLanes / 2; ++i) sum += acc[i];
+  return sum;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -94,22 +113,22 @@ TF_KLD_INLINE uint16_t FloatToBfloat16(float f) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Element types: storage, scalar conversion, and 8-lane load/store in float.
+// Element types: storage, scalar conversion, and kLanes-wide load/store in float.
 
 struct HalfT {
   typedef uint16_t Storage;
   static float ToFloat(Storage v) { return HalfToFloat(v); }
   static Storage FromFloat(float v) { return FloatToHalf(v); }
-  static TF_KLD_INLINE F8 Load(const Storage* p) {
+  static TF_KLD_INLINE Vf Load(const Storage* p) {
 #if defined(__F16C__)
-    return BitCast<F8>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    return BitCast<Vf>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #else
-    F8 v;
+    Vf v;
     for (int i = 0; i < kLanes; ++i) v[i] = HalfToFloat(p[i]);
     return v;
 #endif
   }
-  static TF_KLD_INLINE void Store(Storage* p, F8 v) {
+  static TF_KLD_INLINE void Store(Storage* p, Vf v) {
 #if defined(__F16C__)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                      _mm256_cvtps_ph(BitCast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
@@ -123,17 +142,17 @@ struct Bfloat16T {
   typedef uint16_t Storage;
   static float ToFloat(Storage v) { return Bfloat16ToFloat(v); }
   static Storage FromFloat(float v) { return FloatToBfloat16(v); }
-  static TF_KLD_INLINE F8 Load(const Storage* p) {
-    H8 h;
+  static TF_KLD_INLINE Vf Load(const Storage* p) {
+    Vh h;
     std::memcpy(&h, p, sizeof(h));
-    return BitCast<F8>(__builtin_convertvector(h, U8) << 16);
+    return BitCast<Vf>(__builtin_convertvector(h, Vu) << 16);
   }
-  static TF_KLD_INLINE void Store(Storage* p, F8 v) {
-    const U8 x = BitCast<U8>(v);
-    const U8 rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
-    const U8 quiet_nan = (x >> 16) | 0x40u;
-    const U8 r = (v != v) ? quiet_nan : rounded;
-    const H8 h = __builtin_convertvector(r, H8);
+  static TF_KLD_INLINE void Store(Storage* p, Vf v) {
+    const Vu x = BitCast<Vu>(v);
+    const Vu rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+    const Vu quiet_nan = (x >> 16) | 0x40u;
+    const Vu r = (v != v) ? quiet_nan : rounded;
+    const Vh h = __builtin_convertvector(r, Vh);
     std::memcpy(p, &h, sizeof(h));
   }
 };
@@ -142,62 +161,57 @@ struct FloatT {
   typedef float Storage;
   static float ToFloat(Storage v) { return v; }
   static Storage FromFloat(float v) { return v; }
-  static TF_KLD_INLINE F8 Load(const Storage* p) {
-    F8 v;
+  static TF_KLD_INLINE Vf Load(const Storage* p) {
+    Vf v;
     std::memcpy(&v, p, sizeof(v));
     return v;
   }
-  static TF_KLD_INLINE void Store(Storage* p, F8 v) { std::memcpy(p, &v, sizeof(v)); }
+  static TF_KLD_INLINE void Store(Storage* p, Vf v) { std::memcpy(p, &v, sizeof(v)); }
 };
 
 // ---------------------------------------------------------------------------------------------
-// float32 math, 8 lanes.
+// float32 math, kLanes at a time.
 
-TF_KLD_INLINE F8 LogSlow(F8 x) {
-  F8 r = x;
+TF_KLD_INLINE Vf LogSlow(Vf x) {
+  Vf r = x;
   for (int i = 0; i < kLanes; ++i) r[i] = std::log(x[i]);
   return r;
 }
 
-// Natural log of 8 floats: log(m * 2^e) = e * ln2 + log1p(f), f = m - 1 in [sqrt(1/2)-1, sqrt(2)-1),
+// Natural log of kLanes floats: log(m * 2^e) = e * ln2 + log1p(f), f = m - 1 in [sqrt(1/2)-1, sqrt(2)-1),
 // log1p(f) ~ f * P(f) / Q(f): the rational minimax form (and coefficients) Eigen's plog uses for
 // TensorFlow's own Log kernel, evaluated in the same order without FMA, so the two agree.
-TF_KLD_INLINE F8 Log(F8 x) {
-  const U8 bits = BitCast<U8>(x);
+TF_KLD_INLINE Vf Log(Vf x) {
+  const Vu bits = BitCast<Vu>(x);
   // Positive normal finite <=> biased exponent in [1, 254] and sign clear.
-  const I8 special = (bits - 0x00800000u) >= 0x7f000000u;
+  const Vi special = (bits - 0x00800000u) >= 0x7f000000u;
   if (__builtin_expect(AnyLane(special), 0)) return LogSlow(x);
-  const F8 m = BitCast<F8>((bits & 0x007fffffu) | 0x3f000000u);  // in [0.5, 1)
-  const I8 below = m < Splat(0.707106781186547524f);             // -1 where true
-  const F8 e = __builtin_convertvector(BitCast<I8>(bits >> 23) - 126 + below, F8);
-  const F8 f = (m - Splat(1.0f)) + BitCast<F8>(BitCast<I8>(m) & below);
-  const F8 p = f * ((Splat(0.18256296349849254f) * f + Splat(1.0000000190281063f)) * f +
+  const Vf m = BitCast<Vf>((bits & 0x007fffffu) | 0x3f000000u);  // in [0.5, 1)
+  const Vi below = m < Splat(0.707106781186547524f);             // -1 where true
+  const Vf e = __builtin_convertvector(BitCast<Vi>(bits >> 23) - 126 + below, Vf);
+  const Vf f = (m - Splat(1.0f)) + BitCast<Vf>(BitCast<Vi>(m) & below);
+  const Vf p = f * ((Splat(0.18256296349849254f) * f + Splat(1.0000000190281063f)) * f +
                     Splat(1.0000000190281136f));
-  const F8 q = ((Splat(0.049616247954120038f) * f + Splat(0.59923249590823520f)) * f +
+  const Vf q = ((Splat(0.049616247954120038f) * f + Splat(0.59923249590823520f)) * f +
                 Splat(1.4999999999999927f)) * f + Splat(1.0f);
   return e * Splat(0.693147182f) + p / q;
 }
 
 // max(min(x, 1), eps); NaN passes through (both comparisons are false), as tf.clip_by_value.
-TF_KLD_INLINE F8 Clip(F8 x, F8 eps) {
-  const F8 upper = x > Splat(1.0f) ? Splat(1.0f) : x;
+TF_KLD_INLINE Vf Clip(Vf x, Vf eps) {
+  const Vf upper = x > Splat(1.0f) ? Splat(1.0f) : x;
   return upper < eps ? eps : upper;
 }
 
 // Where the clip passes the gradient: eps <= x <= 1 (false at NaN).
-TF_KLD_INLINE I8 Inside(F8 x, F8 eps) { return (x >= eps) & (x <= Splat(1.0f)); }
+TF_KLD_INLINE Vi Inside(Vf x, Vf eps) { return (x >= eps) & (x <= Splat(1.0f)); }
 
-TF_KLD_INLINE F8 Terms(F8 t, F8 p, F8 eps) {
-  const F8 tc = Clip(t, eps);
+TF_KLD_INLINE Vf Terms(Vf t, Vf p, Vf eps) {
+  const Vf tc = Clip(t, eps);
   return tc * Log(tc / Clip(p, eps));
 }
 
-TF_KLD_INLINE void Accumulate(F8 terms, D4* acc0, D4* acc1) {
-  *acc0 += __builtin_convertvector(__builtin_shufflevector(terms, terms, 0, 1, 2, 3), D4);
-  *acc1 += __builtin_convertvector(__builtin_shufflevector(terms, terms, 4, 5, 6, 7), D4);
-}
-
-// Scalar float versions for a row's last n < 8 elements. They use std::log, as TensorFlow's own
+// Scalar float versions for a row's last n < kLanes elements. They use std::log, as TensorFlow's own
 // kernels do for elements that do not fill a SIMD packet, so short rows match it exactly.
 TF_KLD_INLINE float ClipF(float x, float eps) {
   const float upper = x > 1.0f ? 1.0f : x;
@@ -217,12 +231,11 @@ TF_KLD_INLINE float GradScalarF(float g, float t, float p, float eps, bool wrt_t
 
 template <typename E>
 double SumTermsF(const typename E::Storage* t, const typename E::Storage* p, int64_t n, float eps) {
-  const F8 e = Splat(eps);
-  D4 acc0 = {0, 0, 0, 0}, acc1 = {0, 0, 0, 0};
+  const Vf e = Splat(eps);
+  Vd acc0 = {}, acc1 = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) Accumulate(Terms(E::Load(t + i), E::Load(p + i), e), &acc0, &acc1);
-  const D4 acc = acc0 + acc1;
-  double sum = (acc[0] + acc[2]) + (acc[1] + acc[3]);
+  double sum = SumLanes(acc0 + acc1);
   for (; i < n; ++i) sum += TermF(E::ToFloat(t[i]), E::ToFloat(p[i]), eps);
   return sum;
 }
@@ -239,9 +252,9 @@ void ForwardRowsF(const void* y_true, const void* y_pred, void* out, int64_t row
 }
 
 template <typename E>
-TF_KLD_INLINE F8 GradF(F8 g, F8 t, F8 p, F8 eps, bool wrt_true) {
-  const F8 tc = Clip(t, eps);
-  const F8 zero = Splat(0.0f);
+TF_KLD_INLINE Vf GradF(Vf g, Vf t, Vf p, Vf eps, bool wrt_true) {
+  const Vf tc = Clip(t, eps);
+  const Vf zero = Splat(0.0f);
   if (wrt_true) return Inside(t, eps) ? g * (Log(tc / Clip(p, eps)) + Splat(1.0f)) : zero;
   return Inside(p, eps) ? -(g * tc) / p : zero;
 }
@@ -253,11 +266,11 @@ void GradientF(const void* grad, const void* y_true, const void* y_pred, void* o
   const auto* t = static_cast<const typename E::Storage*>(y_true);
   const auto* p = static_cast<const typename E::Storage*>(y_pred);
   auto* o = static_cast<typename E::Storage*>(out);
-  const F8 e = Splat(eps);
+  const Vf e = Splat(eps);
   int64_t i = begin;
   for (int64_t row = begin / cols; i < end; ++row) {
     const int64_t stop = (row + 1) * cols < end ? (row + 1) * cols : end;
-    const F8 gv = Splat(E::ToFloat(g[row]));
+    const Vf gv = Splat(E::ToFloat(g[row]));
     for (; i + kLanes <= stop; i += kLanes) {
       E::Store(o + i, GradF<E>(gv, E::Load(t + i), E::Load(p + i), e, wrt_true));
     }
