@@ -57,8 +57,9 @@ TF_KLD_INLINE bool AnyLane(Vi mask) {
 // Adds the float lanes into two double accumulators (low and high half of the lanes).
 TF_KLD_INLINE void Accumulate(Vf terms, Vd* acc0, Vd* acc1) {
 #if defined(__AVX__)
-  *acc0 += __builtin_convertvector(__builtin_shufflevector(terms, terms, 0, 1, 2, 3), Vd);
-  *acc1 += __builtin_convertvector(__builtin_shufflevector(terms, terms, 4, 5, 6, 7), Vd);
+  const __m256 v = BitCast<__m256>(terms);
+  *acc0 += BitCast<Vd>(_mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+  *acc1 += BitCast<Vd>(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
 #else
   *acc0 += __builtin_convertvector(__builtin_shufflevector(terms, terms, 0, 1), Vd);
   *acc1 += __builtin_convertvector(__builtin_shufflevector(terms, terms, 2, 3), Vd);
