@@ -38,18 +38,37 @@ def compute_dtype(dtype):
     return tf.float32 if dtype in _LOW_PRECISION else dtype
 
 
+def _dtype_name(x):
+    """x's dtype for an error message, without failing on values that do not convert."""
+    for get in (lambda: tf.as_dtype(x.dtype), lambda: tf.convert_to_tensor(x).dtype):
+        try:
+            return get().name
+        except (AttributeError, TypeError, ValueError):
+            pass
+    return type(x).__name__
+
+
 def prepare(y_true, y_pred):
     """Converts the inputs as Keras does: y_pred to a tensor, y_true cast to y_pred's dtype.
 
     Raises:
       TypeError: if y_pred is not floating point, or y_true cannot be cast to y_pred.dtype.
+      ValueError (graph) / InvalidArgumentError (eager), as TensorFlow's own ops would raise: if
+        the static shapes do not broadcast, or broadcast to rank 0.
     """
-    y_pred = tf.convert_to_tensor(y_pred)
+    try:
+        y_pred = tf.convert_to_tensor(y_pred)
+    except (TypeError, ValueError) as err:
+        error = TypeError if isinstance(err, TypeError) else ValueError
+        raise error(f"kl_divergence: y_pred cannot be converted to a tensor: {err} y_pred must "
+                    f"be a floating-point tensor or array (float16, bfloat16, float32 or "
+                    f"float64).") from err
     dtype = y_pred.dtype
     if not dtype.is_floating:
         raise TypeError(
             f"kl_divergence: y_pred must be a floating-point tensor (float16, bfloat16, float32 or "
-            f"float64), got dtype {dtype.name}. Cast it first, e.g. tf.cast(y_pred, tf.float32).")
+            f"float64), got y_pred dtype {dtype.name} (y_true dtype {_dtype_name(y_true)}). Cast it "
+            f"first, e.g. tf.cast(y_pred, tf.float32).")
     if isinstance(y_true, (tf.Tensor, tf.Variable)) or hasattr(y_true, "dtype") and isinstance(
             getattr(y_true, "dtype"), tf.DType):
         y_true = tf.convert_to_tensor(y_true)
@@ -70,7 +89,28 @@ def prepare(y_true, y_pred):
             f"(floating, integer or bool).")
     if y_true.dtype != dtype:
         y_true = tf.cast(y_true, dtype)
+    _check_static_shapes(y_true.shape, y_pred.shape)
     return y_true, y_pred
+
+
+def _check_static_shapes(true_shape, pred_shape):
+    """Raises what TensorFlow's ops would (ValueError in graphs, InvalidArgumentError eagerly) for
+    shapes known not to broadcast or to broadcast to rank 0, with a message naming both inputs."""
+    if true_shape == pred_shape and true_shape.rank:  # equal shapes of rank >= 1: the common case
+        return
+    try:
+        shape = tf.broadcast_static_shape(true_shape, pred_shape)
+        problem = None if shape.rank != 0 else "must have rank >= 1 (the loss reduces the last axis)"
+    except ValueError:
+        problem = ("must have broadcastable shapes (trailing dimensions equal, or one of them 1, or "
+                   "missing)")
+    if problem is None:
+        return
+    message = (f"kl_divergence: y_true and y_pred {problem}, got y_true shape {true_shape} and "
+               f"y_pred shape {pred_shape}.")
+    if tf.executing_eagerly():
+        raise tf.errors.InvalidArgumentError(None, None, message)
+    raise ValueError(message)
 
 
 def composite(y_true, y_pred, eps):

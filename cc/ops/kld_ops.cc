@@ -12,9 +12,12 @@ namespace {
 
 // y_true and y_pred: one shape (unknown dims stay unknown), rank >= 1.
 absl::Status MergeInputs(InferenceContext* c, int y_true, int y_pred, ShapeHandle* merged) {
-  ShapeHandle t, p;
-  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(y_true), 1, &t));
-  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(y_pred), 1, &p));
+  ShapeHandle t = c->input(y_true), p = c->input(y_pred);
+  if ((c->RankKnown(t) && c->Rank(t) < 1) || (c->RankKnown(p) && c->Rank(p) < 1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "y_true and y_pred must have rank >= 1 (the loss reduces the last axis), got y_true ",
+        c->DebugString(t), " and y_pred ", c->DebugString(p)));
+  }
   if (!c->Merge(t, p, merged).ok()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "y_true and y_pred must have the same shape, got y_true ", c->DebugString(t),
