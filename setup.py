@@ -5,6 +5,8 @@
     python setup.py build_ext --inplace    # library into tf_kld/ of this checkout (tests, demo)
 
 Flags come from tools/build_flags.py (shared with Bazel's configure.sh). CXX overrides g++.
+TF_KLD_XLA=0 leaves out the op's XLA lowering (then jit_compile relies on tf_kld's detection of XLA
+contexts alone); if it fails to compile, the build warns and goes on without it.
 """
 
 import os
@@ -29,10 +31,12 @@ class BuildOpLibrary(build_ext):
 
     def build_extension(self, ext):
         target = os.path.abspath(self.get_ext_fullpath(ext.name))
+        xla = os.environ.get("TF_KLD_XLA", "1") != "0"
         sources = build_flags.SOURCES + build_flags.AVX2_SOURCES
+        all_sources = sources + build_flags.XLA_SOURCES
         headers = [os.path.join("cc/kernels", f) for f in os.listdir(os.path.join(ROOT, "cc/kernels"))
                    if f.endswith(".h")]
-        inputs = [os.path.join(ROOT, f) for f in sources + headers + ["tools/build_flags.py"]]
+        inputs = [os.path.join(ROOT, f) for f in all_sources + headers + ["tools/build_flags.py"]]
         if not self.force and os.path.exists(target) and os.path.getmtime(target) >= max(
                 os.path.getmtime(f) for f in inputs):
             print(f"tf_kld: {target} is up to date")
@@ -45,14 +49,26 @@ class BuildOpLibrary(build_ext):
         def compile_one(source):
             obj = os.path.join(tmp, os.path.basename(source) + ".o")
             extra = build_flags.AVX2_FLAGS if source in build_flags.AVX2_SOURCES else []
+            if source in build_flags.XLA_SOURCES:
+                extra = build_flags.xla_compile_flags()
             cmd = cxx + build_flags.compile_flags() + extra + ["-c", source, "-o", obj]
             print(" ".join(cmd), flush=True)
+            if source in build_flags.XLA_SOURCES:
+                if subprocess.run(cmd, cwd=ROOT, check=False).returncode != 0:
+                    print("tf_kld: WARNING: the XLA lowering did not compile; building without it "
+                          "(jit_compile then relies on detecting XLA contexts).", flush=True)
+                    return None
+                return obj
             subprocess.run(cmd, cwd=ROOT, check=True)
             return obj
 
+        # The XLA source first: it takes longest.
+        order = (build_flags.XLA_SOURCES if xla else []) + sources
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            objects = list(pool.map(compile_one, sources))
-        cmd = cxx + objects + build_flags.link_flags() + ["-o", target]
+            objects = list(pool.map(compile_one, order))
+        with_xla = xla and objects[0] is not None
+        objects = [obj for obj in objects if obj is not None]
+        cmd = cxx + objects + build_flags.link_flags(xla=with_xla) + ["-o", target]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
 
@@ -62,7 +78,8 @@ setup(
     version="0.1.0",
     description="A fused Kullback-Leibler divergence loss op for TensorFlow, with its gradient",
     packages=["tf_kld"],
-    ext_modules=[Extension("tf_kld._kld_ops", sources=build_flags.SOURCES + build_flags.AVX2_SOURCES)],
+    ext_modules=[Extension("tf_kld._kld_ops", sources=build_flags.SOURCES + build_flags.AVX2_SOURCES +
+                           build_flags.XLA_SOURCES)],
     cmdclass={"build_ext": BuildOpLibrary},
     python_requires=">=3.9",
     install_requires=["tensorflow>=2.16"],

@@ -12,6 +12,7 @@ overridden, per thread, by the :func:`implementation` context manager.
 """
 
 import contextlib
+import ctypes
 import os
 import threading
 import warnings
@@ -28,6 +29,7 @@ IMPL_ENV = "TF_KLD_IMPL"
 FORWARD_OP = "TfKld>KlDivergence"
 GRAD_OP = "TfKld>KlDivergenceGrad"
 _LIBRARY_FILE = "_kld_ops.so"
+_OP_FUNCTIONS = ("tf_kld_kl_divergence", "tf_kld_kl_divergence_grad")
 _REBUILD_HINT = ("Rebuild it against the installed TensorFlow with `pip install --no-build-isolation .` "
                  "(or `./configure.sh && bazel build //...`), or point TF_KLD_LIBRARY at a built "
                  "_kld_ops.so. Until then tf_kld computes with the pure-TensorFlow composite.")
@@ -47,21 +49,66 @@ def _load():
     if not os.path.exists(path):
         return None, f"the op library {path} does not exist"
     try:
-        return tf.load_op_library(path), None
-    except (tf.errors.NotFoundError, OSError, RuntimeError) as err:
+        module = tf.load_op_library(path)
+    except (tf.errors.OpError, OSError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return None, (f"the op library {path} could not be loaded into TensorFlow "
                       f"{tf.__version__} ({reason})")
+    # Any shared library loads; only one that registered both ops is usable.
+    if not all(hasattr(module, name) for name in _OP_FUNCTIONS):
+        return None, (f"the library {path} loaded but does not define the ops {FORWARD_OP} and "
+                      f"{GRAD_OP} (not a tf_kld op library, or one from another tf_kld version)")
+    return module, None
 
 
 _module, _load_error = _load()
-if _module is None:
-    warnings.warn(f"tf_kld: {_load_error}. {_REBUILD_HINT}", RuntimeWarning, stacklevel=2)
+
+
+def _library_feature(symbol):
+    """Calls an exported `int symbol()` / `const char* symbol()` of the loaded library, or None."""
+    if _module is None:
+        return None
+    try:
+        return getattr(ctypes.CDLL(library_path()), symbol)
+    except (OSError, AttributeError):
+        return None
+
+
+def xla_lowering_available():
+    """True when the loaded library lowers both ops to XLA itself (so jit_compile always works)."""
+    fn = _library_feature("TfKldHasXlaLowering")
+    return bool(fn and fn())
+
+
+def xla_lowering_error():
+    """Why the op cannot lower itself to XLA, or None."""
+    if _module is None:
+        return _load_error
+    if not xla_lowering_available():
+        return (f"the op library {library_path()} was built without its XLA lowering (TF_KLD_XLA=0, "
+                f"or the XLA source failed to compile); under jit_compile tf_kld emits the composite "
+                f"where it can detect XLA, but a trace cached outside XLA cannot compile")
+    return None
+
+
+def cpu_isa():
+    """The CPU kernel build in use ("avx2" or "generic"), or None without the library."""
+    fn = _library_feature("TfKldCpuIsa")
+    if fn is None:
+        return None
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
 
 
 def custom_op_loaded():
     """True when the fused C++ op library is loaded and the custom op can run."""
     return _module is not None
+
+
+if _module is None:
+    warnings.warn(f"tf_kld: {_load_error}. {_REBUILD_HINT}", RuntimeWarning, stacklevel=2)
+elif not xla_lowering_available():
+    warnings.warn(f"tf_kld: {xla_lowering_error()}.", RuntimeWarning, stacklevel=2)
 
 
 def load_error():

@@ -21,11 +21,14 @@ SOURCES = [
 ]
 AVX2_SOURCES = ["cc/kernels/kld_cpu_avx2.cc"]
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+# The XLA lowering (optional: TF_KLD_XLA=0 leaves it out). It needs two more of TF's bundled include
+# dirs and libtensorflow_cc, which holds XLA's op registry; it takes ~90 s to compile.
+XLA_SOURCES = ["cc/kernels/kld_xla.cc"]
 
 # Flags of our own, on top of TensorFlow's. -ffp-contract=off keeps the float log bit-identical
 # between the baseline and AVX2 builds (and TensorFlow's), with or without FMA;
 # no -ffast-math: NaN and Inf must keep TensorFlow's semantics.
-CXXFLAGS = ["-O3", "-fPIC", "-fvisibility-inlines-hidden", "-fno-math-errno", "-ffp-contract=off",
+CXXFLAGS = ["-O3", "-DNDEBUG", "-fPIC", "-fvisibility-inlines-hidden", "-fno-math-errno", "-ffp-contract=off",
             "-Wall", "-Wno-sign-compare", "-Wno-unused-function", "-Wno-psabi",
             "-Wno-deprecated-declarations", "-Wno-interference-size"]
 LDFLAGS = ["-shared", "-Wl,--no-undefined", "-Wl,-O1"]
@@ -78,8 +81,20 @@ def compile_flags():
     return ["-I" + include_dir(), "-I."] + tf_compile_flags() + CXXFLAGS
 
 
-def link_flags():
-    return LDFLAGS + ["-L" + lib_dir(), "-l:" + framework_library(), "-Wl,-rpath," + lib_dir()]
+def xla_compile_flags():
+    """Extra flags for XLA_SOURCES."""
+    return ["-I" + os.path.join(include_dir(), "external", d)
+            for d in ("highwayhash", "farmhash_archive/src")] + ["-Wno-comment"]
+
+
+def cc_library():
+    """File name of libtensorflow_cc (XLA's op registry), e.g. libtensorflow_cc.so.2."""
+    return framework_library().replace("tensorflow_framework", "tensorflow_cc")
+
+
+def link_flags(xla=False):
+    libs = [framework_library()] + ([cc_library()] if xla else [])
+    return LDFLAGS + ["-L" + lib_dir()] + ["-l:" + lib for lib in libs] + ["-Wl,-rpath," + lib_dir()]
 
 
 def _bazelrc():
@@ -107,7 +122,8 @@ def main(argv=None):
         print(f"tensorflow {tf_version()} at {lib_dir()}")
         print("compile:", " ".join(compile_flags()))
         print("avx2:   ", " ".join(AVX2_FLAGS))
-        print("link:   ", " ".join(link_flags()))
+        print("xla:    ", " ".join(xla_compile_flags()))
+        print("link:   ", " ".join(link_flags(xla=True)))
 
 
 if __name__ == "__main__":

@@ -31,3 +31,8 @@ const Kernels& Cpu() {
 
 }  // namespace cpu
 }  // namespace tf_kld
+
+// The kernel build in use ("avx2" or "generic"), for tf_kld's diagnostics (read with ctypes).
+extern "C" __attribute__((visibility("default"))) const char* TfKldCpuIsa() {
+  return tf_kld::cpu::Cpu().isa;
+}

@@ -1,13 +1,12 @@
 // CPU specialisation of the KL-divergence functors and the OpKernels for both ops.
 #define EIGEN_USE_THREADS
 
-#include <cerrno>
 #include <cmath>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "cc/kernels/kld.h"
+#include "cc/kernels/kld_attrs.h"
 #include "cc/kernels/kld_cpu.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
@@ -104,25 +103,6 @@ struct KlDivergenceGradFunctor<CPUDevice, T> {
 
 namespace {
 
-// Reads the clip epsilon: the float attr, or for float64 the exact double carried as text
-// (a TensorFlow float attr holds only 32 bits).
-template <typename T>
-absl::StatusOr<double> ReadEpsilon(OpKernelConstruction* ctx) {
-  float eps32 = 0.0f;
-  TF_RETURN_IF_ERROR(ctx->GetAttr("epsilon", &eps32));
-  std::string eps64;
-  TF_RETURN_IF_ERROR(ctx->GetAttr("epsilon_f64", &eps64));
-  if (!std::is_same<T, double>::value || eps64.empty()) return eps32;
-  char* end = nullptr;
-  errno = 0;
-  const double eps = std::strtod(eps64.c_str(), &end);
-  if (end == eps64.c_str() || *end != '\0' || errno != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "attr epsilon_f64 must be a decimal number such as \"1e-07\", got \"", eps64, "\""));
-  }
-  return eps;
-}
-
 // Shared checks: y_true and y_pred of one shape, rank >= 1.
 absl::Status CheckInputs(const Tensor& y_true, const Tensor& y_pred) {
   if (y_true.dims() < 1 || y_pred.dims() < 1) {
@@ -145,7 +125,7 @@ template <typename Device, typename T>
 class KlDivergenceOp : public OpKernel {
  public:
   explicit KlDivergenceOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_VALUE(eps_, ctx, ReadEpsilon<T>(ctx));
+    OP_REQUIRES_VALUE(eps_, ctx, ReadEpsilon(ctx));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -171,10 +151,8 @@ template <typename Device, typename T>
 class KlDivergenceGradOp : public OpKernel {
  public:
   explicit KlDivergenceGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_VALUE(eps_, ctx, ReadEpsilon<T>(ctx));
-    std::string wrt;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("wrt", &wrt));
-    wrt_ = wrt == "y_true" ? Wrt::kYTrue : Wrt::kYPred;
+    OP_REQUIRES_VALUE(eps_, ctx, ReadEpsilon(ctx));
+    OP_REQUIRES_VALUE(wrt_, ctx, ReadWrt(ctx));
   }
 
   void Compute(OpKernelContext* ctx) override {
