@@ -48,6 +48,10 @@ class BuildOpLibrary(build_ext):
 
         def compile_one(source):
             obj = os.path.join(tmp, os.path.basename(source) + ".o")
+            deps = [os.path.join(ROOT, f) for f in [source] + headers + ["tools/build_flags.py"]]
+            if not self.force and os.path.exists(obj) and os.path.getmtime(obj) >= max(
+                    os.path.getmtime(f) for f in deps):
+                return obj  # up to date
             extra = build_flags.AVX2_FLAGS if source in build_flags.AVX2_SOURCES else []
             if source in build_flags.XLA_SOURCES:
                 extra = build_flags.xla_compile_flags()

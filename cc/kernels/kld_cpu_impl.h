@@ -5,10 +5,10 @@
 // never be linked in place of the baseline one. SIMD is written with GCC vector extensions, one
 // register wide: 8 float lanes with AVX, 4 with SSE2.
 //
-// float32 log: the rational approximation TensorFlow's CPU Log kernel uses (see Log below); a vector
-// that holds anything but positive normal numbers (0, Inf, NaN, negatives, subnormals: possible only
-// with an unusual epsilon) falls back to std::log lane by lane, as do the last n < kLanes elements
-// of a row. float64 uses std::log throughout, as TensorFlow does.
+// float32 log: the rational approximation TensorFlow's CPU Log kernel uses (see Log below), with
+// std::log in lanes that hold anything but positive normal numbers (0, Inf, NaN, negatives,
+// subnormals: possible only with an unusual epsilon) and for the last cols % kLanes elements of
+// each row (see VectorPart). float64 uses std::log throughout, as TensorFlow does.
 
 #include <cmath>
 #include <cstdint>
@@ -173,10 +173,13 @@ struct FloatT {
 // ---------------------------------------------------------------------------------------------
 // float32 math, kLanes at a time.
 
-TF_KLD_INLINE Vf LogSlow(Vf x) {
-  Vf r = x;
-  for (int i = 0; i < kLanes; ++i) r[i] = std::log(x[i]);
-  return r;
+// std::log in the lanes flagged special, keeping the others: each lane's result never depends
+// on its neighbours, so grouping elements differently (threads, shards) gives the same bits.
+TF_KLD_INLINE Vf FixSpecialLanes(Vf fast, Vf x, Vi special) {
+  for (int i = 0; i < kLanes; ++i) {
+    if (special[i]) fast[i] = std::log(x[i]);
+  }
+  return fast;
 }
 
 // Natural log of kLanes floats: log(m * 2^e) = e * ln2 + log1p(f), f = m - 1 in [sqrt(1/2)-1, sqrt(2)-1),
@@ -186,7 +189,6 @@ TF_KLD_INLINE Vf Log(Vf x) {
   const Vu bits = BitCast<Vu>(x);
   // Positive normal finite <=> biased exponent in [1, 254] and sign clear.
   const Vi special = (bits - 0x00800000u) >= 0x7f000000u;
-  if (__builtin_expect(AnyLane(special), 0)) return LogSlow(x);
   const Vf m = BitCast<Vf>((bits & 0x007fffffu) | 0x3f000000u);  // in [0.5, 1)
   const Vi below = m < Splat(0.707106781186547524f);             // -1 where true
   const Vf e = __builtin_convertvector(BitCast<Vi>(bits >> 23) - 126 + below, Vf);
@@ -195,7 +197,8 @@ TF_KLD_INLINE Vf Log(Vf x) {
                     Splat(1.0000000190281136f));
   const Vf q = ((Splat(0.049616247954120038f) * f + Splat(0.59923249590823520f)) * f +
                 Splat(1.4999999999999927f)) * f + Splat(1.0f);
-  return e * Splat(0.693147182f) + p / q;
+  const Vf log = e * Splat(0.693147182f) + p / q;
+  return __builtin_expect(AnyLane(special), 0) ? FixSpecialLanes(log, x, special) : log;
 }
 
 // max(min(x, 1), eps); NaN passes through (both comparisons are false), as tf.clip_by_value.
@@ -230,6 +233,12 @@ TF_KLD_INLINE float GradScalarF(float g, float t, float p, float eps, bool wrt_t
   return p >= eps && p <= 1.0f ? -(g * tc) / p : 0.0f;
 }
 
+// Which log an element gets depends only on its index within its row: the first
+// (cols / kLanes) * kLanes elements the vector log, the rest std::log, as TensorFlow's own kernels
+// treat elements that do not fill a packet. Results therefore never depend on how rows or elements
+// are split between threads, and short rows (the documented example) match TensorFlow exactly.
+TF_KLD_INLINE int64_t VectorPart(int64_t cols) { return cols / kLanes * kLanes; }
+
 template <typename E>
 double SumTermsF(const typename E::Storage* t, const typename E::Storage* p, int64_t n, float eps) {
   const Vf e = Splat(eps);
@@ -260,6 +269,7 @@ TF_KLD_INLINE Vf GradF(Vf g, Vf t, Vf p, Vf eps, bool wrt_true) {
   return Inside(p, eps) ? -(g * tc) / p : zero;
 }
 
+// The gradient over flat elements [begin, end), which may start and end mid-row.
 template <typename E>
 void GradientF(const void* grad, const void* y_true, const void* y_pred, void* out, int64_t begin,
                int64_t end, int64_t cols, float eps, bool wrt_true) {
@@ -268,14 +278,45 @@ void GradientF(const void* grad, const void* y_true, const void* y_pred, void* o
   const auto* p = static_cast<const typename E::Storage*>(y_pred);
   auto* o = static_cast<typename E::Storage*>(out);
   const Vf e = Splat(eps);
+  if (!wrt_true && cols < kLanes) {
+    // No log in this gradient, so narrow rows can share vectors; the row's upstream gradient is
+    // expanded to one value per element first.
+    float expanded[kLanes];
+    for (int64_t i = begin, row = begin / cols, c = begin % cols; i < end; i += kLanes) {
+      const int64_t n = end - i < kLanes ? end - i : kLanes;
+      for (int64_t j = 0; j < n; ++j) {
+        expanded[j] = E::ToFloat(g[row]);
+        if (++c == cols) c = 0, ++row;
+      }
+      if (n == kLanes) {
+        E::Store(o + i, GradF<E>(FloatT::Load(expanded), E::Load(t + i), E::Load(p + i), e, false));
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          o[i + j] = E::FromFloat(
+              GradScalarF(expanded[j], E::ToFloat(t[i + j]), E::ToFloat(p[i + j]), eps, false));
+        }
+      }
+    }
+    return;
+  }
   int64_t i = begin;
   for (int64_t row = begin / cols; i < end; ++row) {
-    const int64_t stop = (row + 1) * cols < end ? (row + 1) * cols : end;
-    const Vf gv = Splat(E::ToFloat(g[row]));
-    for (; i + kLanes <= stop; i += kLanes) {
+    const int64_t row_start = row * cols;
+    const int64_t stop = row_start + cols < end ? row_start + cols : end;
+    const int64_t vector_stop = row_start + VectorPart(cols) < stop ? row_start + VectorPart(cols) : stop;
+    const float gs = E::ToFloat(g[row]);
+    const Vf gv = Splat(gs);
+    for (; i + kLanes <= vector_stop; i += kLanes) {
       E::Store(o + i, GradF<E>(gv, E::Load(t + i), E::Load(p + i), e, wrt_true));
     }
-    const float gs = E::ToFloat(g[row]);
+    if (i < vector_stop) {  // a row cut by [begin, end): still the vector log, in a padded vector
+      const int64_t n = vector_stop - i;
+      Vf tv = Splat(1.0f), pv = Splat(1.0f);
+      for (int64_t j = 0; j < n; ++j) tv[j] = E::ToFloat(t[i + j]), pv[j] = E::ToFloat(p[i + j]);
+      const Vf r = GradF<E>(gv, tv, pv, e, wrt_true);
+      for (int64_t j = 0; j < n; ++j) o[i + j] = E::FromFloat(r[j]);
+      i = vector_stop;
+    }
     for (; i < stop; ++i) {
       o[i] = E::FromFloat(GradScalarF(gs, E::ToFloat(t[i]), E::ToFloat(p[i]), eps, wrt_true));
     }
