@@ -240,7 +240,8 @@ TF_KLD_INLINE float GradScalarF(float g, float t, float p, float eps, bool wrt_t
 TF_KLD_INLINE int64_t VectorPart(int64_t cols) { return cols / kLanes * kLanes; }
 
 template <typename E>
-double SumTermsF(const typename E::Storage* t, const typename E::Storage* p, int64_t n, float eps) {
+TF_KLD_INLINE double SumTermsF(const typename E::Storage* t, const typename E::Storage* p, int64_t n,
+                               float eps) {
   const Vf e = Splat(eps);
   Vd acc0 = {}, acc1 = {};
   int64_t i = 0;
