@@ -226,3 +226,21 @@ def record_eager_ops():
 def attr_str(op, name):
     value = op.get_attr(name)
     return value.decode() if isinstance(value, bytes) else value
+
+
+# The body of a fresh-process probe of tf_kld's loader (after `import tf_kld` has filled a dict
+# `out`): what loaded, the doc example's value, the traced op types, and the "custom" error.
+LOADER_PROBE = r"""
+out["loaded"] = tf_kld.custom_op_loaded()
+out["loss"] = float(tf_kld.kl_divergence([.4, .9, .2], [.5, .8, .12]))
+spec = tf.TensorSpec([None, 3])
+cf = tf.function(tf_kld.kl_divergence).get_concrete_function(spec, spec)
+out["ops"] = sorted({op.type for op in cf.graph.get_operations()})
+try:
+    with tf_kld.implementation("custom"):
+        tf_kld.kl_divergence([.4, .6], [.5, .5])
+    out["custom_error"] = None
+except RuntimeError as err:
+    out["custom_error"] = str(err)
+print("RESULT " + json.dumps(out))
+"""

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+import _util as U
+
 import tf_kld
 
 # The directory this process imports tf_kld from (a checkout, site-packages or Bazel runfiles).
@@ -19,20 +21,8 @@ import keras, tensorflow as tf  # imported first: only tf_kld's own warnings are
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import tf_kld
-out = {"warnings": [[w.category.__name__, str(w.message)] for w in caught],
-       "loaded": tf_kld.custom_op_loaded(),
-       "loss": float(tf_kld.kl_divergence([.4, .9, .2], [.5, .8, .12]))}
-spec = tf.TensorSpec([None, 3])
-cf = tf.function(tf_kld.kl_divergence).get_concrete_function(spec, spec)
-out["ops"] = sorted({op.type for op in cf.graph.get_operations()})
-try:
-    with tf_kld.implementation("custom"):
-        tf_kld.kl_divergence([.4, .6], [.5, .5])
-    out["custom_error"] = None
-except RuntimeError as err:
-    out["custom_error"] = str(err)
-print("RESULT " + json.dumps(out))
-"""
+out = {"warnings": [[w.category.__name__, str(w.message)] for w in caught]}
+""" + U.LOADER_PROBE
 
 
 def _env(library):

@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import _util as U
+
 import tf_kld
 from tf_kld import ops as kld_ops
 
@@ -87,19 +89,8 @@ _IMPORT_SCRIPT = r"""
 import json
 import tensorflow as tf
 import tf_kld  # warnings go to stderr, as for a user
-out = {"loaded": tf_kld.custom_op_loaded(),
-       "loss": float(tf_kld.kl_divergence([.4, .9, .2], [.5, .8, .12]))}
-spec = tf.TensorSpec([None, 3])
-cf = tf.function(tf_kld.kl_divergence).get_concrete_function(spec, spec)
-out["ops"] = sorted({op.type for op in cf.graph.get_operations()})
-try:
-    with tf_kld.implementation("custom"):
-        tf_kld.kl_divergence([.4, .6], [.5, .5])
-    out["custom_error"] = None
-except RuntimeError as err:
-    out["custom_error"] = str(err)
-print("RESULT " + json.dumps(out))
-"""
+out = {}
+""" + U.LOADER_PROBE
 
 
 def _run_import(library):
