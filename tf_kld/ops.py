@@ -119,7 +119,20 @@ def load_error():
 # --------------------------------------------------------------------------------------------
 # Choosing the implementation
 
+# Each thread has its own stack of `implementation()` blocks. A thread with none of its own follows
+# the main thread's, so the replica threads tf.distribute starts for each step (MirroredStrategy)
+# see what the training script chose.
 _state = threading.local()
+_main_stack = []
+
+
+def _own_stack(create=False):
+    if threading.current_thread() is threading.main_thread():
+        return _main_stack
+    stack = getattr(_state, "stack", None)
+    if stack is None and create:
+        stack = _state.stack = []
+    return stack
 
 
 def _env_implementation():
@@ -130,25 +143,26 @@ def _env_implementation():
 
 
 def current_implementation():
-    """The implementation requested now: the innermost `implementation()` block, else $TF_KLD_IMPL."""
-    stack = getattr(_state, "stack", None)
+    """The implementation requested now: the innermost `implementation()` block of this thread (or
+    of the main thread, when this one has none), else $TF_KLD_IMPL."""
+    stack = _own_stack() or _main_stack
     return stack[-1] if stack else _env_implementation()
 
 
 @contextlib.contextmanager
 def implementation(name):
-    """Context manager choosing the implementation ("auto", "custom" or "reference") on this thread.
+    """Context manager choosing the implementation ("auto", "custom" or "reference").
 
-    It is consulted when an op is built: eagerly on each call, in a tf.function when it is traced.
+    It holds for this thread, and for threads that have no block of their own when it is entered
+    on the main thread (e.g. tf.distribute's replica threads). It is consulted when an op is
+    built: eagerly on each call, in a tf.function when it is traced.
 
     >>> with tf_kld.implementation("reference"):
     ...     loss = tf_kld.kl_divergence(y_true, y_pred)
     """
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"tf_kld.implementation: {name!r} is not one of {', '.join(IMPLEMENTATIONS)}.")
-    stack = getattr(_state, "stack", None)
-    if stack is None:
-        stack = _state.stack = []
+    stack = _own_stack(create=True)
     stack.append(name)
     try:
         yield name
