@@ -8,7 +8,8 @@ trap 'rm -rf "$work"' EXIT
 
 "$PYTHON" -m pip wheel --disable-pip-version-check -q --no-build-isolation --no-deps -w "$work/dist" .
 wheel=$(ls "$work"/dist/tf_kld-*.whl)
-"$PYTHON" -m zipfile -l "$wheel" | grep -q "tf_kld/_kld_ops.so" || { echo "wheel lacks _kld_ops.so"; exit 1; }
+"$PYTHON" -c 'import sys, zipfile; sys.exit("tf_kld/_kld_ops.so" not in zipfile.ZipFile(sys.argv[1]).namelist())' \
+  "$wheel" || { echo "pip_ci: the wheel lacks tf_kld/_kld_ops.so"; exit 1; }
 echo "pip_ci: $(basename "$wheel") holds tf_kld/_kld_ops.so"
 
 # A fresh environment that sees the machine's TensorFlow but not this checkout.
