@@ -2,7 +2,8 @@
 # Configures the Bazel build for the installed TensorFlow. Non-interactive and idempotent.
 #
 #   ./configure.sh            # python3 on PATH, or $PYTHON_BIN_PATH
-#   ./configure.sh --cuda     # not available yet: CUDA targets are not configured
+#   ./configure.sh --cuda     # also `bazel build --config=cuda`: the library with GPU kernels (nvcc 13
+#                             # from $CUDA_HOME, /usr/local/cuda, PATH or pip; TF_KLD_CUDA_ARCHS)
 #
 # Writes .bazelrc (flags from tools/build_flags.py, plus what Bazel 4 needs offline) and .bazeliskrc
 # (so bazelisk runs the local Bazel instead of downloading one).
@@ -15,7 +16,7 @@ for arg in "$@"; do
   case "$arg" in
     --cuda) cuda=1 ;;
     --nocuda|--cpu) cuda=0 ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "configure.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -57,9 +58,18 @@ find_bazel() {
   return 1
 }
 
-flags="$(TF_CPP_MIN_LOG_LEVEL=3 "$python" tools/build_flags.py --bazelrc 2>/dev/null)" || {
+cuda_flag=()
+if [[ $cuda == 1 ]]; then
+  cuda_home="$("$python" tools/build_flags.py --cuda-home)" || {
+    echo "configure.sh: --cuda: no CUDA toolkit with nvcc found (set CUDA_HOME, or see tools/build_flags.py NVCC_WHEELS)" >&2
+    exit 1
+  }
+  cuda_flag=(--cuda)
+fi
+
+flags="$(TF_CPP_MIN_LOG_LEVEL=3 "$python" tools/build_flags.py --bazelrc "${cuda_flag[@]}" 2>/dev/null)" || {
   echo "configure.sh: tools/build_flags.py --bazelrc failed with $python" >&2
-  TF_CPP_MIN_LOG_LEVEL=3 "$python" tools/build_flags.py --bazelrc >/dev/null
+  TF_CPP_MIN_LOG_LEVEL=3 "$python" tools/build_flags.py --bazelrc "${cuda_flag[@]}" >/dev/null
   exit 1
 }
 
@@ -91,9 +101,6 @@ trap 'rm -f "$tmp"' EXIT
   echo "build --incompatible_default_to_explicit_init_py"
   echo "test --test_output=errors"
   echo "test --test_env=TF_CPP_MIN_LOG_LEVEL=2"
-  if [[ $cuda == 1 ]]; then
-    echo "# --cuda was asked for, but no CUDA configuration exists yet."
-  fi
   echo
   echo "# Personal settings (not tracked)."
   echo "try-import %workspace%/.bazelrc.user"
@@ -110,5 +117,5 @@ fi
 echo "configure.sh: TensorFlow $tf_version, python $python"
 echo "configure.sh: wrote .bazelrc${bazel_bin:+ and .bazeliskrc (bazel: $bazel_bin)}"
 if [[ $cuda == 1 ]]; then
-  echo "configure.sh: --cuda: CUDA is not configured in this version; building CPU targets only" >&2
+  echo "configure.sh: --cuda: nvcc from $cuda_home; bazel build --config=cuda //... adds the GPU kernels"
 fi

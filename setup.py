@@ -7,6 +7,10 @@
 Flags come from tools/build_flags.py (shared with Bazel's configure.sh). CXX overrides g++.
 TF_KLD_XLA=0 leaves out the op's XLA lowering (then jit_compile relies on tf_kld's detection of XLA
 contexts alone); if it fails to compile, the build warns and goes on without it.
+
+TF_KLD_CUDA=1 adds the CUDA kernels (nvcc 13 from $CUDA_HOME, /usr/local/cuda, PATH or the pip wheels
+in build_flags.NVCC_WHEELS); TF_KLD_CUDA_ARCHS="75-real;80-real;86-real;89-real;90" (the default)
+picks the GPU architectures. The library still loads and runs on CPU-only machines.
 """
 
 import os
@@ -23,6 +27,12 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import build_flags  # noqa: E402  pylint: disable=wrong-import-position
 
 
+def _has_cuda_kernels(library):
+    """Whether a built library is a CUDA build (it exports TfKldCudaArchs)."""
+    with open(library, "rb") as f:
+        return b"TfKldCudaArchs" in f.read()
+
+
 class BuildOpLibrary(build_ext):
     """Builds the TensorFlow op library (not a Python extension) with TensorFlow's flags."""
 
@@ -32,21 +42,34 @@ class BuildOpLibrary(build_ext):
     def build_extension(self, ext):
         target = os.path.abspath(self.get_ext_fullpath(ext.name))
         xla = os.environ.get("TF_KLD_XLA", "1") != "0"
+        cuda = os.environ.get("TF_KLD_CUDA", "0") not in ("", "0")
         sources = build_flags.SOURCES + build_flags.AVX2_SOURCES
-        all_sources = sources + build_flags.XLA_SOURCES
+        all_sources = sources + build_flags.XLA_SOURCES + (build_flags.CUDA_SOURCES if cuda else [])
         headers = [os.path.join("cc/kernels", f) for f in os.listdir(os.path.join(ROOT, "cc/kernels"))
                    if f.endswith(".h")]
+        cuda_headers = headers if cuda else []
+        headers = [h for h in headers if h not in build_flags.CUDA_HEADERS]
         inputs = [os.path.join(ROOT, f) for f in all_sources + headers + ["tools/build_flags.py"]]
-        if not self.force and os.path.exists(target) and os.path.getmtime(target) >= max(
-                os.path.getmtime(f) for f in inputs):
+        # A CUDA build always relinks (its objects are cached); a CPU build replaces a CUDA library.
+        if not self.force and not cuda and os.path.exists(target) and os.path.getmtime(target) >= max(
+                os.path.getmtime(f) for f in inputs) and not _has_cuda_kernels(target):
             print(f"tf_kld: {target} is up to date")
             return
         cxx = shlex.split(os.environ.get("CXX", "g++"))
         tmp = os.path.abspath(os.path.join(self.build_temp, "tf_kld"))
         os.makedirs(tmp, exist_ok=True)
         os.makedirs(os.path.dirname(target), exist_ok=True)
+        cuda_sources = []
+        if cuda:  # objects that differ from the CPU build's, per architecture list
+            archs = build_flags.cuda_archs_string()
+            tmp_cuda = os.path.join(tmp + "_cuda", "".join(c if c.isalnum() else "_" for c in archs))
+            shim = build_flags.make_cuda_shim(os.path.join(tmp_cuda, "shim"))
+            cuda_sources = build_flags.CUDA_SOURCES + build_flags.CUDA_HOST_SOURCES
+            print(f"tf_kld: CUDA build with {build_flags.nvcc()} for {archs}", flush=True)
 
         def compile_one(source):
+            if source in cuda_sources:
+                return compile_cuda(source)
             obj = os.path.join(tmp, os.path.basename(source) + ".o")
             deps = [os.path.join(ROOT, f) for f in [source] + headers + ["tools/build_flags.py"]]
             if not self.force and os.path.exists(obj) and os.path.getmtime(obj) >= max(
@@ -66,8 +89,24 @@ class BuildOpLibrary(build_ext):
             subprocess.run(cmd, cwd=ROOT, check=True)
             return obj
 
-        # The XLA source first: it takes longest.
-        order = (build_flags.XLA_SOURCES if xla else []) + sources
+        def compile_cuda(source):
+            obj = os.path.join(tmp_cuda, os.path.basename(source) + ".o")
+            deps = [os.path.join(ROOT, f) for f in [source] + cuda_headers + ["tools/build_flags.py"]]
+            if not self.force and os.path.exists(obj) and os.path.getmtime(obj) >= max(
+                    os.path.getmtime(f) for f in deps):
+                return obj
+            if source in build_flags.CUDA_SOURCES:
+                cmd = [build_flags.nvcc()] + build_flags.nvcc_flags(shim)
+            else:
+                cmd = cxx + build_flags.cuda_host_flags(shim) + build_flags.compile_flags()
+            cmd += ["-c", source, "-o", obj]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, cwd=ROOT, check=True)
+            return obj
+
+        # The XLA source first: it takes longest; then nvcc's.
+        order = ((build_flags.XLA_SOURCES if xla else []) + (build_flags.CUDA_SOURCES if cuda else []) +
+                 sources)
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             objects = list(pool.map(compile_one, order))
         with_xla = xla and objects[0] is not None
@@ -83,7 +122,7 @@ setup(
     description="A fused Kullback-Leibler divergence loss op for TensorFlow, with its gradient",
     packages=["tf_kld"],
     ext_modules=[Extension("tf_kld._kld_ops", sources=build_flags.SOURCES + build_flags.AVX2_SOURCES +
-                           build_flags.XLA_SOURCES)],
+                           build_flags.XLA_SOURCES + build_flags.CUDA_SOURCES)],
     cmdclass={"build_ext": BuildOpLibrary},
     python_requires=">=3.9",
     install_requires=["tensorflow>=2.16"],

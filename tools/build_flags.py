@@ -5,11 +5,15 @@ installed TensorFlow's `tf.sysconfig`, so the library always matches the TF it w
 
     python3 tools/build_flags.py --show      # human-readable summary
     python3 tools/build_flags.py --bazelrc   # lines for .bazelrc (used by configure.sh)
+
+CUDA builds (see the CUDA section below): `--show --cuda`, `--bazelrc --cuda` (configure.sh --cuda),
+`--cuda-home`, `--gencode` and `--nvcc-command --shim DIR` (the nvcc command line Bazel's genrule runs).
 """
 
 import argparse
 import functools
 import os
+import shutil
 import sys
 
 # Sources of the op library, relative to the repository root. The AVX2 file is the same kernel core
@@ -97,7 +101,133 @@ def link_flags(xla=False):
     return LDFLAGS + ["-L" + lib_dir()] + ["-l:" + lib for lib in libs] + ["-Wl,-rpath," + lib_dir()]
 
 
-def _bazelrc():
+# ---- CUDA ------------------------------------------------------------------------------------------
+# A CUDA build (setup.py: TF_KLD_CUDA=1; Bazel: ./configure.sh --cuda, then --config=cuda) puts GPU
+# kernels into the same library: CUDA_HOST_SOURCES compiled with GOOGLE_CUDA=1 (they then register
+# the GPU kernels) and CUDA_SOURCES compiled by nvcc 13. No cudart is linked: libtensorflow_framework
+# exports the CUDA runtime API and loads TensorFlow's own libcudart, so the library still loads, and
+# runs its CPU kernels, on a machine without a GPU. The other objects are the CPU build's.
+CUDA_SOURCES = ["cc/kernels/kld_kernels.cu.cc"]
+CUDA_HOST_SOURCES = ["cc/kernels/kld_kernels.cc"]
+CUDA_HEADERS = ["cc/kernels/kld_gpu.h", "cc/kernels/kld_gpu.cu.h"]  # only CUDA objects depend on them
+CUDA_ARCHS_ENV = "TF_KLD_CUDA_ARCHS"
+# CMake's CUDA_ARCHITECTURES syntax, ',' or ';' separated: "80" is sm_80 code plus compute_80 PTX,
+# "80-real" sm_80 code only, "80-virtual" PTX only. Default: sm_75/80/86/89/90 code and compute_90
+# PTX, which newer GPUs JIT-compile. nvcc 13 targets sm_75 and newer only.
+DEFAULT_CUDA_ARCHS = "75-real;80-real;86-real;89-real;90"
+# nvcc 13 from PyPI (pin all five: unpinned pulls a newer minor). CUDA_HOME is then
+# <site-packages>/nvidia/cu13.
+NVCC_WHEELS = ["nvidia-cuda-nvcc==13.0.88", "nvidia-cuda-crt==13.0.88", "nvidia-nvvm==13.0.88",
+               "nvidia-cuda-runtime==13.0.96", "nvidia-cuda-cccl==13.0.85"]
+NVCC_FLAGS = ["-x", "cu", "-std=c++17", "--expt-relaxed-constexpr", "-O3", "-DNDEBUG", "-DGOOGLE_CUDA=1",
+              "-Xcompiler", "-fPIC", "-Xcompiler", "-Wno-deprecated-declarations"]
+
+
+def cuda_home():
+    """The CUDA toolkit to compile with: $CUDA_HOME or $CUDA_PATH, /usr/local/cuda, the toolkit of the
+    nvcc on PATH, or the pip wheels (site-packages/nvidia/cu13); None when there is none."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc_on_path = shutil.which("nvcc")
+    if nvcc_on_path:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc_on_path))))
+    candidates += [os.path.join(p, "nvidia", "cu13") for p in sys.path if p and os.path.isdir(p)]
+    for home in candidates:
+        if home and all(os.path.isfile(os.path.join(home, f))
+                        for f in ("bin/nvcc", "include/cuda_runtime.h")):
+            return os.path.abspath(home)
+    return None
+
+
+def _require_cuda_home():
+    home = cuda_home()
+    if home is None:
+        raise SystemExit("tf_kld: no nvcc found for the CUDA build: set CUDA_HOME, put nvcc on PATH, or "
+                         "pip install " + " ".join(NVCC_WHEELS))
+    return home
+
+
+def cuda_archs(spec=None):
+    """[(arch, sass, ptx)] from a TF_KLD_CUDA_ARCHS spec (default: the environment, else the default)."""
+    spec = spec or os.environ.get(CUDA_ARCHS_ENV) or DEFAULT_CUDA_ARCHS
+    archs = []
+    for item in spec.replace(";", ",").split(","):
+        item = item.strip().lower().replace("sm_", "").replace("compute_", "")
+        if not item:
+            continue
+        number, _, kind = item.partition("-")
+        if not number.isdigit() or kind not in ("", "real", "virtual"):
+            raise SystemExit(f"tf_kld: bad CUDA architecture {item!r} in {spec!r} ({CUDA_ARCHS_ENV} "
+                             f"syntax, e.g. {DEFAULT_CUDA_ARCHS!r})")
+        archs.append((int(number), kind != "virtual", kind != "real"))
+    if not archs:
+        raise SystemExit(f"tf_kld: CUDA architectures {spec!r} name no architecture")
+    return archs
+
+
+def cuda_archs_string(spec=None):
+    """The spec in its canonical form, e.g. "75-real;80-real;86-real;89-real;90"."""
+    suffix = {(True, True): "", (True, False): "-real", (False, True): "-virtual"}
+    return ";".join(f"{a}{suffix[(s, p)]}" for a, s, p in cuda_archs(spec))
+
+
+def gencode_flags(spec=None):
+    flags = []
+    for arch, sass, ptx in cuda_archs(spec):
+        codes = ([f"sm_{arch}"] if sass else []) + ([f"compute_{arch}"] if ptx else [])
+        flags.append(f"-gencode=arch=compute_{arch},code=[{','.join(codes)}]")
+    return flags
+
+
+def make_cuda_shim(directory, home=None):
+    """A directory whose third_party/gpus/cuda/include is CUDA_HOME/include. Searched before
+    TensorFlow's include dir, it replaces the CUDA 12.5 headers bundled there, which do not match nvcc 13."""
+    home = home or _require_cuda_home()
+    link = os.path.join(directory, "third_party", "gpus", "cuda", "include")
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    target = os.path.join(home, "include")
+    if os.path.islink(link) and os.readlink(link) == target:
+        return directory
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(target, link)
+    return directory
+
+
+def cuda_host_flags(shim, home=None):
+    """Extra flags for CUDA_HOST_SOURCES in a CUDA build (before compile_flags(): the shim comes first)."""
+    home = home or _require_cuda_home()
+    return ["-I" + shim, "-I" + os.path.join(home, "include"), "-DGOOGLE_CUDA=1"]
+
+
+def nvcc_flags(shim, spec=None):
+    """Every nvcc flag for one of CUDA_SOURCES (add -c SOURCE -o OBJECT)."""
+    tf_flags = [f for f in tf_compile_flags() if not f.startswith("-std=")]
+    targets = len(cuda_archs(spec))
+    return (NVCC_FLAGS + tf_flags + gencode_flags(spec) +
+            ["--threads", str(max(1, min(targets, os.cpu_count() or 1)))] +
+            ["-I" + shim, "-I" + include_dir(), "-I."])
+
+
+def nvcc(home=None):
+    return os.path.join(home or _require_cuda_home(), "bin", "nvcc")
+
+
+def _cuda_bazelrc():
+    """build:cuda lines: the define that selects the GPU kernels (BUILD), what @local_config_cuda
+    (tf/cuda_configure.bzl) reads, and the host flags of CUDA_HOST_SOURCES."""
+    repo = "external/local_config_cuda"
+    host = ",".join(["-DGOOGLE_CUDA=1", f"-I{repo}/shim", f"-I{repo}/cuda_include"])
+    lines = [
+        "# CUDA (./configure.sh --cuda): bazel build --config=cuda //... adds the GPU kernels.",
+        "build:cuda --define=tf_kld_cuda=1",
+        f"build:cuda --repo_env=TF_KLD_CUDA_HOME={_require_cuda_home()}",
+        f"build:cuda --repo_env={CUDA_ARCHS_ENV}={cuda_archs_string().replace(';', ',')}",
+    ]
+    lines += [f"build:cuda --per_file_copt={s.replace('.', chr(92) + '.')}@{host}" for s in CUDA_HOST_SOURCES]
+    return "\n".join(lines)
+
+
+def _bazelrc(cuda=False):
     python = sys.executable
     lines = [
         "# Generated by configure.sh from tools/build_flags.py; do not edit.",
@@ -107,6 +237,8 @@ def _bazelrc():
         f"build --repo_env=TF_KLD_TF_FRAMEWORK={framework_library()}",
     ]
     lines += [f"build --copt={f}" for f in tf_compile_flags() + CXXFLAGS if f != "-fPIC"]
+    if cuda:
+        lines += ["", _cuda_bazelrc()]
     return "\n".join(lines)
 
 
@@ -115,16 +247,43 @@ def main(argv=None):
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--show", action="store_true")
     group.add_argument("--bazelrc", action="store_true")
+    group.add_argument("--cuda-home", action="store_true", help="print the CUDA toolkit found (exit 1: none)")
+    group.add_argument("--nvcc-command", action="store_true",
+                       help="print nvcc and its flags for CUDA_SOURCES, one per line (needs --shim)")
+    group.add_argument("--gencode", action="store_true", help="print the -gencode flags, one per line")
+    parser.add_argument("--cuda", action="store_true", help="with --show/--bazelrc: the CUDA build too")
+    parser.add_argument("--shim", help="the CUDA include shim directory (see make_cuda_shim)")
+    parser.add_argument("--archs",
+                        help=f"CUDA architectures (default ${CUDA_ARCHS_ENV} or {DEFAULT_CUDA_ARCHS})")
     args = parser.parse_args(argv)
-    if args.bazelrc:
-        print(_bazelrc())
+    if args.cuda_home:
+        home = cuda_home()
+        if home is None:
+            return 1
+        print(home)
+    elif args.gencode:
+        print("\n".join(gencode_flags(args.archs)))
+    elif args.nvcc_command:
+        if not args.shim:
+            parser.error("--nvcc-command needs --shim")
+        print("\n".join([nvcc()] + nvcc_flags(args.shim, args.archs)))
+    elif args.bazelrc:
+        if args.archs:
+            os.environ[CUDA_ARCHS_ENV] = args.archs
+        print(_bazelrc(cuda=args.cuda))
     else:
         print(f"tensorflow {tf_version()} at {lib_dir()}")
         print("compile:", " ".join(compile_flags()))
         print("avx2:   ", " ".join(AVX2_FLAGS))
         print("xla:    ", " ".join(xla_compile_flags()))
         print("link:   ", " ".join(link_flags(xla=True)))
+        if args.cuda:
+            shim = "<shim>"
+            print("cuda:   ", cuda_home() or "no nvcc found", cuda_archs_string(args.archs))
+            print("nvcc:   ", " ".join(nvcc_flags(shim, args.archs)) if cuda_home() else "-")
+            print("host:   ", " ".join(cuda_host_flags(shim)) if cuda_home() else "-")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,10 @@
 // CPU specialisation of the KL-divergence functors and the OpKernels for both ops.
 #define EIGEN_USE_THREADS
 
+#if GOOGLE_CUDA
+#include "cc/kernels/kld_gpu.h"  // first: turns on Eigen's GPU device
+#endif
+
 #include <sys/mman.h>
 
 #include <cmath>
@@ -212,3 +216,85 @@ TF_KLD_REGISTER_CPU(double);
 #undef TF_KLD_REGISTER_CPU
 
 }  // namespace tf_kld
+
+// ---- GPU kernels (CUDA builds only; the functors are in kld_kernels.cu.cc) -------------------
+#if GOOGLE_CUDA
+namespace tf_kld {
+namespace {
+
+absl::Status GpuLaunchStatus() {
+  if (const char* err = gpu::TakeLaunchError()) {
+    return absl::InternalError(absl::StrCat(
+        "tf_kld: a CUDA kernel launch failed: ", err,
+        ". The library has kernels for CUDA architectures ", TfKldCudaArchs(),
+        " (TF_KLD_CUDA_ARCHS at build time); CUDA 13 kernels need an R580+ driver"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+template <typename T>
+class KlDivergenceGpuOp : public KlDivergenceOp<GPUDevice, T> {
+ public:
+  using KlDivergenceOp<GPUDevice, T>::KlDivergenceOp;
+
+  void Compute(OpKernelContext* ctx) override {
+    KlDivergenceOp<GPUDevice, T>::Compute(ctx);
+    OP_REQUIRES_OK(ctx, GpuLaunchStatus());
+  }
+};
+
+// KlDivergenceGradOp's Compute without its host-memory advice (the output is device memory).
+template <typename T>
+class KlDivergenceGradGpuOp : public OpKernel {
+ public:
+  explicit KlDivergenceGradGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_VALUE(eps_, ctx, ReadEpsilon(ctx));
+    OP_REQUIRES_VALUE(wrt_, ctx, ReadWrt(ctx));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& grad = ctx->input(0);
+    const Tensor& y_true = ctx->input(1);
+    const Tensor& y_pred = ctx->input(2);
+    OP_REQUIRES_OK(ctx, CheckInputs(y_true, y_pred));
+    TensorShape loss_shape = y_true.shape();
+    loss_shape.RemoveLastDims(1);
+    OP_REQUIRES(ctx, grad.shape() == loss_shape,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "grad must have the loss's shape ", loss_shape.DebugString(),
+                    " (y_true/y_pred shape ", y_true.shape().DebugString(),
+                    " without the last axis), got ", grad.shape().DebugString())));
+    Tensor* out = nullptr;
+    const int reuse = wrt_ == Wrt::kYTrue ? 1 : 2;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({reuse}, 0, y_true.shape(), &out));
+    if (y_true.NumElements() == 0) return;
+    KlDivergenceGradFunctor<GPUDevice, T>()(ctx->eigen_device<GPUDevice>(), grad.flat<T>().data(),
+                                            y_true.flat<T>().data(), y_pred.flat<T>().data(),
+                                            out->flat<T>().data(), loss_shape.num_elements(),
+                                            y_true.dim_size(y_true.dims() - 1), eps_, wrt_);
+    OP_REQUIRES_OK(ctx, GpuLaunchStatus());
+  }
+
+ private:
+  double eps_ = 0.0;
+  Wrt wrt_;
+};
+
+#define TF_KLD_REGISTER_GPU(T)                                                              \
+  REGISTER_KERNEL_BUILDER(                                                                  \
+      Name("TfKld>KlDivergence").Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("T"),    \
+      KlDivergenceGpuOp<T>);                                                                \
+  REGISTER_KERNEL_BUILDER(                                                                  \
+      Name("TfKld>KlDivergenceGrad").Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("T"), \
+      KlDivergenceGradGpuOp<T>);
+
+TF_KLD_REGISTER_GPU(Eigen::half);
+TF_KLD_REGISTER_GPU(Eigen::bfloat16);
+TF_KLD_REGISTER_GPU(float);
+TF_KLD_REGISTER_GPU(double);
+#undef TF_KLD_REGISTER_GPU
+
+}  // namespace tf_kld
+#endif  // GOOGLE_CUDA

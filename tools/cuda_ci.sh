@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# CI for the CUDA build on a machine without a GPU (nvcc 13 needed, see tools/build_flags.py):
+#   1. the library with GPU kernels for one architecture (TF_KLD_CUDA_ARCHS, default 80-real), built
+#      with pip's setup.py into a temporary directory (never over tf_kld/_kld_ops.so);
+#   2. tests/test_cuda_build.py on it: GPU kernels registered for both ops and every dtype, no CUDA
+#      runtime linked, loads without a GPU, CPU results bit-identical to the CPU-only library's;
+#   3. with --bazel, the same through ./configure.sh --cuda && bazel build --config=cuda (clean
+#      output base, offline), then .bazelrc is rewritten for the CPU build again;
+#   4. the standalone harness built with nvcc, and its checks that need no GPU (the float64
+#      reference itself, the Divider, the launch plans, and a CPU replay of every checked launch).
+#
+#   bash tools/cuda_ci.sh [--bazel]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-python3}
+export TF_CPP_MIN_LOG_LEVEL=2
+archs=${TF_KLD_CUDA_ARCHS:-80-real}
+bazel=0
+for arg in "$@"; do
+  case "$arg" in
+    --bazel) bazel=1 ;;
+    *) echo "cuda_ci.sh: unknown argument: $arg" >&2; exit 2 ;;
+  esac
+done
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/tf_kld_cuda.XXXXXX")
+cleanup() {
+  if [[ -d $work/bazel ]]; then
+    bazel --output_base="$work/bazel" shutdown >/dev/null 2>&1 || true
+    chmod -R u+w "$work/bazel" 2>/dev/null || true
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+log() { printf '\n=== %s\n' "$*"; }
+
+log "CPU-only library (the comparison)"
+bash tools/build_inplace.sh
+
+log "pip build with CUDA kernels for $archs"
+start=$SECONDS
+TF_KLD_CUDA=1 TF_KLD_CUDA_ARCHS=$archs "$PYTHON" setup.py -q build_ext --build-lib "$work/lib" 2>&1 \
+  | grep -v -E "^(copying|running)" || true
+library=$work/lib/tf_kld/_kld_ops.so
+test -f "$library"
+log "pip CUDA build took $((SECONDS - start)) s"
+TF_KLD_CUDA_LIBRARY=$library "$PYTHON" -m pytest tests/test_cuda_build.py -q -p no:cacheprovider
+
+if [[ $bazel == 1 ]]; then
+  log "Bazel build with CUDA kernels for $archs (clean output base)"
+  start=$SECONDS
+  TF_KLD_CUDA_ARCHS=$archs ./configure.sh --cuda
+  status=0
+  bazel --output_base="$work/bazel" build --symlink_prefix=/ --config=cuda //:tf_kld/_kld_ops.so || status=$?
+  ./configure.sh >/dev/null  # back to the CPU configuration
+  [[ $status == 0 ]] || exit "$status"
+  bazel_library=$work/bazel/execroot/tf_kld_repo/bazel-out/k8-opt/bin/tf_kld/_kld_ops.so  # --compilation_mode=opt
+  test -f "$bazel_library"
+  log "Bazel CUDA build took $((SECONDS - start)) s"
+  TF_KLD_CUDA_LIBRARY=$bazel_library "$PYTHON" -m pytest tests/test_cuda_build.py -q -p no:cacheprovider
+fi
+
+log "CUDA harness: nvcc build for $archs and the checks that need no GPU"
+TF_KLD_CUDA_ARCHS=$archs bash tools/cuda_harness.sh --self-test
+log "OK"
