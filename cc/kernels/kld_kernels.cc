@@ -108,6 +108,7 @@ struct KlDivergenceGradFunctor<CPUDevice, T> {
                   int64_t rows, int64_t cols, double eps, Wrt wrt) const {
     const cpu::Kernels& k = cpu::Cpu();
     const bool wrt_true = wrt == Wrt::kYTrue;
+    AdviseHugePages(out, rows * cols * static_cast<int64_t>(sizeof(T)));
     // Blocks of whole SIMD vectors, so only a block's last vector can be partial.
     d.parallelFor(rows * cols, Cost(1, 2 * sizeof(T), sizeof(T)),
                   [](Eigen::Index n) { return (n + 63) & ~Eigen::Index{63}; },
@@ -189,7 +190,6 @@ class KlDivergenceGradOp : public OpKernel {
     const int reuse = wrt_ == Wrt::kYTrue ? 1 : 2;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({reuse}, 0, y_true.shape(), &out));
     if (y_true.NumElements() == 0) return;
-    AdviseHugePages(out->data(), out->TotalBytes());
     KlDivergenceGradFunctor<Device, T>()(ctx->eigen_device<Device>(), grad.flat<T>().data(),
                                          y_true.flat<T>().data(), y_pred.flat<T>().data(),
                                          out->flat<T>().data(), loss_shape.num_elements(),
@@ -245,41 +245,15 @@ class KlDivergenceGpuOp : public KlDivergenceOp<GPUDevice, T> {
   }
 };
 
-// KlDivergenceGradOp's Compute without its host-memory advice (the output is device memory).
 template <typename T>
-class KlDivergenceGradGpuOp : public OpKernel {
+class KlDivergenceGradGpuOp : public KlDivergenceGradOp<GPUDevice, T> {
  public:
-  explicit KlDivergenceGradGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_VALUE(eps_, ctx, ReadEpsilon(ctx));
-    OP_REQUIRES_VALUE(wrt_, ctx, ReadWrt(ctx));
-  }
+  using KlDivergenceGradOp<GPUDevice, T>::KlDivergenceGradOp;
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& grad = ctx->input(0);
-    const Tensor& y_true = ctx->input(1);
-    const Tensor& y_pred = ctx->input(2);
-    OP_REQUIRES_OK(ctx, CheckInputs(y_true, y_pred));
-    TensorShape loss_shape = y_true.shape();
-    loss_shape.RemoveLastDims(1);
-    OP_REQUIRES(ctx, grad.shape() == loss_shape,
-                absl::InvalidArgumentError(absl::StrCat(
-                    "grad must have the loss's shape ", loss_shape.DebugString(),
-                    " (y_true/y_pred shape ", y_true.shape().DebugString(),
-                    " without the last axis), got ", grad.shape().DebugString())));
-    Tensor* out = nullptr;
-    const int reuse = wrt_ == Wrt::kYTrue ? 1 : 2;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({reuse}, 0, y_true.shape(), &out));
-    if (y_true.NumElements() == 0) return;
-    KlDivergenceGradFunctor<GPUDevice, T>()(ctx->eigen_device<GPUDevice>(), grad.flat<T>().data(),
-                                            y_true.flat<T>().data(), y_pred.flat<T>().data(),
-                                            out->flat<T>().data(), loss_shape.num_elements(),
-                                            y_true.dim_size(y_true.dims() - 1), eps_, wrt_);
+    KlDivergenceGradOp<GPUDevice, T>::Compute(ctx);
     OP_REQUIRES_OK(ctx, GpuLaunchStatus());
   }
-
- private:
-  double eps_ = 0.0;
-  Wrt wrt_;
 };
 
 #define TF_KLD_REGISTER_GPU(T)                                                              \
