@@ -201,10 +201,15 @@ TF_KLD_INLINE Vf Log(Vf x) {
   return __builtin_expect(AnyLane(special), 0) ? FixSpecialLanes(log, x, special) : log;
 }
 
-// max(min(x, 1), eps); NaN passes through (both comparisons are false), as tf.clip_by_value.
+// max(eps, min(1, x)); NaN passes through, as in tf.clip_by_value: minps/maxps return their second
+// operand when either is NaN.
 TF_KLD_INLINE Vf Clip(Vf x, Vf eps) {
-  const Vf upper = x > Splat(1.0f) ? Splat(1.0f) : x;
-  return upper < eps ? eps : upper;
+#if defined(__AVX__)
+  return BitCast<Vf>(_mm256_max_ps(BitCast<__m256>(eps),
+                                   _mm256_min_ps(_mm256_set1_ps(1.0f), BitCast<__m256>(x))));
+#else
+  return BitCast<Vf>(_mm_max_ps(BitCast<__m128>(eps), _mm_min_ps(_mm_set1_ps(1.0f), BitCast<__m128>(x))));
+#endif
 }
 
 // Where the clip passes the gradient: eps <= x <= 1 (false at NaN).
@@ -239,17 +244,35 @@ TF_KLD_INLINE float GradScalarF(float g, float t, float p, float eps, bool wrt_t
 // are split between threads, and short rows (the documented example) match TensorFlow exactly.
 TF_KLD_INLINE int64_t VectorPart(int64_t cols) { return cols / kLanes * kLanes; }
 
+// The last n % kLanes elements of a row, after its vector part's lane sums acc0 and acc1.
+template <typename E>
+TF_KLD_INLINE double FinishRowF(Vd acc0, Vd acc1, const typename E::Storage* t,
+                                const typename E::Storage* p, int64_t n, float eps) {
+  double sum = SumLanes(acc0 + acc1);
+  for (int64_t i = VectorPart(n); i < n; ++i) sum += TermF(E::ToFloat(t[i]), E::ToFloat(p[i]), eps);
+  return sum;
+}
+
 template <typename E>
 TF_KLD_INLINE double SumTermsF(const typename E::Storage* t, const typename E::Storage* p, int64_t n,
                                float eps) {
   const Vf e = Splat(eps);
   Vd acc0 = {}, acc1 = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) Accumulate(Terms(E::Load(t + i), E::Load(p + i), e), &acc0, &acc1);
-  double sum = SumLanes(acc0 + acc1);
-  for (; i < n; ++i) sum += TermF(E::ToFloat(t[i]), E::ToFloat(p[i]), eps);
-  return sum;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {  // two independent vectors in flight
+    const Vf a = Terms(E::Load(t + i), E::Load(p + i), e);
+    const Vf b = Terms(E::Load(t + i + kLanes), E::Load(p + i + kLanes), e);
+    Accumulate(a, &acc0, &acc1);
+    Accumulate(b, &acc0, &acc1);
+  }
+  if (i + kLanes <= n) Accumulate(Terms(E::Load(t + i), E::Load(p + i), e), &acc0, &acc1);
+  return FinishRowF<E>(acc0, acc1, t, p, n, eps);
 }
+
+// Rows narrower than this are done a block at a time: first the term vectors of all the block's
+// rows (independent work the CPU can overlap), then each row's sum in the same order as SumTermsF,
+// so the result of a row never depends on the block it falls in.
+constexpr int64_t kBlockVectors = 64;
 
 template <typename E>
 void ForwardRowsF(const void* y_true, const void* y_pred, void* out, int64_t row_begin,
@@ -257,8 +280,29 @@ void ForwardRowsF(const void* y_true, const void* y_pred, void* out, int64_t row
   const auto* t = static_cast<const typename E::Storage*>(y_true);
   const auto* p = static_cast<const typename E::Storage*>(y_pred);
   auto* loss = static_cast<typename E::Storage*>(out);
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    loss[r] = E::FromFloat(static_cast<float>(SumTermsF<E>(t + r * cols, p + r * cols, cols, eps)));
+  const int64_t vectors = cols / kLanes;
+  if (vectors == 0 || vectors > kBlockVectors / 2) {
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      loss[r] = E::FromFloat(static_cast<float>(SumTermsF<E>(t + r * cols, p + r * cols, cols, eps)));
+    }
+    return;
+  }
+  const Vf e = Splat(eps);
+  const int64_t block = kBlockVectors / vectors;
+  Vf terms[kBlockVectors];
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += block) {
+    const int64_t r1 = r0 + block < row_end ? r0 + block : row_end;
+    for (int64_t r = r0, k = 0; r < r1; ++r) {
+      const int64_t base = r * cols;
+      for (int64_t v = 0; v < vectors; ++v, ++k) {
+        terms[k] = Terms(E::Load(t + base + v * kLanes), E::Load(p + base + v * kLanes), e);
+      }
+    }
+    for (int64_t r = r0, k = 0; r < r1; ++r) {
+      Vd acc0 = {}, acc1 = {};
+      for (int64_t v = 0; v < vectors; ++v, ++k) Accumulate(terms[k], &acc0, &acc1);
+      loss[r] = E::FromFloat(static_cast<float>(FinishRowF<E>(acc0, acc1, t + r * cols, p + r * cols, cols, eps)));
+    }
   }
 }
 
