@@ -4,11 +4,17 @@
     python bench/bench.py --quick      # fewer repetitions, smaller shapes (CI smoke run)
 
 Peers: the XLA-compiled composite (tf.function(jit_compile=True)), the plain tf.function composite,
-the eager composite, torch.nn.functional.kl_div when PyTorch is installed, and NumPy. Every time is
-the median of repeated calls in this one process; compare ratios, not absolute times.
+the eager composite, torch.nn.functional.kl_div when PyTorch is installed, and NumPy. Times are
+medians of calls interleaved round by round between the peers in this one process, so a slow
+spell of a noisy machine hits every peer alike; compare ratios, not absolute times.
 
 fwd+bwd is the loss and its gradient w.r.t. y_pred with an upstream gradient that depends on the
 loss (exp(-loss)), so the backward pass cannot start before the forward pass ends.
+
+Also measured: peak memory per path, each in a fresh process (VmHWM after /proc/self/clear_refs,
+once the inputs exist and the function is traced, with glibc's mmap threshold fixed so freed
+buffers leave the resident set); tf_kld's time per element in float16 and bfloat16 against
+float32; and the targets of the speed issue, each marked met or not.
 """
 
 import argparse
@@ -16,7 +22,9 @@ import csv
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import time
 
@@ -31,6 +39,10 @@ from tensorflow.python.eager import context  # noqa: E402
 
 SHAPES = [(4096, 4096), (1_000_000, 16), (32, 131072), (64, 1_000_000), (8, 10)]
 QUICK_SHAPES = [(1024, 1024), (100_000, 16), (8, 10)]
+MEMORY_SHAPES = [(4096, 4096), (1_000_000, 16)]
+QUICK_MEMORY_SHAPES = [(1024, 1024)]
+DTYPE_SHAPE, QUICK_DTYPE_SHAPE = (4096, 4096), (1024, 1024)
+SMALL = (8, 10)  # latency, not throughput: held to "no slower than the composite"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -102,15 +114,29 @@ def _block(result):
     context.async_wait()
 
 
+def _call(fn, args):
+    start = time.perf_counter()
+    _block(fn(*args))
+    return time.perf_counter() - start
+
+
 def median_time(fn, args, budget):
-    _block(fn(*args))  # warm-up: trace, compile, allocate
-    times = []
-    deadline = time.perf_counter() + budget
-    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 200):
-        start = time.perf_counter()
-        _block(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return interleaved_medians({"": (fn, args)}, budget)[""]
+
+
+def interleaved_medians(calls, budget, max_samples=200):
+    """{name: median seconds} of calls {name: (fn, args)} made round by round: each round calls every
+    peer still sampling once. A peer samples until it has spent `budget` seconds (at least 3 calls)."""
+    for fn, args in calls.values():
+        _block(fn(*args))  # warm-up: trace, compile, allocate
+    times = {name: [] for name in calls}
+    active = list(calls)
+    while active:
+        for name in active:
+            times[name].append(_call(*calls[name]))
+        active = [n for n in active if len(times[n]) < 3 or
+                  (sum(times[n]) < budget and len(times[n]) < max_samples)]
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def read_bandwidth(nbytes):
@@ -120,12 +146,72 @@ def read_bandwidth(nbytes):
     return nbytes / median_time(fn, (x,), 1.0) / 1e9
 
 
+def _inputs(shape, dtype=np.float32):
+    rng = np.random.default_rng(0)
+    return (rng.uniform(0, 1, shape).astype(dtype), rng.uniform(0, 1, shape).astype(dtype))
+
+
+def _candidates():
+    """{name: ((fwd, fwd_bwd), to_inputs)}: every path, and how it takes NumPy inputs."""
+    def to_tf(t, p):
+        return tf.constant(t), tf.constant(p)
+    cands = {name: (fns, to_tf) for name, fns in tf_peers().items()}
+    torch_fns = torch_peer()
+    if torch_fns is not None:
+        fns, torch = torch_fns
+        cands["torch kl_div"] = (fns, lambda t, p: (torch.from_numpy(t), torch.from_numpy(p)))
+    cands["numpy"] = ((numpy_fwd, numpy_fwd_bwd), lambda t, p: (t, p))
+    return cands
+
+
+MODES = (("fwd", 0, 8), ("fwd+bwd", 1, 20))  # (name, index in a path's pair, bytes per element)
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
+
+
+def memory_child(impl, shape, mode):
+    """In a fresh process: peak resident memory of one call beyond what existed before it."""
+    fns, to_inputs = _candidates()[impl]
+    fn = fns[[m[0] for m in MODES].index(mode)]
+    args = to_inputs(*_inputs(shape))
+    _block(fn(*args))  # trace/compile outside the measurement; its results are freed here
+    rss = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    result = fn(*args)
+    _block(result)
+    print(json.dumps({"peak_extra_bytes": (_status_kib("VmHWM") - rss) * 1024}))
+
+
+def peak_memory(impl, shape, mode):
+    """Bytes; None where the measurement failed (reported, never fatal)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
+               TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", impl,
+           f"{shape[0]}x{shape[1]}", mode]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        print(f"    (memory of {impl} {mode} failed: {proc.stderr.strip()[-300:]})")
+        return None
+    return json.loads(lines[-1])["peak_extra_bytes"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, short runs")
     parser.add_argument("--budget", type=float, default=None, help="seconds per measurement")
     parser.add_argument("--out", default=RESULTS, help="directory for results.{csv,json,png}")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--memory-child", nargs=3, metavar=("IMPL", "SHAPE", "MODE"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_child:
+        impl, shape, mode = args.memory_child
+        return memory_child(impl, tuple(int(x) for x in shape.split("x")), mode)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     budget = args.budget or (0.3 if args.quick else 1.0)
 
@@ -134,37 +220,88 @@ def main(argv=None):
     bandwidth = read_bandwidth(256 << 20)
     print(f"measured read bandwidth (tf.reduce_sum over 256 MiB): {bandwidth:.1f} GB/s\n")
 
-    peers = tf_peers()
-    torch_fns = torch_peer()
+    cands = _candidates()
     rows = []
     for shape in shapes:
-        rng = np.random.default_rng(0)
-        t_np = rng.uniform(0, 1, shape).astype(np.float32)
-        p_np = rng.uniform(0, 1, shape).astype(np.float32)
-        t, p = tf.constant(t_np), tf.constant(p_np)
-        n = t_np.size
-        candidates = {name: fns for name, fns in peers.items()}
-        if torch_fns is not None:
-            (torch_fwd, torch_fwd_bwd), torch = torch_fns
-            candidates["torch kl_div"] = (torch_fwd, torch_fwd_bwd)
-        candidates["numpy"] = (numpy_fwd, numpy_fwd_bwd)
-        for mode, index, nbytes in (("fwd", 0, 8 * n), ("fwd+bwd", 1, 20 * n)):
-            for name, fns in candidates.items():
-                if name == "torch kl_div":
-                    inputs = (torch.from_numpy(t_np), torch.from_numpy(p_np))
-                elif name == "numpy":
-                    inputs = (t_np, p_np)
-                else:
-                    inputs = (t, p)
-                print(f"  {shape[0]}x{shape[1]} {mode:8s} {name:22s}", end="", flush=True)
-                seconds = median_time(fns[index], inputs, budget)
-                print(f" {seconds * 1e3:10.3f} ms", flush=True)
+        t_np, p_np = _inputs(shape)
+        converted = {}  # one copy per framework
+        inputs = {name: converted.setdefault(to_inputs, to_inputs(t_np, p_np))
+                  for name, (_, to_inputs) in cands.items()}
+        for mode, index, per_element in MODES:
+            print(f"  {shape[0]}x{shape[1]} {mode:8s} ...", end="", flush=True)
+            medians = interleaved_medians(
+                {name: (fns[index], inputs[name]) for name, (fns, _) in cands.items()}, budget)
+            print(" " + ", ".join(f"{name} {sec * 1e3:.3f} ms" for name, sec in medians.items()),
+                  flush=True)
+            for name, seconds in medians.items():
                 rows.append({"shape": f"{shape[0]}x{shape[1]}", "mode": mode, "impl": name,
-                             "ms": seconds * 1e3, "gb_s": nbytes / seconds / 1e9})
-    _report(rows, bandwidth, args.out)
+                             "ms": seconds * 1e3, "gb_s": per_element * t_np.size / seconds / 1e9})
+        del inputs, converted
+
+    memory = []
+    if not args.no_memory:
+        for shape in (QUICK_MEMORY_SHAPES if args.quick else MEMORY_SHAPES):
+            for mode, _, _ in MODES:
+                for name in cands:
+                    print(f"  peak memory {shape[0]}x{shape[1]} {mode:8s} {name:22s}", end="",
+                          flush=True)
+                    extra = peak_memory(name, shape, mode)
+                    grad_bytes = 4 * shape[0] * shape[1]
+                    print(f" {extra / 2**20:9.1f} MiB" if extra is not None else "", flush=True)
+                    memory.append({"shape": f"{shape[0]}x{shape[1]}", "mode": mode, "impl": name,
+                                   "peak_extra_mib": None if extra is None else extra / 2**20,
+                                   "x_gradient_buffer": None if extra is None else extra / grad_bytes})
+
+    dtypes = []
+    if tf_kld.custom_op_loaded():
+        shape = QUICK_DTYPE_SHAPE if args.quick else DTYPE_SHAPE
+        fns = tf_peers()["tf_kld"]
+        for mode, index, _ in MODES:
+            calls = {}
+            for dtype in ("float32", "float16", "bfloat16"):
+                t, p = (tf.cast(tf.constant(x), dtype) for x in _inputs(shape))
+                calls[dtype] = (fns[index], (t, p))
+            medians = interleaved_medians(calls, budget)
+            for dtype, seconds in medians.items():
+                dtypes.append({"shape": f"{shape[0]}x{shape[1]}", "mode": mode, "dtype": dtype,
+                               "ns_per_element": seconds * 1e9 / (shape[0] * shape[1]),
+                               "x_float32_time": seconds / medians["float32"]})
+    _report(rows, memory, dtypes, bandwidth, args.out)
+    return 0
 
 
-def _report(rows, bandwidth, out):
+def _targets(rows, memory, dtypes, bandwidth):
+    """The speed issue's targets, each with the measured value and whether it is met."""
+    ms = {(r["shape"], r["mode"], r["impl"]): r["ms"] for r in rows}
+    out = []
+    small = f"{SMALL[0]}x{SMALL[1]}"
+    for (shape, mode, impl), t in sorted(ms.items()):
+        if impl != "tf_kld":
+            continue
+        for peer, bar in (("XLA composite", 1.5), ("tf.function composite", 5.0)):
+            if (shape, mode, peer) not in ms:
+                continue
+            ratio = ms[(shape, mode, peer)] / t
+            need = 1.0 if shape == small else bar
+            out.append({"target": f"{mode} {shape}: >= {need:g}x {peer}", "value": ratio,
+                        "met": ratio >= need})
+    for r in rows:
+        if r["impl"] == "tf_kld" and r["mode"] == "fwd" and r["shape"] != "8x10":
+            frac = r["gb_s"] / bandwidth
+            out.append({"target": f"fwd {r['shape']}: >= 70% of read bandwidth", "value": frac,
+                        "met": frac >= 0.7})
+    for m in memory:
+        if m["impl"] == "tf_kld" and m["mode"] == "fwd+bwd" and m["x_gradient_buffer"] is not None:
+            out.append({"target": f"fwd+bwd {m['shape']}: peak extra <= 1.1x gradient buffer",
+                        "value": m["x_gradient_buffer"], "met": m["x_gradient_buffer"] <= 1.1})
+    for d in dtypes:
+        if d["dtype"] != "float32":
+            out.append({"target": f"{d['mode']} {d['shape']} {d['dtype']}: time per element <= float32's",
+                        "value": d["x_float32_time"], "met": d["x_float32_time"] <= 1.0})
+    return out
+
+
+def _report(rows, memory, dtypes, bandwidth, out):
     ref = {(r["shape"], r["mode"]): r["ms"] for r in rows if r["impl"] == "tf_kld"}
     for r in rows:
         base = ref.get((r["shape"], r["mode"]))
@@ -177,6 +314,25 @@ def _report(rows, bandwidth, out):
               f"{speed:>18}")
     print(f"\n(GB/s counts input reads and output writes; the machine's measured read bandwidth is "
           f"{bandwidth:.1f} GB/s.)")
+    if memory:
+        print(f"\n{'shape':>14} {'mode':8} {'implementation':22} {'peak extra MiB':>15} "
+              f"{'x gradient buffer':>18}")
+        for m in memory:
+            if m["peak_extra_mib"] is None:
+                continue
+            print(f"{m['shape']:>14} {m['mode']:8} {m['impl']:22} {m['peak_extra_mib']:15.1f} "
+                  f"{m['x_gradient_buffer']:18.2f}")
+        print("(peak resident memory of one call beyond the inputs, in a fresh process; the outputs"
+              " count: fwd+bwd returns the gradient and the loss)")
+    if dtypes:
+        print(f"\n{'shape':>14} {'mode':8} {'dtype':10} {'ns/element':>11} {'x float32 time':>15}")
+        for d in dtypes:
+            print(f"{d['shape']:>14} {d['mode']:8} {d['dtype']:10} {d['ns_per_element']:11.3f} "
+                  f"{d['x_float32_time']:15.2f}")
+    targets = _targets(rows, memory, dtypes, bandwidth)
+    print("\ntargets of the speed issue (measured in this run):")
+    for t in targets:
+        print(f"  [{'met' if t['met'] else 'MISSED':6}] {t['target']}: {t['value']:.2f}")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -184,7 +340,9 @@ def _report(rows, bandwidth, out):
         writer.writerows(rows)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"read_bandwidth_gb_s": bandwidth, "tensorflow": tf.__version__,
-                   "cores": os.cpu_count(), "rows": rows}, f, indent=1)
+                   "cores": os.cpu_count(), "cpu_isa": tf_kld.ops.cpu_isa() if
+                   tf_kld.custom_op_loaded() else None, "rows": rows, "peak_memory": memory,
+                   "dtypes": dtypes, "targets": targets}, f, indent=1)
     _plot(rows, os.path.join(out, "results.png"))
     print(f"results written to {out}/results.{{csv,json,png}}")
 
@@ -218,4 +376,4 @@ def _plot(rows, path):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
