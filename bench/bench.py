@@ -124,7 +124,7 @@ def median_time(fn, args, budget):
     return interleaved_medians({"": (fn, args)}, budget)[""]
 
 
-def interleaved_medians(calls, budget, max_samples=200):
+def interleaved_medians(calls, budget, max_samples=5000):
     """{name: median seconds} of calls {name: (fn, args)} made round by round: each round calls every
     peer still sampling once. A peer samples until it has spent `budget` seconds (at least 3 calls)."""
     for fn, args in calls.values():
