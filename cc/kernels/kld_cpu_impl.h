@@ -204,7 +204,11 @@ TF_KLD_INLINE Vf Madd(Vf a, Vf b, Vf c) {
 // Natural log of kLanes floats: log(m * 2^e) = e * ln2 + log1p(f), f = m - 1 in [sqrt(1/2)-1, sqrt(2)-1),
 // log1p(f) ~ f * P(f) / Q(f): the rational minimax form (and coefficients) of Eigen's plog, which
 // TensorFlow's own Log kernel uses; the AVX2 build evaluates it with FMA (fewer instructions and
-// roundings), the baseline build without, exactly as TensorFlow's pip build does.
+// roundings), the baseline build without, as TensorFlow's pip build does.
+//
+// kBounded: the caller guarantees every lane is a positive normal float or NaN (a ratio of values
+// clipped to [eps, 1] with eps a normal float), so the special-lane check shrinks to keeping NaN.
+template <bool kBounded = false>
 TF_KLD_INLINE Vf Log(Vf x) {
   const Vu bits = BitCast<Vu>(x);
   // Positive normal finite <=> biased exponent in [1, 254] and sign clear.
@@ -218,6 +222,7 @@ TF_KLD_INLINE Vf Log(Vf x) {
   const Vf q = Madd(Madd(Madd(Splat(0.049616247954120038f), f, Splat(0.59923249590823520f)), f,
                          Splat(1.4999999999999927f)), f, Splat(1.0f));
   const Vf log = Madd(e, Splat(0.693147182f), p / q);
+  if (kBounded) return log + (x - x);  // x - x is 0, or NaN where x is NaN
   return __builtin_expect(AnyLane(special), 0) ? FixSpecialLanes(log, x, special) : log;
 }
 
@@ -235,10 +240,14 @@ TF_KLD_INLINE Vf Clip(Vf x, Vf eps) {
 // Where the clip passes the gradient: eps <= x <= 1 (false at NaN).
 TF_KLD_INLINE Vi Inside(Vf x, Vf eps) { return (x >= eps) & (x <= Splat(1.0f)); }
 
+template <bool kBounded>
 TF_KLD_INLINE Vf Terms(Vf t, Vf p, Vf eps) {
   const Vf tc = Clip(t, eps);
-  return tc * Log(tc / Clip(p, eps));
+  return tc * Log<kBounded>(tc / Clip(p, eps));
 }
+
+// Whether the clip range [eps, 1] makes every ratio tc / pc a positive normal float (or NaN).
+TF_KLD_INLINE bool Bounded(float eps) { return eps >= 1.17549435e-38f && eps <= 1.0f; }
 
 // Scalar float versions for a row's last n < kLanes elements. They use std::log, as TensorFlow's own
 // kernels do for elements that do not fill a SIMD packet, so short rows match it exactly.
@@ -272,7 +281,7 @@ TF_KLD_INLINE double AddTailF(double sum, const typename E::Storage* t, const ty
   return sum;
 }
 
-template <typename E>
+template <typename E, bool kBounded>
 TF_KLD_INLINE double SumTermsF(const typename E::Storage* t, const typename E::Storage* p, int64_t n,
                                float eps) {
   const Vf e = Splat(eps);
@@ -280,12 +289,12 @@ TF_KLD_INLINE double SumTermsF(const typename E::Storage* t, const typename E::S
   int64_t i = 0;
   for (; i + 2 * kLanes <= n; i += 2 * kLanes) {  // two independent vectors in flight
     Prefetch(t + i), Prefetch(p + i);
-    const Vf a = Terms(E::Load(t + i), E::Load(p + i), e);
-    const Vf b = Terms(E::Load(t + i + kLanes), E::Load(p + i + kLanes), e);
+    const Vf a = Terms<kBounded>(E::Load(t + i), E::Load(p + i), e);
+    const Vf b = Terms<kBounded>(E::Load(t + i + kLanes), E::Load(p + i + kLanes), e);
     Accumulate(a, &acc0, &acc1);
     Accumulate(b, &acc0, &acc1);
   }
-  if (i + kLanes <= n) Accumulate(Terms(E::Load(t + i), E::Load(p + i), e), &acc0, &acc1);
+  if (i + kLanes <= n) Accumulate(Terms<kBounded>(E::Load(t + i), E::Load(p + i), e), &acc0, &acc1);
   return AddTailF<E>(SumLanes(acc0 + acc1), t, p, n, eps);
 }
 
@@ -294,7 +303,7 @@ TF_KLD_INLINE double SumTermsF(const typename E::Storage* t, const typename E::S
 // so the result of a row never depends on the block it falls in.
 constexpr int64_t kBlockVectors = 64;
 
-template <typename E>
+template <typename E, bool kBounded>
 void ForwardRowsF(const void* y_true, const void* y_pred, void* out, int64_t row_begin,
                   int64_t row_end, int64_t cols, float eps) {
   const auto* t = static_cast<const typename E::Storage*>(y_true);
@@ -303,7 +312,7 @@ void ForwardRowsF(const void* y_true, const void* y_pred, void* out, int64_t row
   const int64_t vectors = cols / kLanes;
   if (vectors == 0 || vectors > kBlockVectors / 2) {
     for (int64_t r = row_begin; r < row_end; ++r) {
-      loss[r] = E::FromFloat(static_cast<float>(SumTermsF<E>(t + r * cols, p + r * cols, cols, eps)));
+      loss[r] = E::FromFloat(static_cast<float>(SumTermsF<E, kBounded>(t + r * cols, p + r * cols, cols, eps)));
     }
     return;
   }
@@ -315,13 +324,13 @@ void ForwardRowsF(const void* y_true, const void* y_pred, void* out, int64_t row
     if (cols % kLanes == 0) {  // the block's vectors are one contiguous run
       const int64_t base = r0 * cols, n = (r1 - r0) * vectors;
       for (int64_t k = 0; k < n; ++k) {
-        terms[k] = Terms(E::Load(t + base + k * kLanes), E::Load(p + base + k * kLanes), e);
+        terms[k] = Terms<kBounded>(E::Load(t + base + k * kLanes), E::Load(p + base + k * kLanes), e);
       }
     } else {
       for (int64_t r = r0, k = 0; r < r1; ++r) {
         const int64_t base = r * cols;
         for (int64_t v = 0; v < vectors; ++v, ++k) {
-          terms[k] = Terms(E::Load(t + base + v * kLanes), E::Load(p + base + v * kLanes), e);
+          terms[k] = Terms<kBounded>(E::Load(t + base + v * kLanes), E::Load(p + base + v * kLanes), e);
         }
       }
     }
@@ -458,13 +467,27 @@ void GradientD(const void* grad, const void* y_true, const void* y_pred, void* o
 // ---------------------------------------------------------------------------------------------
 // The exported table.
 
+template <typename E>
+void ForwardRowsE(const void* t, const void* p, void* out, int64_t row_begin, int64_t row_end,
+                  int64_t cols, float eps) {
+  if (Bounded(eps)) return ForwardRowsF<E, true>(t, p, out, row_begin, row_end, cols, eps);
+  ForwardRowsF<E, false>(t, p, out, row_begin, row_end, cols, eps);
+}
+
+template <typename E>
+double SumTermsE(const void* t, const void* p, int64_t n, float eps) {
+  const auto* ts = static_cast<const typename E::Storage*>(t);
+  const auto* ps = static_cast<const typename E::Storage*>(p);
+  return Bounded(eps) ? SumTermsF<E, true>(ts, ps, n, eps) : SumTermsF<E, false>(ts, ps, n, eps);
+}
+
 void ForwardRows(Type type, const void* t, const void* p, void* out, int64_t row_begin,
                  int64_t row_end, int64_t cols, double eps) {
   const float epsf = static_cast<float>(eps);
   switch (type) {
-    case Type::kHalf: return ForwardRowsF<HalfT>(t, p, out, row_begin, row_end, cols, epsf);
-    case Type::kBfloat16: return ForwardRowsF<Bfloat16T>(t, p, out, row_begin, row_end, cols, epsf);
-    case Type::kFloat: return ForwardRowsF<FloatT>(t, p, out, row_begin, row_end, cols, epsf);
+    case Type::kHalf: return ForwardRowsE<HalfT>(t, p, out, row_begin, row_end, cols, epsf);
+    case Type::kBfloat16: return ForwardRowsE<Bfloat16T>(t, p, out, row_begin, row_end, cols, epsf);
+    case Type::kFloat: return ForwardRowsE<FloatT>(t, p, out, row_begin, row_end, cols, epsf);
     case Type::kDouble: return ForwardRowsD(t, p, out, row_begin, row_end, cols, eps);
   }
 }
@@ -472,13 +495,9 @@ void ForwardRows(Type type, const void* t, const void* p, void* out, int64_t row
 double SumTerms(Type type, const void* t, const void* p, int64_t n, double eps) {
   const float epsf = static_cast<float>(eps);
   switch (type) {
-    case Type::kHalf:
-      return SumTermsF<HalfT>(static_cast<const uint16_t*>(t), static_cast<const uint16_t*>(p), n, epsf);
-    case Type::kBfloat16:
-      return SumTermsF<Bfloat16T>(static_cast<const uint16_t*>(t), static_cast<const uint16_t*>(p), n,
-                                  epsf);
-    case Type::kFloat:
-      return SumTermsF<FloatT>(static_cast<const float*>(t), static_cast<const float*>(p), n, epsf);
+    case Type::kHalf: return SumTermsE<HalfT>(t, p, n, epsf);
+    case Type::kBfloat16: return SumTermsE<Bfloat16T>(t, p, n, epsf);
+    case Type::kFloat: return SumTermsE<FloatT>(t, p, n, epsf);
     case Type::kDouble:
       return SumTermsD(static_cast<const double*>(t), static_cast<const double*>(p), n, eps);
   }
