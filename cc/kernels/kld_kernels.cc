@@ -62,7 +62,7 @@ double FromSum<double>(double sum) {
 // computing the gradient. A no-op where THP is off or the memory is already in use.
 void AdviseHugePages(void* data, int64_t bytes) {
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (bytes < int64_t{4} << 20) return;
+  if (bytes < int64_t{2} << 20) return;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
@@ -76,6 +76,7 @@ struct KlDivergenceFunctor<CPUDevice, T> {
                   int64_t cols, double eps) const {
     const cpu::Kernels& k = cpu::Cpu();
     constexpr cpu::Type type = CpuType<T>::value;
+    AdviseHugePages(loss, rows * static_cast<int64_t>(sizeof(T)));
     if (cols <= kChunk) {
       d.parallelFor(rows, Cost(cols, 2 * cols * sizeof(T), sizeof(T)),
                     [&](Eigen::Index begin, Eigen::Index end) {
