@@ -153,18 +153,34 @@ struct Bfloat16T {
   typedef uint16_t Storage;
   static float ToFloat(Storage v) { return Bfloat16ToFloat(v); }
   static Storage FromFloat(float v) { return FloatToBfloat16(v); }
+  // A bfloat16 is the top half of a float: loading puts each into the high 16 bits of a lane
+  // (AVX2: one byte shuffle of the 16 bytes broadcast to both halves of the register).
   static TF_KLD_INLINE Vf Load(const Storage* p) {
+#if defined(__AVX2__)
+    const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i to_high = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7,
+                                             -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
+    return BitCast<Vf>(_mm256_shuffle_epi8(x, to_high));
+#else
     Vh h;
     std::memcpy(&h, p, sizeof(h));
     return BitCast<Vf>(__builtin_convertvector(h, Vu) << 16);
+#endif
   }
   static TF_KLD_INLINE void Store(Storage* p, Vf v) {
     const Vu x = BitCast<Vu>(v);
     const Vu rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
     const Vu quiet_nan = (x >> 16) | 0x40u;
     const Vu r = (v != v) ? quiet_nan : rounded;
+#if defined(__AVX2__)
+    // Every lane fits 16 bits: pack within each 128-bit half, then take both halves' low 64 bits.
+    const __m256i packed = _mm256_packus_epi32(BitCast<__m256i>(r), BitCast<__m256i>(r));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08)));
+#else
     const Vh h = __builtin_convertvector(r, Vh);
     std::memcpy(p, &h, sizeof(h));
+#endif
   }
 };
 
