@@ -1,6 +1,6 @@
 """Benchmark: tf_kld against every peer, forward and forward+backward, as ratios from one run.
 
-    python bench/bench.py              # all shapes, table + bench/results/{results.csv,json,png}
+    python bench/bench.py              # all shapes, tables + bench/results/results.{csv,json,md,png}
     python bench/bench.py --quick      # fewer repetitions, smaller shapes (CI smoke run)
 
 Peers: the XLA-compiled composite (tf.function(jit_compile=True)), the plain tf.function composite,
@@ -204,7 +204,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, short runs")
     parser.add_argument("--budget", type=float, default=None, help="seconds per measurement")
-    parser.add_argument("--out", default=RESULTS, help="directory for results.{csv,json,png}")
+    parser.add_argument("--out", default=RESULTS, help="directory for results.{csv,json,md,png}")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--memory-child", nargs=3, metavar=("IMPL", "SHAPE", "MODE"),
                         help=argparse.SUPPRESS)
@@ -332,7 +332,7 @@ def _report(rows, memory, dtypes, bandwidth, out):
     targets = _targets(rows, memory, dtypes, bandwidth)
     print("\ntargets of the speed issue (measured in this run):")
     for t in targets:
-        print(f"  [{'met' if t['met'] else 'MISSED':6}] {t['target']}: {t['value']:.2f}")
+        print(f"  [{'met' if t['met'] else 'MISSED':6}] {t['target']}: {t['value']:.3f}")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -343,8 +343,39 @@ def _report(rows, memory, dtypes, bandwidth, out):
                    "cores": os.cpu_count(), "cpu_isa": tf_kld.ops.cpu_isa() if
                    tf_kld.custom_op_loaded() else None, "rows": rows, "peak_memory": memory,
                    "dtypes": dtypes, "targets": targets}, f, indent=1)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(_markdown(rows, memory, dtypes, targets, bandwidth))
     _plot(rows, os.path.join(out, "results.png"))
-    print(f"results written to {out}/results.{{csv,json,png}}")
+    print(f"results written to {out}/results.{{csv,json,md,png}}")
+
+
+def _markdown(rows, memory, dtypes, targets, bandwidth):
+    """The README's tables, from this run."""
+    peers = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != "tf_kld"]
+    ms = {(r["shape"], r["mode"], r["impl"]): r for r in rows}
+    lines = [f"Measured read bandwidth: {bandwidth:.1f} GB/s. \"vs X\" is X's time / tf_kld's.", "",
+             "| shape | mode | tf_kld ms | tf_kld GB/s | " + " | ".join(f"vs {p}" for p in peers) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(peers)]
+    for (shape, mode, impl), r in ms.items():
+        if impl == "tf_kld":
+            ratios = [f"{ms[(shape, mode, p)]['speedup_of_tf_kld']:.2f}x" if (shape, mode, p) in ms
+                      else "-" for p in peers]
+            lines.append(f"| {shape} | {mode} | {r['ms']:.2f} | {r['gb_s']:.1f} | "
+                         + " | ".join(ratios) + " |")
+    if memory:
+        lines += ["", "| shape | mode | implementation | peak extra MiB | x gradient buffer |",
+                  "|---|---|---|---:|---:|"]
+        lines += [f"| {m['shape']} | {m['mode']} | {m['impl']} | {m['peak_extra_mib']:.1f} | "
+                  f"{m['x_gradient_buffer']:.2f} |" for m in memory if m["peak_extra_mib"] is not None]
+    if dtypes:
+        lines += ["", "| shape | mode | dtype | tf_kld ns/element | x float32 time |",
+                  "|---|---|---|---:|---:|"]
+        lines += [f"| {d['shape']} | {d['mode']} | {d['dtype']} | {d['ns_per_element']:.3f} | "
+                  f"{d['x_float32_time']:.2f} |" for d in dtypes]
+    lines += ["", "| target | measured | |", "|---|---:|---|"]
+    lines += [f"| {t['target']} | {t['value']:.3f} | {'met' if t['met'] else 'missed'} |"
+              for t in targets]
+    return "\n".join(lines) + "\n"
 
 
 def _plot(rows, path):

@@ -1,0 +1,32 @@
+"""The benchmark runs end to end and writes its results (a smoke test: nothing here is timed)."""
+
+import json
+import os
+import subprocess
+import sys
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench.py")
+
+
+def test_quick_benchmark_writes_every_result(tmp_path, require_custom):
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, BENCH, "--quick", "--budget", "0.01", "--no-memory", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, check=False,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "targets of the speed issue" in proc.stdout
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    seen = {(r["shape"], r["mode"], r["impl"]) for r in results["rows"]}
+    for shape in ("1024x1024", "100000x16", "8x10"):
+        for mode in ("fwd", "fwd+bwd"):
+            for impl in ("tf_kld", "XLA composite", "tf.function composite", "eager composite", "numpy"):
+                assert (shape, mode, impl) in seen
+    assert all(r["ms"] > 0 and r["speedup_of_tf_kld"] > 0 for r in results["rows"])
+    assert {d["dtype"] for d in results["dtypes"]} == {"float32", "float16", "bfloat16"}
+    assert results["targets"] and all(isinstance(t["met"], bool) for t in results["targets"])
+    markdown = (out / "results.md").read_text()
+    assert "| shape | mode | tf_kld ms |" in markdown and "| target | measured |" in markdown
+    assert (out / "results.csv").stat().st_size > 0
+    assert (out / "results.png").exists() or "matplotlib not installed" in proc.stdout
