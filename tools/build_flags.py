@@ -29,8 +29,8 @@ AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 # dirs and libtensorflow_cc, which holds XLA's op registry; it takes ~90 s to compile.
 XLA_SOURCES = ["cc/kernels/kld_xla.cc"]
 
-# Flags of our own, on top of TensorFlow's. -ffp-contract=off keeps the float log bit-identical
-# between the baseline and AVX2 builds (and TensorFlow's), with or without FMA;
+# Flags of our own, on top of TensorFlow's. -ffp-contract=off: the compiler never fuses a multiply
+# and an add on its own (the AVX2 log uses FMA explicitly, where it was chosen);
 # no -ffast-math: NaN and Inf must keep TensorFlow's semantics.
 CXXFLAGS = ["-O3", "-DNDEBUG", "-fPIC", "-fvisibility-inlines-hidden", "-fno-math-errno", "-ffp-contract=off",
             "-Wall", "-Wno-sign-compare", "-Wno-unused-function", "-Wno-psabi",
