@@ -314,6 +314,34 @@ TF_KLD_INLINE double SumTermsF(const typename E::Storage* t, const typename E::S
   return AddTailF<E>(SumLanes(acc0 + acc1), t, p, n, eps);
 }
 
+// Rows of exactly V vectors (V <= 4: 8 to 32 floats with AVX), R rows a step, all in registers:
+// the R * V term vectors are independent work the CPU overlaps, and each row is then summed in the
+// same order as SumTermsF (so a row's result never depends on the rows beside it).
+template <typename E, bool kBounded, int V>
+void ForwardShortRowsF(const typename E::Storage* t, const typename E::Storage* p,
+                       typename E::Storage* loss, int64_t row_begin, int64_t row_end, float eps) {
+  constexpr int R = V <= 2 ? 4 : 2;
+  constexpr int64_t cols = V * kLanes;
+  const Vf e = Splat(eps);
+  int64_t r = row_begin;
+  for (; r + R <= row_end; r += R) {
+    const typename E::Storage* tr = t + r * cols;
+    const typename E::Storage* pr = p + r * cols;
+    Vf terms[R * V];
+    for (int k = 0; k < R * V; ++k) {
+      terms[k] = Terms<kBounded>(E::Load(tr + k * kLanes), E::Load(pr + k * kLanes), e);
+    }
+    for (int j = 0; j < R; ++j) {
+      Vd acc0 = {}, acc1 = {};
+      for (int v = 0; v < V; ++v) Accumulate(terms[j * V + v], &acc0, &acc1);
+      loss[r + j] = E::FromFloat(static_cast<float>(SumLanes(acc0 + acc1)));
+    }
+  }
+  for (; r < row_end; ++r) {
+    loss[r] = E::FromFloat(static_cast<float>(SumTermsF<E, kBounded>(t + r * cols, p + r * cols, cols, eps)));
+  }
+}
+
 // Rows narrower than this are done a block at a time: first the term vectors of all the block's
 // rows (independent work the CPU can overlap), then each row's sum in the same order as SumTermsF,
 // so the result of a row never depends on the block it falls in.
@@ -331,6 +359,13 @@ void ForwardRowsF(const void* y_true, const void* y_pred, void* out, int64_t row
       loss[r] = E::FromFloat(static_cast<float>(SumTermsF<E, kBounded>(t + r * cols, p + r * cols, cols, eps)));
     }
     return;
+  }
+  switch (cols) {
+    case kLanes: return ForwardShortRowsF<E, kBounded, 1>(t, p, loss, row_begin, row_end, eps);
+    case 2 * kLanes: return ForwardShortRowsF<E, kBounded, 2>(t, p, loss, row_begin, row_end, eps);
+    case 3 * kLanes: return ForwardShortRowsF<E, kBounded, 3>(t, p, loss, row_begin, row_end, eps);
+    case 4 * kLanes: return ForwardShortRowsF<E, kBounded, 4>(t, p, loss, row_begin, row_end, eps);
+    default: break;
   }
   const Vf e = Splat(eps);
   const int64_t block = kBlockVectors / vectors;

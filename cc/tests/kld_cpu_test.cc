@@ -440,8 +440,8 @@ void TestSpecialPairs(const Kernels& k, Type type, double eps, bool offset, std:
 void TestTable(const Kernels& k) {
   std::mt19937_64 rng(20240607);
   const Type types[] = {Type::kHalf, Type::kBfloat16, Type::kFloat, Type::kDouble};
-  const int64_t col_counts[] = {0, 1, 3, 7, 8, 9, 15, 16, 17, 31, 33};
-  const int64_t row_counts[] = {0, 1, 5};
+  const int64_t col_counts[] = {0, 1, 3, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40, 64};
+  const int64_t row_counts[] = {0, 1, 5, 9};
   for (Type type : types) {
     // Keras' default epsilon rounded to the type, a larger one, and (float/double) a subnormal one,
     // which sends every vector through the scalar log fallback.
