@@ -385,8 +385,7 @@ void ForwardRowsF(const void* y_true, const void* y_pred, void* out, int64_t row
         }
       }
     }
-    int64_t r = r0, k = 0;
-    for (; r < r1; ++r) {
+    for (int64_t r = r0, k = 0; r < r1; ++r) {
       Vd acc0 = {}, acc1 = {};
       for (int64_t v = 0; v < vectors; ++v, ++k) Accumulate(terms[k], &acc0, &acc1);
       loss[r] = E::FromFloat(static_cast<float>(
