@@ -235,27 +235,22 @@ absl::Status GpuLaunchStatus() {
 
 }  // namespace
 
-template <typename T>
-class KlDivergenceGpuOp : public KlDivergenceOp<GPUDevice, T> {
+// An OpKernel whose Compute then reports a failed CUDA launch as the op's error.
+template <typename Base>
+class GpuLaunchChecked : public Base {
  public:
-  using KlDivergenceOp<GPUDevice, T>::KlDivergenceOp;
+  using Base::Base;
 
   void Compute(OpKernelContext* ctx) override {
-    KlDivergenceOp<GPUDevice, T>::Compute(ctx);
+    Base::Compute(ctx);
     OP_REQUIRES_OK(ctx, GpuLaunchStatus());
   }
 };
 
 template <typename T>
-class KlDivergenceGradGpuOp : public KlDivergenceGradOp<GPUDevice, T> {
- public:
-  using KlDivergenceGradOp<GPUDevice, T>::KlDivergenceGradOp;
-
-  void Compute(OpKernelContext* ctx) override {
-    KlDivergenceGradOp<GPUDevice, T>::Compute(ctx);
-    OP_REQUIRES_OK(ctx, GpuLaunchStatus());
-  }
-};
+using KlDivergenceGpuOp = GpuLaunchChecked<KlDivergenceOp<GPUDevice, T>>;
+template <typename T>
+using KlDivergenceGradGpuOp = GpuLaunchChecked<KlDivergenceGradOp<GPUDevice, T>>;
 
 #define TF_KLD_REGISTER_GPU(T)                                                              \
   REGISTER_KERNEL_BUILDER(                                                                  \
