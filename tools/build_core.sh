@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds a program on the CPU kernel core alone (no TensorFlow): the core's two ISA builds and MAIN,
+# with the library's own flags (tools/build_flags.py, no TensorFlow import needed) followed by EXTRA
+# flags, which also go to the link. tools/sanitize.sh and tools/cpu_core_bench.sh use it.
+#
+#   bash tools/build_core.sh OUTPUT MAIN.cc [EXTRA_FLAGS...]     (CXX overrides g++)
+set -euo pipefail
+output=$1 main=$2
+shift 2
+cd "$(dirname "$0")/.."
+read -r -a cxx <<<"${CXX:-g++}"
+PYTHON=${PYTHON:-python3}
+read -r -a own_flags <<<"$("$PYTHON" -c 'import sys; sys.path.insert(0, "tools"); import build_flags as b
+print(" ".join(f for f in b.CXXFLAGS if f != "-fPIC"))')"
+read -r -a avx2_flags <<<"$("$PYTHON" -c 'import sys; sys.path.insert(0, "tools"); import build_flags as b
+print(" ".join(b.AVX2_FLAGS))')"
+flags=(-std=c++17 -I. "${own_flags[@]}" "$@")  # later flags win: EXTRA may set -O1
+
+obj=$(mktemp -d)
+trap 'rm -rf "$obj"' EXIT
+"${cxx[@]}" "${flags[@]}" -c cc/kernels/kld_cpu_generic.cc -o "$obj/generic.o" &
+"${cxx[@]}" "${flags[@]}" "${avx2_flags[@]}" -c cc/kernels/kld_cpu_avx2.cc -o "$obj/avx2.o" &
+"${cxx[@]}" "${flags[@]}" -c "$main" -o "$obj/main.o" &
+for job in $(jobs -p); do wait "$job"; done
+"${cxx[@]}" "$@" "$obj/generic.o" "$obj/avx2.o" "$obj/main.o" -o "$output" -lpthread
