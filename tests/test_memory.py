@@ -8,16 +8,16 @@ The inputs are float32 [1024, 2048]: the gradient is 8 MiB, the loss and its ups
 8 KiB together, so any per-element temporary (>= 4 MiB) shows.
 """
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import bench  # noqa: E402  pylint: disable=wrong-import-position
+
 SHAPE = (1024, 2048)
 GRAD_BYTES = 4 * SHAPE[0] * SHAPE[1]
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench.py")
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"),
                                 reason="needs Linux's /proc/self/clear_refs to reset VmHWM")
@@ -25,21 +25,11 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"),
 
 @pytest.fixture(scope="module")
 def peaks():
-    """{(path, mode): peak extra bytes}, the children run two at a time."""
-    wanted = [("tf_kld", "fwd"), ("tf_kld", "fwd+bwd"), ("tf.function composite", "fwd+bwd")]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
-               TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("TF_KLD_IMPL", None)
+    """{(path, mode): peak extra bytes}, each from bench.peak_memory's fresh process."""
     results = {}
-    for batch in (wanted[:2], wanted[2:]):
-        procs = {key: subprocess.Popen(
-            [sys.executable, BENCH, "--memory-child", key[0], f"{SHAPE[0]}x{SHAPE[1]}", key[1]],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for key in batch}
-        for key, proc in procs.items():
-            out, err = proc.communicate(timeout=300)
-            assert proc.returncode == 0, f"{key}: {err[-2000:]}"
-            line = [l for l in out.splitlines() if l.startswith("{")][-1]
-            results[key] = json.loads(line)["peak_extra_bytes"]
+    for impl, mode in [("tf_kld", "fwd"), ("tf_kld", "fwd+bwd"), ("tf.function composite", "fwd+bwd")]:
+        results[(impl, mode)] = bench.peak_memory(impl, SHAPE, mode)
+        assert results[(impl, mode)] is not None, f"measuring {impl} {mode} failed (stderr above)"
     return results
 
 
