@@ -372,17 +372,10 @@ void ForwardRowsF(const void* y_true, const void* y_pred, void* out, int64_t row
   Vf terms[kBlockVectors];
   for (int64_t r0 = row_begin; r0 < row_end; r0 += block) {
     const int64_t r1 = r0 + block < row_end ? r0 + block : row_end;
-    if (cols % kLanes == 0) {  // the block's vectors are one contiguous run
-      const int64_t base = r0 * cols, n = (r1 - r0) * vectors;
-      for (int64_t k = 0; k < n; ++k) {
-        terms[k] = Terms<kBounded>(E::Load(t + base + k * kLanes), E::Load(p + base + k * kLanes), e);
-      }
-    } else {
-      for (int64_t r = r0, k = 0; r < r1; ++r) {
-        const int64_t base = r * cols;
-        for (int64_t v = 0; v < vectors; ++v, ++k) {
-          terms[k] = Terms<kBounded>(E::Load(t + base + v * kLanes), E::Load(p + base + v * kLanes), e);
-        }
+    for (int64_t r = r0, k = 0; r < r1; ++r) {
+      const int64_t base = r * cols;
+      for (int64_t v = 0; v < vectors; ++v, ++k) {
+        terms[k] = Terms<kBounded>(E::Load(t + base + v * kLanes), E::Load(p + base + v * kLanes), e);
       }
     }
     for (int64_t r = r0, k = 0; r < r1; ++r) {
