@@ -149,10 +149,9 @@ def read_both(t, p):
 
 
 def read_bandwidth(nbytes):
-    """GB/s of a full read of `nbytes` (a float32 sum), the bar a memory-bound kernel is held to."""
-    x = tf.ones([nbytes // 4], tf.float32)
-    fn = tf.function(lambda v: tf.reduce_sum(v))
-    return nbytes / median_time(fn, (x,), 1.0) / 1e9
+    """GB/s of TensorFlow reading `nbytes` (two float32 tensors, as read_both does at each shape)."""
+    t, p = tf.ones([nbytes // 8], tf.float32), tf.ones([nbytes // 8], tf.float32)
+    return nbytes / median_time(read_both, (t, p), 1.0) / 1e9
 
 
 def _inputs(shape, dtype=np.float32):
