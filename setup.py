@@ -13,6 +13,8 @@ in build_flags.NVCC_WHEELS); TF_KLD_CUDA_ARCHS="75-real;80-real;86-real;89-real;
 picks the GPU architectures. The library still loads and runs on CPU-only machines.
 """
 
+import hashlib
+import json
 import os
 import shlex
 import subprocess
@@ -50,13 +52,20 @@ class BuildOpLibrary(build_ext):
         cuda_headers = headers if cuda else []
         headers = [h for h in headers if h not in build_flags.CUDA_HEADERS]
         inputs = [os.path.join(ROOT, f) for f in all_sources + headers + ["tools/build_flags.py"]]
+        cxx = shlex.split(os.environ.get("CXX", "g++"))
+        # The library and its objects are only reused when built for this TensorFlow (version,
+        # paths), with these flags and this compiler: the key is kept beside the library, and the
+        # objects live in a directory of their own per key.
+        key = json.dumps(build_flags.build_key(cxx, xla, cuda), sort_keys=True)
+        stamp = target + ".stamp"
         # A CUDA build always relinks (its objects are cached); a CPU build replaces a CUDA library.
-        if not self.force and not cuda and os.path.exists(target) and os.path.getmtime(target) >= max(
-                os.path.getmtime(f) for f in inputs) and not _has_cuda_kernels(target):
+        if not self.force and not cuda and _read(stamp) == key and os.path.exists(target) and \
+                os.path.getmtime(target) >= max(os.path.getmtime(f) for f in inputs) and \
+                not _has_cuda_kernels(target):
             print(f"tf_kld: {target} is up to date")
             return
-        cxx = shlex.split(os.environ.get("CXX", "g++"))
-        tmp = os.path.abspath(os.path.join(self.build_temp, "tf_kld"))
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        tmp = os.path.abspath(os.path.join(self.build_temp, "tf_kld-" + digest))
         os.makedirs(tmp, exist_ok=True)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         cuda_sources = []
@@ -113,7 +122,20 @@ class BuildOpLibrary(build_ext):
         objects = [obj for obj in objects if obj is not None]
         cmd = cxx + objects + build_flags.link_flags(xla=with_xla) + ["-o", target]
         print(" ".join(cmd), flush=True)
+        if os.path.exists(stamp):
+            os.remove(stamp)
         subprocess.run(cmd, cwd=ROOT, check=True)
+        if with_xla == xla:  # a build that fell back to no XLA lowering is retried next time
+            with open(stamp, "w") as f:
+                f.write(key)
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 setup(

@@ -13,6 +13,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import tensorflow as tf
 
 import _util as U
 
@@ -23,6 +24,7 @@ IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tf_kld.__file__)))
 # An undefined data symbol of the real library: data relocations are resolved at load time.
 IMPORTED_SYMBOL = b"_ZN10tensorflow10DEVICE_CPUE"
 RENAMED_SYMBOL = b"_ZN10tensorflaw10DEVICE_CPUE"
+OTHER_VERSION = "2.99.9"
 
 _UNDEFINED_SYMBOL_SOURCE = """
 namespace tensorflow { void TfKldSymbolOfAnotherTensorFlow(); }
@@ -57,6 +59,13 @@ def broken(tmp_path_factory):
     renamed = tmp / "renamed_symbol.so"
     renamed.write_bytes(data.replace(needle, b"\0" + RENAMED_SYMBOL + b"\0"))
     cases["renamed_symbol"] = str(renamed)
+    # The real library, marked as built for another TensorFlow (the marker build_flags compiles in).
+    marker = f"tf_kld-build: tensorflow={tf.__version__};".encode()
+    assert marker in data, f"{real} lacks its build marker {marker!r}"
+    other = tmp / "other_tensorflow.so"
+    other.write_bytes(data.replace(marker, marker.replace(tf.__version__.encode(),
+                                                          OTHER_VERSION.encode())))
+    cases["other_tensorflow"] = str(other)
     wrong_class = tmp / "wrong_elf_class.so"
     wrong_class.write_bytes(data[:4] + b"\x01" + data[5:])  # EI_CLASS: ELFCLASS32
     cases["wrong_elf_class"] = str(wrong_class)
@@ -77,6 +86,7 @@ def broken(tmp_path_factory):
     ("empty", "file too short"),
     ("directory", "Is a directory"),
     ("no_ops", "does not define the ops TfKld>KlDivergence and TfKld>KlDivergenceGrad"),
+    ("other_tensorflow", f"was built for TensorFlow {OTHER_VERSION}"),
 ])
 def test_load_reason_names_path_and_cause(broken, monkeypatch, case, cause):
     monkeypatch.setenv(kld_ops.LIBRARY_ENV, broken[case])
@@ -109,7 +119,8 @@ def _run_import(library):
 @pytest.fixture(scope="module")
 def imports(broken):
     """Fresh interpreters importing tf_kld: {case: (returncode, stderr, result)}, two at a time."""
-    cases = {"healthy": None, "renamed_symbol": broken["renamed_symbol"], "no_ops": broken["no_ops"]}
+    cases = {"healthy": None, "renamed_symbol": broken["renamed_symbol"], "no_ops": broken["no_ops"],
+             "other_tensorflow": broken["other_tensorflow"]}
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(zip(cases, pool.map(_run_import, cases.values())))
     return results
@@ -118,6 +129,8 @@ def imports(broken):
 @pytest.mark.parametrize("case, cause", [
     ("renamed_symbol", "undefined symbol: " + RENAMED_SYMBOL.decode()),
     ("no_ops", "does not define the ops"),
+    ("other_tensorflow", f"was built for TensorFlow {OTHER_VERSION}, but this is TensorFlow "
+                         f"{tf.__version__}"),
 ])
 def test_import_with_broken_library(broken, imports, case, cause):
     returncode, stderr, out = imports[case]

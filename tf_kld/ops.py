@@ -14,6 +14,7 @@ overridden, per thread, by the :func:`implementation` context manager.
 import contextlib
 import ctypes
 import os
+import re
 import threading
 import warnings
 
@@ -44,10 +45,25 @@ def library_path():
     return os.environ.get(LIBRARY_ENV) or os.path.join(os.path.dirname(__file__), _LIBRARY_FILE)
 
 
+def built_for_tensorflow(path):
+    """The TensorFlow version the library at `path` was built for (a marker compiled into it), or
+    None when the file has none (not a tf_kld library, or one from before the marker)."""
+    try:
+        with open(path, "rb") as f:
+            found = re.search(rb"tf_kld-build: tensorflow=([^;\x00]+);", f.read())
+    except OSError:
+        return None
+    return found.group(1).decode(errors="replace") if found else None
+
+
 def _load():
     path = library_path()
     if not os.path.exists(path):
         return None, f"the op library {path} does not exist"
+    built_for = built_for_tensorflow(path)
+    if built_for is not None and built_for != tf.__version__:
+        return None, (f"the op library {path} was built for TensorFlow {built_for}, but this is "
+                      f"TensorFlow {tf.__version__}")
     try:
         module = tf.load_op_library(path)
     except (tf.errors.OpError, OSError, RuntimeError) as err:
@@ -200,11 +216,16 @@ def _epsilon_attrs(dtype):
     return {"epsilon": eps, "epsilon_f64": repr(eps) if dtype == tf.float64 else ""}
 
 
+def _needs_broadcast(y_true, y_pred):
+    """False when both shapes are known and equal; True when they differ or are not all known."""
+    return not (y_true.shape.is_fully_defined() and y_true.shape == y_pred.shape)
+
+
 def _broadcast(y_true, y_pred):
     """Broadcasts both to a common shape (a no-op, no copy, when the shapes already agree)."""
+    if not _needs_broadcast(y_true, y_pred):
+        return y_true, y_pred
     if y_true.shape.is_fully_defined() and y_pred.shape.is_fully_defined():
-        if y_true.shape == y_pred.shape:
-            return y_true, y_pred
         shape = tf.broadcast_static_shape(y_true.shape, y_pred.shape)
     else:
         shape = tf.broadcast_dynamic_shape(tf.shape(y_true), tf.shape(y_pred))
@@ -213,8 +234,21 @@ def _broadcast(y_true, y_pred):
 
 def custom_kl_divergence(y_true, y_pred):
     """The fused op on prepared tensors (same dtype, broadcastable shapes)."""
+    dtype = y_pred.dtype
+    work = reference.compute_dtype(dtype)
+    if work != dtype and _needs_broadcast(y_true, y_pred):
+        # The gradient of a broadcast sums over the broadcast axes in the dtype being broadcast: for
+        # 16-bit inputs run the op on float32 copies (the 16-bit kernels compute in float32 anyway,
+        # clipping at the 16-bit epsilon), so those sums run in float32 and are rounded once, as in
+        # the composite. Exact: every 16-bit value is a float32.
+        loss = custom_kl_divergence_in(tf.cast(y_true, work), tf.cast(y_pred, work), dtype)
+        return tf.cast(loss, dtype)
+    return custom_kl_divergence_in(y_true, y_pred, dtype)
+
+
+def custom_kl_divergence_in(y_true, y_pred, eps_dtype):
     y_true, y_pred = _broadcast(y_true, y_pred)
-    return _module.tf_kld_kl_divergence(y_true, y_pred, **_epsilon_attrs(y_pred.dtype))
+    return _module.tf_kld_kl_divergence(y_true, y_pred, **_epsilon_attrs(eps_dtype))
 
 
 def _grad_op(grad, y_true, y_pred, wrt, attrs):
@@ -299,7 +333,12 @@ def kl_divergence(y_true, y_pred):
       A `Tensor` with loss: y_pred's dtype, shape = `[batch_size, d0, .. dN-1]`.
 
     Raises:
-      TypeError: If `y_true` cannot be cast to the `y_pred.dtype`.
+      TypeError: If `y_pred` is not floating point (float16, bfloat16, float32, float64), or
+        `y_true` cannot be cast to the `y_pred.dtype`.
+      ValueError: In a graph (tf.function), if the static shapes do not broadcast or broadcast to
+        rank 0 (the loss reduces the last axis).
+      tf.errors.InvalidArgumentError: The same, eagerly, or when shapes only known at run time do
+        not broadcast.
     """
     y_true, y_pred = reference.prepare(y_true, y_pred)
     if use_custom_op():

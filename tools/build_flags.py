@@ -80,9 +80,26 @@ def framework_library():
     return "libtensorflow_framework.so.2"
 
 
+def defines():
+    """The TensorFlow version the library is built for, compiled into it: tf_kld reads it from the
+    file at import and refuses a library built for another TensorFlow, naming both versions."""
+    return [f"-DTF_KLD_TF_VERSION={tf_version()}"]
+
+
 def compile_flags():
     """Every flag for one C++ source of the library, includes included."""
-    return ["-I" + include_dir(), "-I."] + tf_compile_flags() + CXXFLAGS
+    return ["-I" + include_dir(), "-I."] + tf_compile_flags() + CXXFLAGS + defines()
+
+
+def build_key(cxx, xla, cuda):
+    """What a built library (and its objects) depends on besides its sources: the TensorFlow it is
+    compiled and linked against (version, include and lib dirs), the flags and the compiler. setup.py
+    keeps it beside the library and rebuilds when it differs."""
+    key = {"tensorflow": tf_version(), "include": include_dir(), "lib": lib_dir(), "cxx": cxx,
+           "compile": compile_flags(), "link": link_flags(xla=xla), "xla": xla, "cuda": cuda}
+    if cuda:
+        key.update(cuda_home=cuda_home(), cuda_archs=cuda_archs_string())
+    return key
 
 
 def xla_compile_flags():
@@ -236,7 +253,7 @@ def _bazelrc(cuda=False):
         f"build --repo_env=TF_KLD_TF_LIB={lib_dir()}",
         f"build --repo_env=TF_KLD_TF_FRAMEWORK={framework_library()}",
     ]
-    lines += [f"build --copt={f}" for f in tf_compile_flags() + CXXFLAGS if f != "-fPIC"]
+    lines += [f"build --copt={f}" for f in tf_compile_flags() + CXXFLAGS + defines() if f != "-fPIC"]
     if cuda:
         lines += ["", _cuda_bazelrc()]
     return "\n".join(lines)

@@ -3,6 +3,16 @@
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
 
+// The TensorFlow this library is built for, as a marker tf_kld/ops.py finds in the file before loading
+// it (a library built for another TensorFlow may not even load, or fail obscurely).
+#ifndef TF_KLD_TF_VERSION
+#error "TF_KLD_TF_VERSION must name the TensorFlow version (tools/build_flags.py defines it)"
+#endif
+#define TF_KLD_STRING(x) #x
+#define TF_KLD_EXPAND_STRING(x) TF_KLD_STRING(x)
+extern "C" __attribute__((visibility("default"), used)) const char TfKldBuildInfo[] =
+    "tf_kld-build: tensorflow=" TF_KLD_EXPAND_STRING(TF_KLD_TF_VERSION) ";";
+
 namespace tf_kld {
 
 using tensorflow::shape_inference::InferenceContext;
