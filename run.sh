@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine, builds the op, runs the demo and the benchmark table.
+# Sets up the project virtualenv (.venv; PYTHON=... picks another interpreter), builds the op, runs
+# the demo and the benchmark table (extra args go to bench/bench.py; results in bench/out/).
 set -euo pipefail
 cd "$(dirname "$0")"
-bash tools/install_deps.sh
+source tools/python_env.sh
 bash tools/build_inplace.sh
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
-python3 examples/demo.py
-python3 bench/bench.py "$@"
+
+# On a machine without an NVIDIA GPU, TensorFlow's start-up probe for one prints lines that read like
+# failures (E... failed call to cuInit); they are dropped here, everything else on stderr stays.
+quiet() {
+  if [[ -e /dev/nvidiactl ]]; then
+    "$@"
+  else
+    "$@" 2> >(grep --line-buffered -v -E 'cudart_stub\.cc.*Could not find cuda drivers|failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory' >&2)
+  fi
+}
+quiet "$PYTHON" examples/demo.py
+quiet "$PYTHON" bench/bench.py "$@"

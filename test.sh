@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine, builds the op in place and runs the test suite (extra args go to pytest).
+# Sets up the project virtualenv (.venv; PYTHON=... picks another interpreter), builds the op in
+# place and runs the test suite (extra args go to pytest).
 set -euo pipefail
 cd "$(dirname "$0")"
-bash tools/install_deps.sh
+source tools/python_env.sh
 bash tools/build_inplace.sh
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
-exec python3 -m pytest tests "$@"
+exec "$PYTHON" -m pytest tests "$@"

@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
-# Installs what building and testing tf_kld needs (idempotent; quick when all is there).
+# Installs requirements-dev.txt into $PYTHON (default python3) where missing or at another version,
+# saying what and where; quick when all is there. Also g++ (Debian) when missing.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-TF_VERSION=${TF_KLD_TF_VERSION:-2.21.0}
 
-need=()
-"$PYTHON" -c "import tensorflow as tf, sys; sys.exit(tf.__version__ != '$TF_VERSION')" 2>/dev/null \
-  || need+=("tensorflow==$TF_VERSION")
-for mod in pytest hypothesis matplotlib numpy setuptools wheel; do
-  "$PYTHON" -c "import $mod" 2>/dev/null || need+=("$mod")
-done
+mapfile -t need < <("$PYTHON" - requirements-dev.txt <<'PY'
+import sys
+from importlib import metadata
+for line in open(sys.argv[1]):
+    req = line.split("#")[0].strip()
+    if not req:
+        continue
+    name, _, version = req.partition("==")
+    try:
+        if metadata.version(name) == version:
+            continue
+    except metadata.PackageNotFoundError:
+        pass
+    print(req)
+PY
+)
 if [ ${#need[@]} -gt 0 ]; then
-  echo "tf_kld: installing ${need[*]}"
+  prefix=$("$PYTHON" -c 'import sys; print(sys.prefix)')
+  echo "tf_kld: installing ${need[*]} into $prefix (pip, from PyPI)"
   "$PYTHON" -m pip install --disable-pip-version-check -q "${need[@]}"
 fi
 if ! command -v g++ >/dev/null; then
+  echo "tf_kld: installing g++ (apt-get)"
   apt-get update -q && apt-get install -y -q g++
 fi
