@@ -2,8 +2,9 @@
 
     loss = sum(y_true * log(y_true / y_pred), axis=-1)
 
-with exactly the semantics of `tf.keras.losses.kl_divergence`, computed by a fused C++ op with a
-fused gradient, or by the pure-TF composite under XLA/TPU or on request.
+with the semantics of Keras's `kl_divergence` loss (`keras.losses.kl_divergence`, `tf.keras.losses.KLD`),
+computed by a fused C++ op with a fused gradient, or by the pure-TF composite under XLA/TPU or on
+request.
 
 Every alias TensorFlow documents is here under `tf_kld.` (`tf_kld.keras.losses.KLD`,
 `tf_kld.compat.v1.keras.metrics.kld`, ...; see `tf_kld.aliases`), with the Keras classes
