@@ -24,7 +24,9 @@ PY
 if [ ${#need[@]} -gt 0 ]; then
   prefix=$("$PYTHON" -c 'import sys; print(sys.prefix)')
   echo "tf_kld: installing ${need[*]} into $prefix (pip, from PyPI)"
-  "$PYTHON" -m pip install --disable-pip-version-check -q "${need[@]}"
+  # (pip's warnings about find-links folders a machine's pip.conf names but lacks are dropped)
+  "$PYTHON" -m pip install --disable-pip-version-check -q "${need[@]}" \
+    2> >(grep -v -E "^WARNING: Location '.*' is ignored: it is neither a file nor a directory" >&2)
 fi
 if ! command -v g++ >/dev/null; then
   echo "tf_kld: installing g++ (apt-get)"
