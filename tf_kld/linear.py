@@ -226,6 +226,11 @@ def linear_distillation_loss(student_hidden, student_kernel, teacher_hidden, tea
     return loss_fn(hs2, ws, bs_in)
 
 
+# XLA fuses the per-chunk softmax/divergence/gradient arithmetic into a few passes over [chunk, V]
+# (TensorFlow's graph executor would make a pass, and a buffer, per op).
+_fused_rows = tf.function(rows_divergence_and_logit_grad, jit_compile=True, reduce_retracing=True)
+
+
 def _in_xla():
     from tf_kld import ops  # pylint: disable=import-outside-toplevel
     return ops.in_xla_context()
@@ -261,8 +266,8 @@ def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
             s_logits += bs
         if bt is not None:
             t_logits += bt
-        d, ds = rows_divergence_and_logit_grad(tf.cast(t_logits, work), tf.cast(s_logits, work),
-                                               beta, temperature, g_c)
+        d, ds = _fused_rows(tf.cast(t_logits, work), tf.cast(s_logits, work), g=g_c, beta=beta,
+                            temperature=temperature)
         # Rows of weight 0 (padding, or kept under XLA) contribute nothing, not even a NaN.
         live = tf.not_equal(g_c, 0)
         loss += tf.reduce_sum(tf.where(live, g_c * d, tf.zeros_like(d)))
