@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up the project virtualenv (.venv; PYTHON=... picks another interpreter), builds the op, runs
-# the demo and the benchmark table (extra args go to bench/bench.py; results in bench/out/).
+# the demo and the benchmark tables (extra args go to bench/bench.py; results in bench/out/).
 set -euo pipefail
 cd "$(dirname "$0")"
 source tools/python_env.sh
@@ -18,3 +18,4 @@ quiet() {
 }
 quiet "$PYTHON" examples/demo.py
 quiet "$PYTHON" bench/bench.py "$@"
+quiet "$PYTHON" bench/linear_bench.py

@@ -30,3 +30,19 @@ def test_quick_benchmark_writes_every_result(tmp_path, require_custom):
     assert "| shape | mode | tf_kld ms |" in markdown and "| target | measured |" in markdown
     assert (out / "results.csv").stat().st_size > 0
     assert (out / "results.png").exists() or "matplotlib not installed" in proc.stdout
+
+
+def test_linear_benchmark_runs(tmp_path):
+    out = tmp_path / "results"
+    script = os.path.join(os.path.dirname(BENCH), "linear_bench.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--shapes", "64x16x1000", "--budget", "0.01", "--no-memory",
+         "--out", str(out)], capture_output=True, text=True, timeout=600, check=False,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "linear.json") as f:
+        rows = json.load(f)["rows"]
+    impls = {r["impl"] for r in rows}
+    assert {"tf_kld fused linear", "keras XLA", "keras tf.function"} <= impls, impls
+    assert all(r["ms"] > 0 and r["time_x_tf_kld"] > 0 for r in rows)
+    assert "| shape (rows x H x V) |" in (out / "linear.md").read_text()

@@ -16,6 +16,7 @@ import sys as _sys
 from tf_kld import aliases as _aliases
 from tf_kld import reference
 from tf_kld.keras_objects import KLDivergence
+from tf_kld.linear import linear_distillation_loss
 from tf_kld.ops import custom_op_loaded
 from tf_kld.ops import current_implementation
 from tf_kld.ops import implementation
@@ -39,6 +40,7 @@ __all__ = [
     "kl_divergence",
     "kld",
     "kullback_leibler_divergence",
+    "linear_distillation_loss",
     "patch_tensorflow",
     "reference",
 ]

@@ -1,0 +1,294 @@
+"""tf_kld.linear_distillation_loss: the chunked fused linear + distillation loss.
+
+Values and gradients (student hidden states, kernel, bias) against the materialised float64
+composite differentiated by TensorFlow; chunk sizes that do not divide the rows; rows of weight 0;
+3-D hidden states; 16-bit inputs; tf.function, XLA and SavedModel; every bad input; and a memory
+test in a fresh process that fails if a [rows, classes] tensor is ever allocated.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_kld
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tf_kld.__file__)))
+
+
+def _problem(rng, rows=37, hs=8, ht=6, classes=50, lead=None, dtype=np.float64, scale=1.0):
+    lead = lead or (rows,)
+    x = {
+        "student_hidden": rng.normal(size=lead + (hs,)) * scale,
+        "student_kernel": rng.normal(size=(hs, classes)),
+        "student_bias": rng.normal(size=(classes,)),
+        "teacher_hidden": rng.normal(size=lead + (ht,)) * scale,
+        "teacher_kernel": rng.normal(size=(ht, classes)),
+        "teacher_bias": rng.normal(size=(classes,)),
+        "sample_weight": rng.uniform(0.0, 2.0, size=lead),
+    }
+    return {k: v.astype(dtype) for k, v in x.items()}
+
+
+def _materialised(x, beta, temperature, bias=True):
+    """The spec in float64 TensorFlow ops, with the [rows, classes] logits materialised."""
+    s = tf.linalg.matvec(tf.linalg.matrix_transpose(x["student_kernel"]), x["student_hidden"])
+    t = tf.linalg.matvec(tf.linalg.matrix_transpose(x["teacher_kernel"]), x["teacher_hidden"])
+    if bias:
+        s, t = s + x["student_bias"], t + x["teacher_bias"]
+    lp = tf.nn.log_softmax(t / temperature)
+    lq = tf.nn.log_softmax(s / temperature)
+    p, q = tf.exp(lp), tf.exp(lq)
+    if beta == 0:
+        d = tf.reduce_sum(p * (lp - lq), -1)
+    elif beta == 1:
+        d = tf.reduce_sum(q * (lq - lp), -1)
+    else:
+        lm = tf.reduce_logsumexp(tf.stack([lp + math.log(beta), lq + math.log1p(-beta)]), 0)
+        d = beta * tf.reduce_sum(p * (lp - lm), -1) + (1 - beta) * tf.reduce_sum(q * (lq - lm), -1)
+    w = tf.convert_to_tensor(x["sample_weight"])
+    return tf.math.divide_no_nan(tf.reduce_sum(w * d), tf.reduce_sum(w))
+
+
+STUDENT = ("student_hidden", "student_kernel", "student_bias")
+
+
+def _loss_and_grads(fn, x, **kwargs):
+    xs = {k: tf.convert_to_tensor(v) for k, v in x.items()}
+    with tf.GradientTape() as tape:
+        tape.watch([xs[k] for k in STUDENT])
+        loss = fn(xs, **kwargs)
+    return loss, tape.gradient(loss, [xs[k] for k in STUDENT])
+
+
+def _fused(xs, beta, temperature, chunk_size=None, bias=True):
+    extra = {"student_bias": xs["student_bias"], "teacher_bias": xs["teacher_bias"]} if bias else {}
+    return tf_kld.linear_distillation_loss(
+        xs["student_hidden"], xs["student_kernel"], xs["teacher_hidden"], xs["teacher_kernel"],
+        temperature=temperature, beta=beta, sample_weight=xs["sample_weight"],
+        chunk_size=chunk_size, **extra)
+
+
+def _assert_matches(x, beta, temperature, chunk_size, bias=True, tol=1e-12):
+    loss, grads = _loss_and_grads(_fused, x, beta=beta, temperature=temperature,
+                                  chunk_size=chunk_size, bias=bias)
+    want, want_grads = _loss_and_grads(_materialised, x, beta=beta, temperature=temperature, bias=bias)
+    assert loss.dtype == want.dtype
+    np.testing.assert_allclose(loss.numpy(), want.numpy(), rtol=tol, atol=tol)
+    for name, got, ref in zip(STUDENT, grads, want_grads):
+        if not bias and name == "student_bias":
+            continue
+        np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=tol, atol=tol, err_msg=name)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 64, None])
+def test_float64_value_and_student_gradients(beta, chunk_size, rng):
+    _assert_matches(_problem(rng), beta, 2.0, chunk_size)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
+def test_temperatures_and_no_bias(temperature, rng):
+    _assert_matches(_problem(rng), 0.0, temperature, 7, bias=False)
+    _assert_matches(_problem(rng), 0.5, temperature, 7, bias=True)
+
+
+def test_three_d_hidden_states(rng):
+    _assert_matches(_problem(rng, lead=(3, 11)), 0.5, 1.5, 4)
+
+
+def test_rows_of_weight_zero_contribute_nothing(rng):
+    x = _problem(rng)
+    x["sample_weight"][::3] = 0.0
+    x["student_hidden"][3] = np.nan  # a padding row holding garbage changes nothing
+    loss, grads = _loss_and_grads(_fused, x, beta=0.0, temperature=1.0, chunk_size=4)
+    keep = x["sample_weight"] != 0
+    y = {k: (v[keep] if k in ("student_hidden", "teacher_hidden", "sample_weight") else v)
+         for k, v in x.items()}
+    want, want_grads = _loss_and_grads(_materialised, y, beta=0.0, temperature=1.0)
+    np.testing.assert_allclose(loss.numpy(), want.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(grads[0].numpy()[keep], want_grads[0].numpy(), rtol=1e-12, atol=1e-14)
+    assert np.all(grads[0].numpy()[~keep] == 0)
+    np.testing.assert_allclose(grads[1].numpy(), want_grads[1].numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_all_weights_zero_give_zero(rng):
+    x = _problem(rng)
+    x["sample_weight"][:] = 0.0
+    loss, grads = _loss_and_grads(_fused, x, beta=0.5, temperature=1.0, chunk_size=8)
+    assert loss.numpy() == 0.0 and all(np.all(g.numpy() == 0) for g in grads)
+
+
+def test_default_weights_are_one(rng):
+    x = _problem(rng)
+    xs = {k: tf.constant(v) for k, v in x.items()}
+    got = tf_kld.linear_distillation_loss(xs["student_hidden"], xs["student_kernel"],
+                                          xs["teacher_hidden"], xs["teacher_kernel"], chunk_size=6)
+    x["sample_weight"][:] = 1.0
+    want = _materialised(x, 0.0, 1.0, bias=False)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16, tf.float16])
+def test_low_precision_inputs(dtype, rng):
+    # Matmuls in the input dtype, the divergence in float32: compared with the float64 composite on
+    # the same (rounded) inputs, within what rounding the logits to the input dtype costs.
+    x = _problem(rng, rows=64, hs=16, ht=16, classes=300, dtype=np.float64, scale=0.3)
+    rounded = {k: tf.cast(tf.cast(v, dtype), tf.float64).numpy() for k, v in x.items()}
+    xs = {k: tf.cast(v, dtype) for k, v in x.items()}
+    with tf.GradientTape() as tape:
+        tape.watch([xs[k] for k in STUDENT])
+        loss = _fused(xs, beta=0.5, temperature=2.0, chunk_size=24)
+    grads = tape.gradient(loss, [xs[k] for k in STUDENT])
+    assert loss.dtype == tf.float32
+    assert [g.dtype for g in grads] == [dtype] * 3
+    want, want_grads = _loss_and_grads(_materialised, rounded, beta=0.5, temperature=2.0)
+    tol = {tf.float32: 1e-5, tf.bfloat16: 3e-2, tf.float16: 4e-3}[dtype]
+    np.testing.assert_allclose(loss.numpy(), want.numpy(), rtol=tol)
+    for name, got, ref in zip(STUDENT, grads, want_grads):
+        ref = ref.numpy()
+        err = np.max(np.abs(tf.cast(got, tf.float64).numpy() - ref)) / np.max(np.abs(ref))
+        assert err < tol, (name, err)
+
+
+def test_tf_function_unknown_rows_and_xla_agree_with_eager(rng):
+    x = {k: tf.constant(v, tf.float32) for k, v in _problem(rng).items()}
+
+    def fwd_bwd(hs, ws, bs):
+        with tf.GradientTape() as tape:
+            tape.watch([hs, ws, bs])
+            loss = tf_kld.linear_distillation_loss(
+                hs, ws, x["teacher_hidden"][: tf.shape(hs)[0]], x["teacher_kernel"], student_bias=bs,
+                teacher_bias=x["teacher_bias"], beta=0.5, temperature=2.0,
+                sample_weight=x["sample_weight"][: tf.shape(hs)[0]], chunk_size=8)
+        return [loss] + tape.gradient(loss, [hs, ws, bs])
+
+    args = (x["student_hidden"], x["student_kernel"], x["student_bias"])
+    eager = fwd_bwd(*args)
+    spec = [tf.TensorSpec([None, 8]), tf.TensorSpec([8, 50]), tf.TensorSpec([50])]
+    graph = tf.function(fwd_bwd, input_signature=spec)(*args)
+    xla = tf.function(fwd_bwd, jit_compile=True)(*args)
+    for got in (graph, xla):
+        for a, b in zip(got, eager):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-5, atol=1e-7)
+
+
+def test_savedmodel_reload(tmp_path, rng):
+    x = {k: tf.constant(v, tf.float32) for k, v in _problem(rng).items()}
+
+    class Head(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernel = tf.Variable(x["student_kernel"])
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8]), tf.TensorSpec([None, 6]),
+                                      tf.TensorSpec([6, 50])])
+        def loss(self, hs, ht, wt):
+            return tf_kld.linear_distillation_loss(hs, self.kernel, ht, wt, beta=1.0, chunk_size=8)
+
+    head = Head()
+    want = head.loss(x["student_hidden"], x["teacher_hidden"], x["teacher_kernel"])
+    tf.saved_model.save(head, str(tmp_path / "head"))
+    loaded = tf.saved_model.load(str(tmp_path / "head"))
+    got = loaded.loss(x["student_hidden"], x["teacher_hidden"], x["teacher_kernel"])
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
+
+
+def test_variables_get_gradients(rng):
+    x = _problem(rng, dtype=np.float32)
+    kernel, bias = tf.Variable(x["student_kernel"]), tf.Variable(x["student_bias"])
+    with tf.GradientTape() as tape:
+        loss = tf_kld.linear_distillation_loss(x["student_hidden"], kernel, x["teacher_hidden"],
+                                               x["teacher_kernel"], student_bias=bias, chunk_size=8)
+    d_kernel, d_bias = tape.gradient(loss, [kernel, bias])
+    assert d_kernel is not None and d_bias is not None and float(tf.reduce_sum(tf.abs(d_kernel))) > 0
+
+
+def _call(**overrides):
+    rng = np.random.default_rng(0)
+    x = {k: tf.constant(v, tf.float32) for k, v in _problem(rng, rows=4).items()}
+    kwargs = dict(student_hidden=x["student_hidden"], student_kernel=x["student_kernel"],
+                  teacher_hidden=x["teacher_hidden"], teacher_kernel=x["teacher_kernel"])
+    kwargs.update(overrides)
+    args = [kwargs.pop(k) for k in ("student_hidden", "student_kernel", "teacher_hidden", "teacher_kernel")]
+    return tf_kld.linear_distillation_loss(*args, **kwargs)
+
+
+@pytest.mark.parametrize("overrides, error, words", [
+    ({"temperature": 0.0}, ValueError, "temperature"),
+    ({"temperature": -1.0}, ValueError, "temperature"),
+    ({"temperature": float("nan")}, ValueError, "temperature"),
+    ({"temperature": float("inf")}, ValueError, "temperature"),
+    ({"beta": 1.5}, ValueError, "beta"),
+    ({"beta": -0.1}, ValueError, "beta"),
+    ({"beta": float("nan")}, ValueError, "beta"),
+    ({"chunk_size": 0}, ValueError, "chunk_size"),
+    ({"chunk_size": 2.5}, ValueError, "chunk_size"),
+    ({"student_kernel": tf.zeros([8])}, ValueError, "student_kernel must have rank 2"),
+    ({"teacher_kernel": tf.zeros([6, 50, 1])}, ValueError, "teacher_kernel must have rank 2"),
+    ({"student_kernel": tf.zeros([9, 50])}, ValueError, "student_hidden's last dimension (8)"),
+    ({"teacher_kernel": tf.zeros([6, 51])}, ValueError, "student_kernel's classes (50)"),
+    ({"student_bias": tf.zeros([49])}, ValueError, "student_bias's length (49)"),
+    ({"teacher_hidden": tf.zeros([5, 6])}, ValueError, "same leading shape"),
+    ({"sample_weight": tf.ones([5])}, ValueError, "sample_weight"),
+    ({"student_hidden": tf.zeros([4, 8], tf.int32)}, TypeError, "student_hidden must be floating"),
+    ({"teacher_kernel": tf.zeros([6, 50], tf.float64)}, TypeError, "teacher_kernel and teacher_hidden"),
+])
+def test_bad_input(overrides, error, words):
+    with pytest.raises(error, match=None) as info:
+        _call(**overrides)
+    assert words in str(info.value), str(info.value)
+
+
+_MEMORY_WORKER = r"""
+import json, os, sys
+sys.path.insert(0, os.path.join(sys.argv[1], "bench"))
+import bench  # calibrated peak measurement, shared with the benchmark
+import tensorflow as tf
+import tf_kld
+
+rows, hidden, classes = 4096, 64, 32000
+hs = tf.random.normal([rows, hidden]); ht = tf.random.normal([rows, hidden])
+ws = tf.random.normal([hidden, classes]) * 0.1; wt = tf.random.normal([hidden, classes]) * 0.1
+
+@tf.function
+def step(hs, ws):
+    with tf.GradientTape() as tape:
+        tape.watch([hs, ws])
+        loss = tf_kld.linear_distillation_loss(hs, ws, ht, wt, temperature=2.0)
+    return loss, tape.gradient(loss, [hs, ws])
+
+bench._block(step(hs, ws))
+known = tf.zeros([rows // 8, classes])
+bench._block(bench._allocate_like(known))
+calibration = bench._peak_extra_bytes(bench._allocate_like, (known,))
+del known
+print(json.dumps({"peak": bench._peak_extra_bytes(step, (hs, ws)), "calibration": calibration,
+                  "calibration_bytes": 4 * rows // 8 * classes, "logits_bytes": 4 * rows * classes}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs /proc/self/clear_refs")
+def test_never_allocates_rows_by_classes(tmp_path):
+    # In a fresh process with an allocator that returns memory (oneDNN's pools freed buffers): the
+    # peak of a forward+backward step must stay far below one [rows, classes] float32 tensor
+    # (500 MiB here); a calibration allocation of 1/8 of it must show up in full.
+    script = tmp_path / "worker.py"
+    script.write_text(_MEMORY_WORKER)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
+               TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [IMPORT_ROOT, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, str(script), IMPORT_ROOT], capture_output=True, text=True,
+                          env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
+    assert out["calibration"] >= 0.9 * out["calibration_bytes"], out
+    assert out["peak"] <= 0.25 * out["logits_bytes"], (
+        f"a fused step took {out['peak'] / 2**20:.0f} MiB; one [rows, classes] float32 tensor is "
+        f"{out['logits_bytes'] / 2**20:.0f} MiB")

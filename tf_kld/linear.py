@@ -1,0 +1,289 @@
+"""Distillation loss on top of the output projection, without materialising the logits.
+
+    linear_distillation_loss(student_hidden, student_kernel, teacher_hidden, teacher_kernel, ...)
+
+is `sum_i w_i * D_i / sum_i w_i`, where row i's logits are `hidden_i @ kernel + bias` (Keras Dense
+layout: kernel [H, V]) and `D_i` is the generalized Jensen-Shannon divergence at a temperature
+between the teacher's and the student's softmax (beta = 0: KL(teacher || student), beta = 1:
+KL(student || teacher); see `generalized_jsd_with_logits`).
+
+Rows are processed `chunk_size` at a time inside one `tf.custom_gradient` function: each chunk's
+student logits `[chunk, V]` exist only while that chunk is processed, its logit gradient is computed
+in the same pass as its loss and folded at once into the gradients of the student's hidden states,
+kernel and bias. The loss is a scalar, so the backward pass only scales those three by the upstream
+gradient: peak memory is a few `[chunk, V]` buffers plus the kernel gradient, never `[rows, V]`.
+The teacher gets no gradient (as `tf.stop_gradient`).
+
+The loop is a `tf.while_loop` over chunks of one static shape (the rows are padded with weight-0 rows
+to a multiple of the chunk), so the same code runs eagerly, in `tf.function` and under XLA
+(`jit_compile=True`). Outside XLA, rows of weight 0 (padding) are dropped before the loop: they cost
+nothing. Matmuls run in the inputs' dtype (float32 accumulation inside TensorFlow's kernels); the
+softmax and divergence run in float32 (float64 for float64 inputs).
+"""
+
+import math
+
+import tensorflow as tf
+
+# Rows per chunk when chunk_size is None: a [chunk, V] float32 buffer of about this many bytes.
+# Several such buffers live at once (both logits, their exponentials, the logit gradient).
+_CHUNK_BYTES = 16 << 20
+_MAX_AUTO_CHUNK = 1024
+
+
+def _check_float(x, name):
+    if not x.dtype.is_floating:
+        raise TypeError(f"linear_distillation_loss: {name} must be floating point (float16, bfloat16, "
+                        f"float32 or float64), got {x.dtype.name}. Cast it first.")
+
+
+def _check_scalar_args(temperature, beta, chunk_size):
+    try:
+        temperature = float(temperature)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"linear_distillation_loss: temperature must be a finite number > 0, got "
+                         f"{temperature!r}") from err
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"linear_distillation_loss: temperature must be a finite number > 0, got "
+                         f"{temperature!r}")
+    try:
+        beta = float(beta)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"linear_distillation_loss: beta must be in [0, 1], got {beta!r}") from err
+    if not 0.0 <= beta <= 1.0:  # also False for NaN
+        raise ValueError(f"linear_distillation_loss: beta must be in [0, 1], got {beta!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"linear_distillation_loss: chunk_size must be a positive int or None, got "
+                         f"{chunk_size!r}")
+    return temperature, beta
+
+
+def _dim(shape, i):
+    return tf.compat.dimension_value(shape[i])
+
+
+def _check_shapes(hs, ws, ht, wt, bs, bt, sample_weight):
+    for x, name in ((ws, "student_kernel"), (wt, "teacher_kernel")):
+        if x.shape.rank is not None and x.shape.rank != 2:
+            raise ValueError(f"linear_distillation_loss: {name} must have rank 2 ([hidden, classes], "
+                             f"the Keras Dense layout), got shape {x.shape}")
+    for x, name in ((hs, "student_hidden"), (ht, "teacher_hidden")):
+        if x.shape.rank is not None and x.shape.rank < 2:
+            raise ValueError(f"linear_distillation_loss: {name} must have rank >= 2 ([..., hidden]), "
+                             f"got shape {x.shape}")
+    pairs = [(hs, -1, ws, 0, "student_hidden's last dimension", "student_kernel's first"),
+             (ht, -1, wt, 0, "teacher_hidden's last dimension", "teacher_kernel's first"),
+             (ws, 1, wt, 1, "student_kernel's classes", "teacher_kernel's classes")]
+    if bs is not None:
+        pairs.append((bs, 0, ws, 1, "student_bias's length", "student_kernel's classes"))
+    if bt is not None:
+        pairs.append((bt, 0, wt, 1, "teacher_bias's length", "teacher_kernel's classes"))
+    for a, i, b, j, what_a, what_b in pairs:
+        if a.shape.rank is None or b.shape.rank is None:
+            continue
+        da, db = _dim(a.shape, i), _dim(b.shape, j)
+        if da is not None and db is not None and da != db:
+            raise ValueError(f"linear_distillation_loss: {what_a} ({da}) must equal {what_b} ({db}); "
+                             f"shapes {a.shape} and {b.shape}")
+    for x, name in ((bs, "student_bias"), (bt, "teacher_bias")):
+        if x is not None and x.shape.rank is not None and x.shape.rank != 1:
+            raise ValueError(f"linear_distillation_loss: {name} must have shape [classes], got "
+                             f"{x.shape}")
+    lead_s, lead_t = hs.shape[:-1], ht.shape[:-1]
+    if not lead_s.is_compatible_with(lead_t):
+        raise ValueError(f"linear_distillation_loss: student_hidden and teacher_hidden must have the "
+                         f"same leading shape, got {hs.shape} and {ht.shape}")
+    if sample_weight is not None and sample_weight.shape.rank != 0 and \
+            not sample_weight.shape.is_compatible_with(lead_s):
+        raise ValueError(f"linear_distillation_loss: sample_weight must be a scalar or have the hidden "
+                         f"states' leading shape {lead_s}, got {sample_weight.shape}")
+
+
+def auto_chunk_size(classes, rows=None):
+    """Rows per chunk for `classes` classes: a [chunk, classes] float32 buffer of ~16 MiB (a power of
+    two, at most 1024), and no more than the rows there are."""
+    chunk = max(1, _CHUNK_BYTES // (4 * max(1, classes)))
+    chunk = min(_MAX_AUTO_CHUNK, 1 << (chunk.bit_length() - 1))
+    if rows is not None:
+        chunk = max(1, min(chunk, rows))
+    return chunk
+
+
+def rows_divergence_and_logit_grad(teacher_logits, student_logits, beta, temperature, g):
+    """Per row (last axis = classes), in the logits' dtype: the generalized JSD D at `temperature`
+    between softmax(teacher / T) = p and softmax(student / T) = q, and dD/dstudent_logits scaled by
+    the per-row `g` ([rows]). beta = 0 is KL(p || q), beta = 1 is KL(q || p).
+
+    Formulas (../shared/DISTILLATION_NOTES.md): beta = 0: dS = g / T (q - p); beta = 1: dS =
+    g / T q ((lq - lp) - KL(q || p)); else with lm = logsumexp(log beta + lp, log(1 - beta) + lq):
+    dS = g (1 - beta) / T q ((lq - lm) - KL(q || m)). A class with p = 0 (or q = 0) contributes 0.
+    """
+    inv_t = 1.0 / temperature
+    lp = tf.nn.log_softmax(teacher_logits * inv_t, axis=-1)
+    lq = tf.nn.log_softmax(student_logits * inv_t, axis=-1)
+    p, q = tf.exp(lp), tf.exp(lq)
+    zero = tf.zeros_like(p)
+
+    def plogr(prob, log_a, log_b):  # prob * (log_a - log_b), 0 where prob is 0 (log_a = -inf)
+        return tf.where(prob > 0, prob * (log_a - tf.where(prob > 0, log_b, zero)), zero)
+
+    g = g[:, tf.newaxis] * inv_t
+    if beta == 0.0:
+        d = tf.reduce_sum(plogr(p, lp, lq), axis=-1)
+        ds = g * (q - p)
+    elif beta == 1.0:
+        d = tf.reduce_sum(plogr(q, lq, lp), axis=-1)
+        ds = g * tf.where(q > 0, q * ((lq - lp) - d[:, tf.newaxis]), zero)
+    else:
+        lm = tf.reduce_logsumexp(tf.stack([lp + math.log(beta), lq + math.log1p(-beta)]), axis=0)
+        kl_pm = tf.reduce_sum(plogr(p, lp, lm), axis=-1)
+        kl_qm = tf.reduce_sum(plogr(q, lq, lm), axis=-1)
+        d = beta * kl_pm + (1.0 - beta) * kl_qm
+        ds = g * (1.0 - beta) * tf.where(q > 0, q * ((lq - lm) - kl_qm[:, tf.newaxis]), zero)
+    return d, ds
+
+
+def linear_distillation_loss(student_hidden, student_kernel, teacher_hidden, teacher_kernel, *,
+                             student_bias=None, teacher_bias=None, temperature=1.0, beta=0.0,
+                             sample_weight=None, chunk_size=None):
+    """Distillation loss between a teacher's and a student's output projection, chunked.
+
+    `sum_i w_i * D_i / sum_i w_i` over rows i (every position of the hidden states' leading shape),
+    where `D_i = generalized_jsd_with_logits(teacher_logits_i, student_logits_i, beta, temperature)`
+    and `logits = hidden @ kernel + bias`: beta = 0 (the default) is the forward KL(teacher ||
+    student), beta = 1 the reverse KL(student || teacher), in between the generalized JSD (TRL's
+    convention). No `T^2` factor. 0 when every weight is 0. The `[rows, classes]` logits are never
+    materialised: rows go `chunk_size` at a time through one pass that computes the loss and the
+    gradients of the student's hidden states, kernel and bias (the teacher gets none).
+
+    Args:
+      student_hidden: `[..., H_s]` floating tensor.
+      student_kernel: `[H_s, V]`, the student's output projection (Keras Dense kernel), the hidden
+        states' dtype.
+      teacher_hidden: `[..., H_t]`, the same leading shape as `student_hidden`.
+      teacher_kernel: `[H_t, V]`, the teacher hidden states' dtype.
+      student_bias, teacher_bias: optional `[V]`.
+      temperature: finite float > 0: both logits are divided by it.
+      beta: float in [0, 1].
+      sample_weight: optional weights of the leading shape (or a scalar); rows of weight 0 (e.g.
+        padding) contribute nothing.
+      chunk_size: rows per chunk; None picks one from V (a [chunk, V] float32 buffer of ~16 MiB).
+
+    Returns:
+      A float32 scalar (float64 for float64 student inputs).
+
+    Raises:
+      ValueError: bad temperature, beta or chunk_size; kernels not of rank 2; hidden/kernel/bias
+        dimensions that do not match; different leading shapes; a sample_weight of another shape.
+      TypeError: non-floating inputs, or a kernel of another dtype than its hidden states.
+    """
+    temperature, beta = _check_scalar_args(temperature, beta, chunk_size)
+    hs, ws = tf.convert_to_tensor(student_hidden), tf.convert_to_tensor(student_kernel)
+    ht, wt = tf.convert_to_tensor(teacher_hidden), tf.convert_to_tensor(teacher_kernel)
+    bs = None if student_bias is None else tf.convert_to_tensor(student_bias)
+    bt = None if teacher_bias is None else tf.convert_to_tensor(teacher_bias)
+    for x, name in ((hs, "student_hidden"), (ws, "student_kernel"), (ht, "teacher_hidden"),
+                    (wt, "teacher_kernel"), (bs, "student_bias"), (bt, "teacher_bias")):
+        if x is not None:
+            _check_float(x, name)
+    for x, y, names in ((ws, hs, "student_kernel and student_hidden"),
+                        (wt, ht, "teacher_kernel and teacher_hidden"),
+                        (bs, hs, "student_bias and student_hidden"),
+                        (bt, ht, "teacher_bias and teacher_hidden")):
+        if x is not None and x.dtype != y.dtype:
+            raise TypeError(f"linear_distillation_loss: {names} must have one dtype, got "
+                            f"{x.dtype.name} and {y.dtype.name}")
+    work = tf.float64 if hs.dtype == tf.float64 else tf.float32
+    w = None if sample_weight is None else tf.cast(tf.convert_to_tensor(sample_weight), work)
+    _check_shapes(hs, ws, ht, wt, bs, bt, w)
+
+    classes = _dim(ws.shape, 1)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(classes if classes is not None else 32000)
+    hs2 = tf.reshape(hs, [-1, tf.shape(hs)[-1]])
+    ht2 = tf.stop_gradient(tf.reshape(ht, [-1, tf.shape(ht)[-1]]))
+    rows = tf.shape(hs2)[0]
+    if w is None:
+        w = tf.ones([rows], work)
+    else:
+        w = tf.reshape(tf.broadcast_to(w, tf.shape(hs)[:-1]), [-1])
+    with_bias = bs is not None
+    bs_in = bs if with_bias else tf.zeros([tf.shape(ws)[1]], ws.dtype)
+    bt_in = tf.stop_gradient(bt) if bt is not None else None
+
+    @tf.custom_gradient
+    def loss_fn(hs2, ws, bs_in):
+        loss, d_h, d_w, d_b = _chunked(hs2, ws, bs_in if with_bias else None, ht2, tf.stop_gradient(wt),
+                                       bt_in, w, beta, temperature, chunk_size, work)
+
+        def grad(upstream):
+            u = tf.cast(upstream, work)
+            return (tf.cast(u * tf.cast(d_h, work), hs2.dtype), tf.cast(u * d_w, ws.dtype),
+                    tf.cast(u * d_b, bs_in.dtype))
+        return loss, grad
+
+    return loss_fn(hs2, ws, bs_in)
+
+
+# XLA fuses the per-chunk softmax/divergence/gradient arithmetic into a few passes over [chunk, V]
+# (TensorFlow's graph executor would make a pass, and a buffer, per op).
+_fused_rows = tf.function(rows_divergence_and_logit_grad, jit_compile=True, reduce_retracing=True)
+
+
+def _in_xla():
+    from tf_kld import ops  # pylint: disable=import-outside-toplevel
+    return ops.in_xla_context()
+
+
+def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
+    """The loop over chunks: (loss, d loss/d hs [rows, H_s], d/d ws [H_s, V] and d/d bs [V], in
+    `work`, except d/d hs in hs's dtype)."""
+    rows_all = tf.shape(hs)[0]
+    total = tf.reduce_sum(w)
+    g_all = tf.math.divide_no_nan(w, total)
+    if not _in_xla():  # rows of weight 0 cost nothing (XLA needs static shapes: it keeps them)
+        keep = tf.where(tf.not_equal(w, 0))[:, 0]
+        hs_k, ht_k, g_k = tf.gather(hs, keep), tf.gather(ht, keep), tf.gather(g_all, keep)
+    else:
+        keep, hs_k, ht_k, g_k = None, hs, ht, g_all
+    rows = tf.shape(hs_k)[0]
+    n_chunks = (rows + chunk - 1) // chunk
+    pad = n_chunks * chunk - rows
+    hs_p = tf.pad(hs_k, [[0, pad], [0, 0]])
+    ht_p = tf.pad(ht_k, [[0, pad], [0, 0]])
+    g_p = tf.pad(g_k, [[0, pad]])
+    h_dim, v_dim = tf.shape(ws)[0], tf.shape(ws)[1]
+
+    def body(i, loss, d_w, d_b, d_h):
+        start = i * chunk
+        h_c = tf.slice(hs_p, [start, 0], [chunk, h_dim])
+        t_c = tf.slice(ht_p, [start, 0], [chunk, tf.shape(ht_p)[1]])
+        g_c = tf.slice(g_p, [start], [chunk])
+        s_logits = tf.matmul(h_c, ws)
+        t_logits = tf.matmul(t_c, wt)
+        if bs is not None:
+            s_logits += bs
+        if bt is not None:
+            t_logits += bt
+        d, ds = _fused_rows(tf.cast(t_logits, work), tf.cast(s_logits, work), g=g_c, beta=beta,
+                            temperature=temperature)
+        # Rows of weight 0 (padding, or kept under XLA) contribute nothing, not even a NaN.
+        live = tf.not_equal(g_c, 0)
+        loss += tf.reduce_sum(tf.where(live, g_c * d, tf.zeros_like(d)))
+        ds = tf.where(live[:, tf.newaxis], ds, tf.zeros_like(ds))
+        ds_in = tf.cast(ds, ws.dtype)
+        d_w += tf.cast(tf.matmul(h_c, ds_in, transpose_a=True), work)
+        d_b += tf.reduce_sum(ds, axis=0)
+        d_h = d_h.write(i, tf.matmul(ds_in, ws, transpose_b=True))
+        return i + 1, loss, d_w, d_b, d_h
+
+    d_h = tf.TensorArray(hs.dtype, size=n_chunks, element_shape=tf.TensorShape([chunk, None]))
+    init = (tf.constant(0), tf.zeros([], work), tf.zeros([h_dim, v_dim], work), tf.zeros([v_dim], work),
+            d_h)
+    _, loss, d_w, d_b, d_h = tf.while_loop(lambda i, *_: i < n_chunks, body, init,
+                                           parallel_iterations=1)
+    d_h = tf.reshape(d_h.stack(), [-1, h_dim])[:rows]
+    if keep is not None:
+        d_h = tf.scatter_nd(keep[:, tf.newaxis], d_h, tf.cast(tf.stack([rows_all, h_dim]), tf.int64))
+    return loss, d_h, d_w, d_b
