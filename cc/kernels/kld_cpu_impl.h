@@ -21,6 +21,7 @@
 #include <cstring>
 #include <immintrin.h>
 
+#include "cc/kernels/kld.h"
 #include "cc/kernels/kld_cpu.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // vectors never cross a call boundary here.
@@ -399,6 +400,20 @@ void ForwardRowsF(const void* y_true, const void* y_pred, void* out, int64_t row
   }
 }
 
+// The gradient as TensorFlow's autodiff forms it from the composite (Mul, Log, RealDiv and the
+// clip's gradients), for eps <= 0 where the fused formulas differ from it (UseFusedGradient):
+// scalar, as such an epsilon is unusual.
+template <typename F>
+TF_KLD_INLINE F AutodiffGrad(F g, F t, F p, F eps, bool wrt_true) {
+  const F one = 1;
+  const F t1 = t > one ? one : t, p1 = p > one ? one : p;  // min then max, NaN passing, as ClipF
+  const F tc = t1 < eps ? eps : t1, pc = p1 < eps ? eps : p1;
+  const F r = tc / pc;
+  const F gr = g * tc * (one / r);
+  if (wrt_true) return t >= eps && t <= one ? g * LibmLog(r) + gr / pc : F(0);
+  return p >= eps && p <= one ? gr * (-tc / pc / pc) : F(0);
+}
+
 template <typename E>
 TF_KLD_INLINE Vf GradF(Vf g, Vf t, Vf p, Vf eps, bool wrt_true) {
   const Vf tc = Clip(t, eps);
@@ -415,6 +430,13 @@ void GradientF(const void* grad, const void* y_true, const void* y_pred, void* o
   const auto* t = static_cast<const typename E::Storage*>(y_true);
   const auto* p = static_cast<const typename E::Storage*>(y_pred);
   auto* o = static_cast<typename E::Storage*>(out);
+  if (!UseFusedGradient(eps)) {
+    for (int64_t i = begin; i < end; ++i) {
+      o[i] = E::FromFloat(AutodiffGrad<float>(E::ToFloat(g[i / cols]), E::ToFloat(t[i]),
+                                              E::ToFloat(p[i]), eps, wrt_true));
+    }
+    return;
+  }
   const Vf e = Splat(eps);
   if (!wrt_true && cols < kLanes) {
     // No log in this gradient, so narrow rows can share vectors; the row's upstream gradient is
@@ -501,6 +523,10 @@ void GradientD(const void* grad, const void* y_true, const void* y_pred, void* o
   const auto* t = static_cast<const double*>(y_true);
   const auto* p = static_cast<const double*>(y_pred);
   auto* o = static_cast<double*>(out);
+  if (!UseFusedGradient(eps)) {
+    for (int64_t i = begin; i < end; ++i) o[i] = AutodiffGrad<double>(g[i / cols], t[i], p[i], eps, wrt_true);
+    return;
+  }
   int64_t i = begin;
   for (int64_t row = begin / cols; i < end; ++row) {
     const int64_t stop = (row + 1) * cols < end ? (row + 1) * cols : end;
