@@ -42,7 +42,7 @@ _REBUILD_HINT = ("Rebuild it against the installed TensorFlow with `pip install 
 def library_path():
     """Where the op library is looked for: $TF_KLD_LIBRARY, else _kld_ops.so beside this file.
 
-    Read once, at import; :func:`loaded_library_path` is the library actually loaded."""
+    tf_kld loads it once, at import; :func:`loaded_library_path` is the library in use."""
     return os.environ.get(LIBRARY_ENV) or os.path.join(os.path.dirname(__file__), _LIBRARY_FILE)
 
 
@@ -114,8 +114,8 @@ def _library_feature(symbol):
     if _module is None:
         return None
     if not _handle:
-        # The path TensorFlow loaded: dlopen finds that same library, loaded already.
-        _handle.append(ctypes.CDLL(_path))
+        # The library TensorFlow loaded from _path; RTLD_NOLOAD: never a second load.
+        _handle.append(ctypes.CDLL(_path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY))
     return getattr(_handle[0], symbol, None)
 
 
