@@ -41,7 +41,9 @@ _REBUILD_HINT = ("Rebuild it against the installed TensorFlow with `pip install 
 
 
 def library_path():
-    """Where the op library is looked for: $TF_KLD_LIBRARY, else _kld_ops.so beside this file."""
+    """Where the op library is looked for: $TF_KLD_LIBRARY, else _kld_ops.so beside this file.
+
+    tf_kld loads it once, at import; :func:`loaded_library_path` is the library in use."""
     return os.environ.get(LIBRARY_ENV) or os.path.join(os.path.dirname(__file__), _LIBRARY_FILE)
 
 
@@ -56,8 +58,33 @@ def built_for_tensorflow(path):
     return found.group(1).decode(errors="replace") if found else None
 
 
-def _load():
-    path = library_path()
+def _is_op_library(path):
+    """Whether `path`, loaded already, is a tf_kld op library (it exports TfKldCpuIsa); found with
+    dlopen(RTLD_NOLOAD), which never loads anything."""
+    try:
+        return hasattr(ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY), "TfKldCpuIsa")
+    except OSError:
+        return False
+
+
+def _other_copies(path):
+    """The tf_kld op libraries loaded into this process other than `path`."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            mapped = {line.split(None, 5)[5].strip() for line in maps if len(line.split(None, 5)) == 6}
+    except OSError:
+        return []
+    mine = os.path.realpath(path)
+    found = []
+    for candidate in sorted(m for m in mapped if m.startswith("/") and ".so" in os.path.basename(m)):
+        if os.path.realpath(candidate) != mine and _is_op_library(candidate):
+            found.append(candidate)
+    return found
+
+
+def _load(path=None):
+    """Loads the op library: (module, None), or (None, why not)."""
+    path = os.path.abspath(path or library_path())
     if not os.path.exists(path):
         return None, f"the op library {path} does not exist"
     built_for = built_for_tensorflow(path)
@@ -72,22 +99,40 @@ def _load():
                       f"{tf.__version__} ({reason})")
     # Any shared library loads; only one that registered both ops is usable.
     if not all(hasattr(module, name) for name in _OP_FUNCTIONS):
+        others = _other_copies(path) if _is_op_library(path) else []
+        if others:  # the ops were registered already, by that library, so this one added none
+            return None, (f"the op library {path} loaded, but another copy of it, "
+                          f"{', '.join(others)}, was loaded into this process first (e.g. with "
+                          f"tf.load_op_library) and registered the ops {FORWARD_OP} and {GRAD_OP}; "
+                          f"load only one: import tf_kld before anything loads a copy, or point "
+                          f"{LIBRARY_ENV} at that copy")
         return None, (f"the library {path} loaded but does not define the ops {FORWARD_OP} and "
                       f"{GRAD_OP} (not a tf_kld op library, or one from another tf_kld version)")
     return module, None
 
 
-_module, _load_error = _load()
+# The absolute path, fixed at import: diagnostics use the library loaded from it, never a later
+# $TF_KLD_LIBRARY or working directory (loading a second copy of the library would add nothing).
+_path = os.path.abspath(library_path())
+_module, _load_error = _load(_path)
+
+
+def loaded_library_path():
+    """The absolute path of the op library in use, or None when it did not load."""
+    return _path if _module is not None else None
+
+
+_handle = []  # the loaded library's ctypes handle, opened once
 
 
 def _library_feature(symbol):
-    """Calls an exported `int symbol()` / `const char* symbol()` of the loaded library, or None."""
+    """An exported `int symbol()` / `const char* symbol()` of the loaded library, or None."""
     if _module is None:
         return None
-    try:
-        return getattr(ctypes.CDLL(library_path()), symbol)
-    except (OSError, AttributeError):
-        return None
+    if not _handle:
+        # The library TensorFlow loaded from _path; RTLD_NOLOAD: never a second load.
+        _handle.append(ctypes.CDLL(_path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY))
+    return getattr(_handle[0], symbol, None)
 
 
 def xla_lowering_available():
@@ -101,7 +146,7 @@ def xla_lowering_error():
     if _module is None:
         return _load_error
     if not xla_lowering_available():
-        return (f"the op library {library_path()} was built without its XLA lowering (TF_KLD_XLA=0, "
+        return (f"the op library {_path} was built without its XLA lowering (TF_KLD_XLA=0, "
                 f"or the XLA source failed to compile); under jit_compile tf_kld emits the composite "
                 f"where it can detect XLA, but a trace cached outside XLA cannot compile")
     return None

@@ -4,6 +4,9 @@
 # flags, which also go to the link. tools/sanitize.sh and tools/cpu_core_bench.sh use it.
 #
 #   bash tools/build_core.sh OUTPUT MAIN.cc [EXTRA_FLAGS...]     (CXX overrides g++)
+#
+# TF_KLD_CORE_OBJDIR=DIR keeps the objects (generic.o, avx2.o, main.o) in DIR, e.g. for
+# tests/test_isa_objects.py, which inspects them and links them in another order.
 set -euo pipefail
 output=$1 main=$2
 shift 2
@@ -16,8 +19,13 @@ read -r -a avx2_flags <<<"$("$PYTHON" -c 'import sys; sys.path.insert(0, "tools"
 print(" ".join(b.AVX2_FLAGS))')"
 flags=(-std=c++17 -I. "${own_flags[@]}" "$@")  # later flags win: EXTRA may set -O1
 
-obj=$(mktemp -d)
-trap 'rm -rf "$obj"' EXIT
+if [[ -n "${TF_KLD_CORE_OBJDIR:-}" ]]; then
+  obj=$TF_KLD_CORE_OBJDIR
+  mkdir -p "$obj"
+else
+  obj=$(mktemp -d)
+  trap 'rm -rf "$obj"' EXIT
+fi
 "${cxx[@]}" "${flags[@]}" -c cc/kernels/kld_cpu_generic.cc -o "$obj/generic.o" &
 "${cxx[@]}" "${flags[@]}" "${avx2_flags[@]}" -c cc/kernels/kld_cpu_avx2.cc -o "$obj/avx2.o" &
 "${cxx[@]}" "${flags[@]}" -c "$main" -o "$obj/main.o" &

@@ -2,9 +2,9 @@
 #ifndef TF_KLD_CC_KERNELS_KLD_ATTRS_H_
 #define TF_KLD_CC_KERNELS_KLD_ATTRS_H_
 
-#include <cerrno>
-#include <cstdlib>
+#include <charconv>
 #include <string>
+#include <system_error>
 
 #include "cc/kernels/kld.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -21,10 +21,12 @@ inline absl::StatusOr<double> ReadEpsilon(tensorflow::OpKernelConstruction* ctx)
   std::string eps64;
   TF_RETURN_IF_ERROR(ctx->GetAttr("epsilon_f64", &eps64));
   if (type != tensorflow::DT_DOUBLE || eps64.empty()) return eps32;
-  char* end = nullptr;
-  errno = 0;
-  const double eps = std::strtod(eps64.c_str(), &end);
-  if (end == eps64.c_str() || *end != '\0' || errno != 0) {
+  // std::from_chars, not strtod: it ignores the C locale (a comma-decimal LC_NUMERIC made strtod
+  // stop at the '.') and parses subnormals (strtod flags them ERANGE).
+  double eps = 0.0;
+  const char* const end = eps64.data() + eps64.size();
+  const std::from_chars_result parsed = std::from_chars(eps64.data(), end, eps);
+  if (parsed.ec != std::errc() || parsed.ptr != end) {
     return absl::InvalidArgumentError(absl::StrCat(
         "attr epsilon_f64 must be a decimal number such as \"1e-07\", got \"", eps64, "\""));
   }

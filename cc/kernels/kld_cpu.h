@@ -25,11 +25,14 @@ struct Kernels {
                    int64_t begin, int64_t end, int64_t cols, double eps, bool wrt_true);
 };
 
-const Kernels& GenericKernels();
-const Kernels& Avx2Kernels();  // only call when the CPU has AVX2, FMA and F16C
+// Hidden: the library's own, never bound to another loaded copy of it (nor exported from it).
+#define TF_KLD_CPU_HIDDEN __attribute__((visibility("hidden")))
+
+TF_KLD_CPU_HIDDEN const Kernels& GenericKernels();
+TF_KLD_CPU_HIDDEN const Kernels& Avx2Kernels();  // only call when the CPU has AVX2, FMA and F16C
 
 // The kernels for this CPU: AVX2 when available, unless TF_KLD_CPU_ISA=generic.
-const Kernels& Cpu();
+TF_KLD_CPU_HIDDEN const Kernels& Cpu();
 
 }  // namespace cpu
 }  // namespace tf_kld

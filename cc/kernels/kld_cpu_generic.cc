@@ -1,5 +1,6 @@
 // The kernel core built for the baseline x86-64 ISA, and the run-time choice between builds.
 #define TF_KLD_ISA_NAME "generic"
+#define TF_KLD_ISA_NAMESPACE isa_generic
 #define TF_KLD_KERNELS_FN GenericKernels
 #include "cc/kernels/kld_cpu_impl.h"
 

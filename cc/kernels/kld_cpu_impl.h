@@ -1,9 +1,15 @@
 // The CPU kernel core, compiled once per ISA (see kld_cpu.h). Include it from exactly one .cc per
-// ISA after defining TF_KLD_ISA_NAME ("generic", "avx2") and TF_KLD_KERNELS_FN (the table getter).
+// ISA after defining TF_KLD_ISA_NAME ("generic", "avx2"), TF_KLD_ISA_NAMESPACE (isa_generic,
+// isa_avx2) and TF_KLD_KERNELS_FN (the table getter).
 //
-// Everything here has internal linkage (an anonymous namespace), so the AVX2 build of a helper can
-// never be linked in place of the baseline one. SIMD is written with GCC vector extensions, one
-// register wide: 8 float lanes with AVX, 4 with SSE2.
+// The AVX2 build of a helper must never be linked in place of the baseline one, so nothing here
+// may become a symbol both ISA objects define: everything is in a namespace of its own ISA and has
+// internal linkage (an anonymous namespace), and no libstdc++ inline function is called (an
+// unoptimised build emits e.g. std::log(float) as a weak symbol in both objects, and the linker
+// keeps one copy): the math goes through LibmLog and NearbyIntF below. tests/test_isa_objects.py
+// checks the symbols of -O0 builds and runs the baseline kernels with the objects linked in both
+// orders. SIMD is written with GCC vector extensions, one register wide: 8 float lanes with AVX,
+// 4 with SSE2.
 //
 // float32 log: the rational approximation TensorFlow's CPU Log kernel uses (see Log below), with
 // std::log in lanes that hold anything but positive normal numbers (0, Inf, NaN, negatives,
@@ -15,12 +21,14 @@
 #include <cstring>
 #include <immintrin.h>
 
+#include "cc/kernels/kld.h"
 #include "cc/kernels/kld_cpu.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // vectors never cross a call boundary here.
 
 namespace tf_kld {
 namespace cpu {
+namespace TF_KLD_ISA_NAMESPACE {
 namespace {
 
 #if defined(__AVX__)
@@ -35,6 +43,11 @@ typedef uint16_t Vh __attribute__((vector_size(2 * kLanes)));   // kLanes 16-bit
 typedef double Vd __attribute__((vector_size(4 * kLanes)));     // kLanes / 2 doubles
 
 #define TF_KLD_INLINE inline __attribute__((always_inline))
+
+// libm by its C names (see the top of this file): internal wrappers, never shared between objects.
+TF_KLD_INLINE float LibmLog(float x) { return __builtin_logf(x); }
+TF_KLD_INLINE double LibmLog(double x) { return __builtin_log(x); }
+TF_KLD_INLINE float NearbyIntF(float x) { return __builtin_nearbyintf(x); }
 
 template <typename To, typename From>
 TF_KLD_INLINE To BitCast(const From& from) {
@@ -109,7 +122,7 @@ TF_KLD_INLINE uint16_t FloatToHalf(float f) {
   if (x >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 rounds to Inf
   if (x < 0x38800000u) {                         // below 2^-14: subnormal half (or zero)
     const float scaled = BitCast<float>(x) * 16777216.0f;  // exact: * 2^24
-    return sign | static_cast<uint16_t>(std::nearbyint(scaled));
+    return sign | static_cast<uint16_t>(NearbyIntF(scaled));
   }
   x += 0xc8000fffu + ((x >> 13) & 1u);  // rebias exponent 127 -> 15, round to nearest even
   return sign | static_cast<uint16_t>(x >> 13);
@@ -203,7 +216,7 @@ struct FloatT {
 // on its neighbours, so grouping elements differently (threads, shards) gives the same bits.
 TF_KLD_INLINE Vf FixSpecialLanes(Vf fast, Vf x, Vi special) {
   for (int i = 0; i < kLanes; ++i) {
-    if (special[i]) fast[i] = std::log(x[i]);
+    if (special[i]) fast[i] = LibmLog(x[i]);
   }
   return fast;
 }
@@ -274,12 +287,12 @@ TF_KLD_INLINE float ClipF(float x, float eps) {
 
 TF_KLD_INLINE float TermF(float t, float p, float eps) {
   const float tc = ClipF(t, eps);
-  return tc * std::log(tc / ClipF(p, eps));
+  return tc * LibmLog(tc / ClipF(p, eps));
 }
 
 TF_KLD_INLINE float GradScalarF(float g, float t, float p, float eps, bool wrt_true) {
   const float tc = ClipF(t, eps);
-  if (wrt_true) return t >= eps && t <= 1.0f ? g * (std::log(tc / ClipF(p, eps)) + 1.0f) : 0.0f;
+  if (wrt_true) return t >= eps && t <= 1.0f ? g * (LibmLog(tc / ClipF(p, eps)) + 1.0f) : 0.0f;
   return p >= eps && p <= 1.0f ? -(g * tc) / p : 0.0f;
 }
 
@@ -387,6 +400,20 @@ void ForwardRowsF(const void* y_true, const void* y_pred, void* out, int64_t row
   }
 }
 
+// The gradient as TensorFlow's autodiff forms it from the composite (Mul, Log, RealDiv and the
+// clip's gradients), for eps <= 0 where the fused formulas differ from it (UseFusedGradient):
+// scalar, as such an epsilon is unusual.
+template <typename F>
+TF_KLD_INLINE F AutodiffGrad(F g, F t, F p, F eps, bool wrt_true) {
+  const F one = 1;
+  const F t1 = t > one ? one : t, p1 = p > one ? one : p;  // min then max, NaN passing, as ClipF
+  const F tc = t1 < eps ? eps : t1, pc = p1 < eps ? eps : p1;
+  const F r = tc / pc;
+  const F gr = g * tc * (one / r);
+  if (wrt_true) return t >= eps && t <= one ? g * LibmLog(r) + gr / pc : F(0);
+  return p >= eps && p <= one ? gr * (-tc / pc / pc) : F(0);
+}
+
 template <typename E>
 TF_KLD_INLINE Vf GradF(Vf g, Vf t, Vf p, Vf eps, bool wrt_true) {
   const Vf tc = Clip(t, eps);
@@ -403,6 +430,13 @@ void GradientF(const void* grad, const void* y_true, const void* y_pred, void* o
   const auto* t = static_cast<const typename E::Storage*>(y_true);
   const auto* p = static_cast<const typename E::Storage*>(y_pred);
   auto* o = static_cast<typename E::Storage*>(out);
+  if (!UseFusedGradient(eps)) {
+    for (int64_t i = begin; i < end; ++i) {
+      o[i] = E::FromFloat(AutodiffGrad<float>(E::ToFloat(g[i / cols]), E::ToFloat(t[i]),
+                                              E::ToFloat(p[i]), eps, wrt_true));
+    }
+    return;
+  }
   const Vf e = Splat(eps);
   if (!wrt_true && cols < kLanes) {
     // No log in this gradient, so narrow rows can share vectors; the row's upstream gradient is
@@ -465,12 +499,12 @@ double SumTermsD(const double* t, const double* p, int64_t n, double eps) {
   int64_t i = 0;
   for (; i + 2 <= n; i += 2) {
     const double t0 = ClipD(t[i], eps), t1 = ClipD(t[i + 1], eps);
-    acc0 += t0 * std::log(t0 / ClipD(p[i], eps));
-    acc1 += t1 * std::log(t1 / ClipD(p[i + 1], eps));
+    acc0 += t0 * LibmLog(t0 / ClipD(p[i], eps));
+    acc1 += t1 * LibmLog(t1 / ClipD(p[i + 1], eps));
   }
   if (i < n) {
     const double t0 = ClipD(t[i], eps);
-    acc0 += t0 * std::log(t0 / ClipD(p[i], eps));
+    acc0 += t0 * LibmLog(t0 / ClipD(p[i], eps));
   }
   return acc0 + acc1;
 }
@@ -489,6 +523,10 @@ void GradientD(const void* grad, const void* y_true, const void* y_pred, void* o
   const auto* t = static_cast<const double*>(y_true);
   const auto* p = static_cast<const double*>(y_pred);
   auto* o = static_cast<double*>(out);
+  if (!UseFusedGradient(eps)) {
+    for (int64_t i = begin; i < end; ++i) o[i] = AutodiffGrad<double>(g[i / cols], t[i], p[i], eps, wrt_true);
+    return;
+  }
   int64_t i = begin;
   for (int64_t row = begin / cols; i < end; ++row) {
     const int64_t stop = (row + 1) * cols < end ? (row + 1) * cols : end;
@@ -496,7 +534,7 @@ void GradientD(const void* grad, const void* y_true, const void* y_pred, void* o
     if (wrt_true) {
       for (; i < stop; ++i) {
         const double tc = ClipD(t[i], eps);
-        o[i] = InsideD(t[i], eps) ? gv * (std::log(tc / ClipD(p[i], eps)) + 1.0) : 0.0;
+        o[i] = InsideD(t[i], eps) ? gv * (LibmLog(tc / ClipD(p[i], eps)) + 1.0) : 0.0;
       }
     } else {
       for (; i < stop; ++i) {
@@ -559,9 +597,11 @@ void Gradient(Type type, const void* g, const void* t, const void* p, void* out,
 }
 
 }  // namespace
+}  // namespace TF_KLD_ISA_NAMESPACE
 
 const Kernels& TF_KLD_KERNELS_FN() {
-  static const Kernels kernels = {TF_KLD_ISA_NAME, &ForwardRows, &SumTerms, &Gradient};
+  static const Kernels kernels = {TF_KLD_ISA_NAME, &TF_KLD_ISA_NAMESPACE::ForwardRows,
+                                  &TF_KLD_ISA_NAMESPACE::SumTerms, &TF_KLD_ISA_NAMESPACE::Gradient};
   return kernels;
 }
 

@@ -14,6 +14,7 @@
 #include "cc/kernels/kld.h"
 #include "cc/kernels/kld_attrs.h"
 #include "cc/kernels/kld_cpu.h"
+#include "cc/kernels/kld_registration.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -203,10 +204,10 @@ class KlDivergenceGradOp : public OpKernel {
 };
 
 #define TF_KLD_REGISTER_CPU(T)                                                              \
-  REGISTER_KERNEL_BUILDER(                                                                  \
+  TF_KLD_REGISTER_KERNEL(                                                                   \
       Name("TfKld>KlDivergence").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"),    \
       KlDivergenceOp<CPUDevice, T>);                                                        \
-  REGISTER_KERNEL_BUILDER(                                                                  \
+  TF_KLD_REGISTER_KERNEL(                                                                   \
       Name("TfKld>KlDivergenceGrad").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
       KlDivergenceGradOp<CPUDevice, T>);
 
@@ -253,10 +254,10 @@ template <typename T>
 using KlDivergenceGradGpuOp = GpuLaunchChecked<KlDivergenceGradOp<GPUDevice, T>>;
 
 #define TF_KLD_REGISTER_GPU(T)                                                              \
-  REGISTER_KERNEL_BUILDER(                                                                  \
+  TF_KLD_REGISTER_KERNEL(                                                                   \
       Name("TfKld>KlDivergence").Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("T"),    \
       KlDivergenceGpuOp<T>);                                                                \
-  REGISTER_KERNEL_BUILDER(                                                                  \
+  TF_KLD_REGISTER_KERNEL(                                                                   \
       Name("TfKld>KlDivergenceGrad").Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("T"), \
       KlDivergenceGradGpuOp<T>);
 
