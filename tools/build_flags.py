@@ -22,6 +22,7 @@ SOURCES = [
     "cc/ops/kld_ops.cc",
     "cc/kernels/kld_kernels.cc",
     "cc/kernels/kld_cpu_generic.cc",
+    "cc/kernels/kld_gpu_gate.cc",  # the GPU kernels' driver gate; in CPU builds for gpu_info()
 ]
 AVX2_SOURCES = ["cc/kernels/kld_cpu_avx2.cc"]
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
@@ -119,8 +120,12 @@ DEFAULT_CUDA_ARCHS = "75-real;80-real;86-real;89-real;90"
 # <site-packages>/nvidia/cu13.
 NVCC_WHEELS = ["nvidia-cuda-nvcc==13.0.88", "nvidia-cuda-crt==13.0.88", "nvidia-nvvm==13.0.88",
                "nvidia-cuda-runtime==13.0.96", "nvidia-cuda-cccl==13.0.85"]
+# -fmad=false: nvcc, like the CPU build (-ffp-contract=off), never fuses a product into an add on
+# its own, so GPU and CPU round the same terms the same way. -fvisibility=hidden: the nvcc object
+# exports nothing but TfKldCudaArchs (no Eigen:: or tf_kld::gpu:: symbols from the .so).
 NVCC_FLAGS = ["-x", "cu", "-std=c++17", "--expt-relaxed-constexpr", "-O3", "-DNDEBUG", "-DGOOGLE_CUDA=1",
-              "-Xcompiler", "-fPIC", "-Xcompiler", "-Wno-deprecated-declarations"]
+              "-fmad=false", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+              "-Xcompiler", "-Wno-deprecated-declarations"]
 
 
 def cuda_home():

@@ -2,12 +2,17 @@
 # CI for the CUDA build on a machine without a GPU (nvcc 13 needed, see tools/build_flags.py):
 #   1. the library with GPU kernels for one architecture (TF_KLD_CUDA_ARCHS, default 80-real), built
 #      with pip's setup.py into a temporary directory (never over tf_kld/_kld_ops.so);
-#   2. tests/test_cuda_build.py on it: GPU kernels registered for both ops and every dtype, no CUDA
-#      runtime linked, loads without a GPU, CPU results bit-identical to the CPU-only library's;
-#   3. with --bazel, the same through ./configure.sh --cuda && bazel build --config=cuda (clean
-#      output base, offline), then .bazelrc is rewritten for the CPU build again;
-#   4. the standalone harness built with nvcc, and its checks that need no GPU (the float64
-#      reference itself, the Divider, the launch plans, and a CPU replay of every checked launch).
+#   2. the standalone harness built with nvcc in both variants (CUDA 13's runtime static, and linked
+#      against TensorFlow's libcudart.so.12, pip-installed once if TensorFlow's is not there), and
+#      the checks of each that need no GPU (the float64 reference itself, the Divider, the launch
+#      plans, and a CPU replay of every checked launch);
+#   3. tests/test_cuda_build.py on them: GPU kernels registered for both ops and every dtype, the
+#      driver gate (no GPU kernels, one warning, for a stand-in machine with GPUs and an old
+#      driver), tf_kld.gpu_info(), no CUDA runtime linked, no Eigen:: or tf_kld::gpu:: symbols
+#      exported, loads without a GPU, CPU results bit-identical to the CPU-only library's, and the
+#      harness variants linked as intended;
+#   4. with --bazel, the library through ./configure.sh --cuda && bazel build --config=cuda (clean
+#      output base, offline) and the same tests, then .bazelrc is rewritten for the CPU build again.
 #
 #   bash tools/cuda_ci.sh [--bazel]
 set -euo pipefail
@@ -45,6 +50,11 @@ TF_KLD_CUDA=1 TF_KLD_CUDA_ARCHS=$archs "$PYTHON" setup.py -q build_ext --build-l
 library=$work/lib/tf_kld/_kld_ops.so
 test -f "$library"
 log "pip CUDA build took $((SECONDS - start)) s"
+
+log "CUDA harness: nvcc build for $archs (both runtimes) and the checks that need no GPU"
+TF_KLD_CUDA_ARCHS=$archs bash tools/cuda_harness.sh --self-test
+export TF_KLD_CUDA_HARNESS_DIR=$PWD/build/cuda_harness
+
 TF_KLD_CUDA_LIBRARY=$library "$PYTHON" -m pytest tests/test_cuda_build.py -q -p no:cacheprovider
 
 if [[ $bazel == 1 ]]; then
@@ -60,7 +70,4 @@ if [[ $bazel == 1 ]]; then
   log "Bazel CUDA build took $((SECONDS - start)) s"
   TF_KLD_CUDA_LIBRARY=$bazel_library "$PYTHON" -m pytest tests/test_cuda_build.py -q -p no:cacheprovider
 fi
-
-log "CUDA harness: nvcc build for $archs and the checks that need no GPU"
-TF_KLD_CUDA_ARCHS=$archs bash tools/cuda_harness.sh --self-test
 log "OK"
