@@ -90,13 +90,20 @@ def _probe(library, npz, **env_extra):
 # Probes: the CUDA library and the CPU-only one as they are here (no GPU), and the CUDA library on
 # stand-ins for machines with GPUs: a driver for CUDA 12.8 (R570, too old for nvcc 13 device code),
 # one for CUDA 13.0 (R580, enough), and GPUs without a usable driver.
+# nvcc 13 builds need 13000; clang builds (TF_KLD_CUDA_COMPILER=clang) 12000 (R525, TensorFlow's own).
+NEEDED = int(os.environ.get("TF_KLD_CUDA_NEEDED_DRIVER", "13000"))
+OLD_DRIVER = NEEDED - 920  # 13000 -> 12080 (CUDA 12.8, R570); 12000 -> 11080 (CUDA 11.8)
 PROBES = {
     "cuda": {},
     "cpu": None,
-    "cuda_old_driver": {"TF_KLD_TEST_DRIVER_VERSION": "12080", "TF_KLD_TEST_GPU_COUNT": "2"},
-    "cuda_new_driver": {"TF_KLD_TEST_DRIVER_VERSION": "13000", "TF_KLD_TEST_GPU_COUNT": "2"},
+    "cuda_old_driver": {"TF_KLD_TEST_DRIVER_VERSION": str(OLD_DRIVER), "TF_KLD_TEST_GPU_COUNT": "2"},
+    "cuda_new_driver": {"TF_KLD_TEST_DRIVER_VERSION": str(NEEDED), "TF_KLD_TEST_GPU_COUNT": "2"},
     "cuda_no_driver": {"TF_KLD_TEST_DRIVER_VERSION": "0", "TF_KLD_TEST_GPU_COUNT": "1"},
 }
+
+
+def _cuda(version):
+    return f"CUDA {version // 1000}.{version % 1000 // 10}"
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +178,7 @@ def _built_archs(probe):
 def test_gpu_info_cuda_build_without_gpu(probes):
     info = probes["cuda"][0]
     assert info["gpu_info"] == {"built_archs": _built_archs(info), "driver_version": None,
-                                "needed_driver_version": 13000, "kernels_registered": True, "reason": None}
+                                "needed_driver_version": NEEDED, "kernels_registered": True, "reason": None}
     assert info["gpu_info"]["built_archs"] and not info["warnings"], info
 
 
@@ -182,7 +189,7 @@ def test_gpu_info_cpu_build(probes):
     assert not probes["cpu"][0]["warnings"]
 
 
-@pytest.mark.parametrize("name, driver", [("cuda_old_driver", 12080), ("cuda_no_driver", None)])
+@pytest.mark.parametrize("name, driver", [("cuda_old_driver", OLD_DRIVER), ("cuda_no_driver", None)])
 def test_old_or_missing_driver_registers_no_gpu_kernels(probes, name, driver):
     info = probes[name][0]
     for op in OPS:
@@ -192,8 +199,9 @@ def test_old_or_missing_driver_registers_no_gpu_kernels(probes, name, driver):
     assert gpu_info["kernels_registered"] is False and gpu_info["driver_version"] == driver
     assert gpu_info["built_archs"] == _built_archs(info)
     reason = gpu_info["reason"]
-    assert "CUDA 13.0 (R580 or newer)" in reason, reason
-    assert ("CUDA 12.8 (cudaDriverGetVersion 12080)" if driver else "no usable CUDA driver") in reason
+    branch = {13000: "R580", 12000: "R525"}[NEEDED]
+    assert f"{_cuda(NEEDED)} ({branch} or newer)" in reason, reason
+    assert (f"{_cuda(driver)} (cudaDriverGetVersion {driver})" if driver else "no usable CUDA driver") in reason
     # One warning at import, naming the driver found and the one needed.
     assert info["warnings"] == [f"tf_kld: {reason}"], info["warnings"]
 
@@ -203,7 +211,7 @@ def test_new_driver_registers_gpu_kernels(probes):
     for op in OPS:
         assert sorted(d for device, d in info["kernels"][op] if device == "GPU") == DTYPES, info["kernels"]
     assert info["gpu_info"]["kernels_registered"] is True and info["gpu_info"]["reason"] is None
-    assert info["gpu_info"]["driver_version"] == 13000 and not info["warnings"]
+    assert info["gpu_info"]["driver_version"] == NEEDED and not info["warnings"]
 
 
 def _exported(library):

@@ -95,8 +95,10 @@ def _has_physical_gpus():
     return bool(tf.config.list_physical_devices("GPU"))
 
 
+@functools.lru_cache(maxsize=None)
 def _gpus_visible():
-    """Whether TensorFlow has GPUs to place ops on."""
+    """Whether TensorFlow has GPUs to place ops on (fixed once its runtime has started, which
+    listing logical devices does: this runs when the first op is built)."""
     return _has_physical_gpus() and bool(tf.config.list_logical_devices("GPU"))
 
 

@@ -20,6 +20,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 export TF_CPP_MIN_LOG_LEVEL=2
 archs=${TF_KLD_CUDA_ARCHS:-80-real}
+# TF_KLD_CUDA_COMPILER=clang: the clang build (README's CUDA section), whose device code needs a
+# driver for CUDA 12.0 rather than nvcc 13's 13.0; the harness is built with nvcc either way.
+if [[ ${TF_KLD_CUDA_COMPILER:-nvcc} == clang ]]; then export TF_KLD_CUDA_NEEDED_DRIVER=12000; fi
 bazel=0
 for arg in "$@"; do
   case "$arg" in

@@ -53,7 +53,13 @@ const char* TakeLaunchError() {
   return err;
 }
 
+// nvcc's device code needs a driver of nvcc's own version; a clang build (PTX assembled by ptxas
+// 12.x) says what it needs with TF_KLD_NEEDED_DRIVER (tools/build_flags.py).
+#ifdef TF_KLD_NEEDED_DRIVER
+int NeededDriverVersion() { return TF_KLD_NEEDED_DRIVER; }
+#else
 int NeededDriverVersion() { return __CUDACC_VER_MAJOR__ * 1000 + __CUDACC_VER_MINOR__ * 10; }
+#endif
 }  // namespace gpu
 
 template <typename T>
@@ -90,9 +96,13 @@ template struct KlDivergenceGradFunctor<GPUDevice, double>;
 
 }  // namespace tf_kld
 
-// The virtual architectures compiled in, e.g. "750,800,860,890,900" (ctypes; CI checks it).
+// The virtual architectures compiled in, e.g. "750,800,860,890,900" (ctypes; CI checks it). nvcc
+// names them; a clang build passes TF_KLD_CUDA_ARCH_LIST.
+#ifndef TF_KLD_CUDA_ARCH_LIST
+#define TF_KLD_CUDA_ARCH_LIST __CUDA_ARCH_LIST__
+#endif
 extern "C" __attribute__((visibility("default"))) const char* TfKldCudaArchs() {
-  return TF_KLD_STRINGIFY(__CUDA_ARCH_LIST__);
+  return TF_KLD_STRINGIFY(TF_KLD_CUDA_ARCH_LIST);
 }
 
 #endif  // GOOGLE_CUDA
