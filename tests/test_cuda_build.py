@@ -14,6 +14,7 @@ ops in one process.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -201,7 +202,8 @@ def test_old_or_missing_driver_registers_no_gpu_kernels(probes, name, driver):
     reason = gpu_info["reason"]
     branch = {13000: "R580", 12000: "R525"}[NEEDED]
     assert f"{_cuda(NEEDED)} ({branch} or newer)" in reason, reason
-    assert (f"{_cuda(driver)} (cudaDriverGetVersion {driver})" if driver else "no usable CUDA driver") in reason
+    found = f"{_cuda(driver)} (cudaDriverGetVersion {driver})" if driver else "no usable CUDA driver"
+    assert found in reason, reason
     # One warning at import, naming the driver found and the one needed.
     assert info["warnings"] == [f"tf_kld: {reason}"], info["warnings"]
 
@@ -225,6 +227,14 @@ def test_no_eigen_or_gpu_internals_exported():
     assert "TfKldCudaArchs" in symbols and "TfKldGpuKernelsRegistered" in symbols
     leaked = [s for s in symbols if s.startswith("Eigen::") or "tf_kld::gpu::" in s]
     assert not leaked, leaked[:20]
+
+
+def test_only_exact_math_kernels_compiled_in():
+    # The fast_math kernels (kld_gpu.cu.h, 16-bit types) are the harness's; the library uses none.
+    with open(CUDA_LIBRARY, "rb") as f:
+        names = set(re.findall(rb"_ZN6tf_kld3gpu1[34](?:Forward|Gradient)KernelI(?:6__half|13__nv_bfloat16|f|d)"
+                               rb"Lb([01])E", f.read()))
+    assert names == {b"0"}, names
 
 
 HARNESS_DIR = os.environ.get("TF_KLD_CUDA_HARNESS_DIR")
