@@ -241,13 +241,15 @@ HARNESS_DIR = os.environ.get("TF_KLD_CUDA_HARNESS_DIR")
 
 
 @pytest.mark.skipif(not HARNESS_DIR, reason="TF_KLD_CUDA_HARNESS_DIR is not set (tools/cuda_ci.sh sets it)")
-@pytest.mark.parametrize("variant", ["harness", "harness_cudart12"])
+@pytest.mark.parametrize("variant", ["harness", "harness_cudart12", "harness_clang"])
 def test_harness_variants(variant):
     binary = os.path.join(HARNESS_DIR, variant)
+    if variant == "harness_clang" and not os.path.exists(binary):
+        pytest.skip("the clang variant is built by cuda_harness.sh --clang only")
     needed = subprocess.run(["readelf", "-d", binary], capture_output=True, text=True, check=True).stdout
     imports = subprocess.run(["nm", "-D", "--undefined-only", binary], capture_output=True, text=True,
                              check=True).stdout
-    if variant == "harness_cudart12":  # TensorFlow's runtime, as the op library uses it
+    if variant != "harness":  # TensorFlow's runtime, as the op library uses it
         assert "[libcudart.so.12]" in needed, needed
         assert "cudaLaunchKernel" in imports and "cudaDeviceGetAttribute" in imports
         # CUDA 12's cudaDeviceProp has another layout than the one the harness is compiled with.

@@ -81,7 +81,7 @@ def gpu_info():
     * ``kernels_registered``: whether the GPU kernels are registered with TensorFlow;
     * ``reason``: None, or why they are not.
     """
-    return dict(_info())
+    return {key: list(value) if isinstance(value, list) else value for key, value in _info().items()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ installed TensorFlow's `tf.sysconfig`, so the library always matches the TF it w
     python3 tools/build_flags.py --bazelrc   # lines for .bazelrc (used by configure.sh)
 
 CUDA builds (see the CUDA section below): `--show --cuda`, `--bazelrc --cuda` (configure.sh --cuda),
-`--cuda-home`, `--gencode` and `--nvcc-command --shim DIR` (the nvcc command line Bazel's genrule runs).
+`--cuda-home`, `--gencode` and `--nvcc-command --shim DIR` (the nvcc command line Bazel's genrule runs),
+`--clang-command DIR` (clang's, for the harness).
 """
 
 import argparse
@@ -296,24 +297,27 @@ def make_clang_cuda_root(directory, home=None):
     return directory
 
 
-def clang_cuda_flags(root, spec=None):
-    """Every clang flag for one of CUDA_SOURCES (add -c SOURCE -o OBJECT); root: make_clang_cuda_root."""
+def clang_device_flags(root, spec=None):
+    """clang's flags for CUDA code of this project (the harness's too); root: make_clang_cuda_root."""
     archs = cuda_archs(spec)
     if any(not sass for _, sass, _ in archs):
         raise SystemExit(f"tf_kld: the clang CUDA build needs real architectures (not -virtual): {spec}")
-    tf_flags = [f for f in tf_compile_flags() if not f.startswith("-std=")]
     flags = ["-x", "cuda", f"--cuda-path={root}", "-Wno-unknown-cuda-version", "-std=c++17", "-O3",
-             "-DNDEBUG", "-DGOOGLE_CUDA=1", f"-DTF_KLD_NEEDED_DRIVER={CLANG_NEEDED_DRIVER}",
-             "-DTF_KLD_CUDA_ARCH_LIST=" + ",".join(str(a * 10) for a, _, _ in archs),
              # as nvcc's -fmad=false and the CPU build: no contraction into FMAs (clang's CUDA
              # default is fast)
-             "-ffp-contract=off", "-fPIC", "-fvisibility=hidden", "-Wno-deprecated-declarations",
-             "-include", os.path.join(root, "undef_noinline.h")]
+             "-ffp-contract=off", "-include", os.path.join(root, "undef_noinline.h"),
+             "-isystem" + os.path.join(include_dir(), "third_party", "gpus", "cuda", "libcudacxx", "include")]
     flags += [f"--cuda-gpu-arch=sm_{a}" for a, _, _ in archs]
-    flags += [f"--no-cuda-include-ptx=sm_{a}" for a, _, ptx in archs if not ptx]
-    return flags + tf_flags + ["-I" + include_dir(), "-I.",
-                               "-isystem" + os.path.join(include_dir(), "third_party", "gpus", "cuda",
-                                                         "libcudacxx", "include")]
+    return flags + [f"--no-cuda-include-ptx=sm_{a}" for a, _, ptx in archs if not ptx]
+
+
+def clang_cuda_flags(root, spec=None):
+    """Every clang flag for one of CUDA_SOURCES (add -c SOURCE -o OBJECT); root: make_clang_cuda_root."""
+    tf_flags = [f for f in tf_compile_flags() if not f.startswith("-std=")]
+    return clang_device_flags(root, spec) + tf_flags + [
+        "-DNDEBUG", "-DGOOGLE_CUDA=1", f"-DTF_KLD_NEEDED_DRIVER={CLANG_NEEDED_DRIVER}",
+        "-DTF_KLD_CUDA_ARCH_LIST=" + ",".join(str(a * 10) for a, _, _ in cuda_archs(spec)),
+        "-fPIC", "-fvisibility=hidden", "-Wno-deprecated-declarations", "-I" + include_dir(), "-I."]
 
 
 def cuda_compile_command(work_dir, spec=None):
@@ -367,6 +371,8 @@ def main(argv=None):
     group.add_argument("--nvcc-command", action="store_true",
                        help="print nvcc and its flags for CUDA_SOURCES, one per line (needs --shim)")
     group.add_argument("--gencode", action="store_true", help="print the -gencode flags, one per line")
+    group.add_argument("--clang-command", metavar="ROOT",
+                       help="make the clang CUDA root in ROOT; print clang++ and its CUDA flags, one per line")
     parser.add_argument("--cuda", action="store_true", help="with --show/--bazelrc: the CUDA build too")
     parser.add_argument("--shim", help="the CUDA include shim directory (see make_cuda_shim)")
     parser.add_argument("--archs",
@@ -379,6 +385,9 @@ def main(argv=None):
         print(home)
     elif args.gencode:
         print("\n".join(gencode_flags(args.archs)))
+    elif args.clang_command:
+        root = make_clang_cuda_root(os.path.abspath(args.clang_command))
+        print("\n".join([clang()] + clang_device_flags(root, args.archs)))
     elif args.nvcc_command:
         if not args.shim:
             parser.error("--nvcc-command needs --shim")

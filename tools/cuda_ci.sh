@@ -5,7 +5,8 @@
 #   2. the standalone harness built with nvcc in both variants (CUDA 13's runtime static, and linked
 #      against TensorFlow's libcudart.so.12, pip-installed once if TensorFlow's is not there), and
 #      the checks of each that need no GPU (the float64 reference itself, the Divider, the launch
-#      plans, and a CPU replay of every checked launch);
+#      plans, and a CPU replay of every checked launch); with TF_KLD_CUDA_COMPILER=clang (the clang
+#      build of the library) also the harness's clang variant;
 #   3. tests/test_cuda_build.py on them: GPU kernels registered for both ops and every dtype, the
 #      driver gate (no GPU kernels, one warning, for a stand-in machine with GPUs and an old
 #      driver), tf_kld.gpu_info(), no CUDA runtime linked, no Eigen:: or tf_kld::gpu:: symbols
@@ -21,8 +22,20 @@ PYTHON=${PYTHON:-python3}
 export TF_CPP_MIN_LOG_LEVEL=2
 archs=${TF_KLD_CUDA_ARCHS:-80-real}
 # TF_KLD_CUDA_COMPILER=clang: the clang build (README's CUDA section), whose device code needs a
-# driver for CUDA 12.0 rather than nvcc 13's 13.0; the harness is built with nvcc either way.
-if [[ ${TF_KLD_CUDA_COMPILER:-nvcc} == clang ]]; then export TF_KLD_CUDA_NEEDED_DRIVER=12000; fi
+# driver for CUDA 12.0 rather than nvcc 13's 13.0; the harness then also gets its clang variant.
+harness_flags=(--self-test)
+if [[ ${TF_KLD_CUDA_COMPILER:-nvcc} == clang ]]; then
+  export TF_KLD_CUDA_NEEDED_DRIVER=12000
+  harness_flags+=(--clang)
+  # ptxas 12.5: where tools/cuda_harness.sh would install it, so that both use one copy.
+  if [[ -z ${TF_KLD_CUDA12_NVCC_DIR:-} ]] && ! "$PYTHON" -c 'import nvidia.cuda_nvcc' 2>/dev/null; then
+    export TF_KLD_CUDA12_NVCC_DIR=$PWD/build/cuda_harness/cuda12_nvcc
+    [[ -x $TF_KLD_CUDA12_NVCC_DIR/nvidia/cuda_nvcc/bin/ptxas ]] ||
+      "$PYTHON" -m pip install -q --disable-pip-version-check --no-deps --target "$TF_KLD_CUDA12_NVCC_DIR" \
+        "$("$PYTHON" -c 'import sys; sys.path.insert(0, "tools"); import build_flags
+print(*build_flags.CLANG_CUDA_WHEELS)')"
+  fi
+fi
 bazel=0
 for arg in "$@"; do
   case "$arg" in
@@ -55,7 +68,8 @@ test -f "$library"
 log "pip CUDA build took $((SECONDS - start)) s"
 
 log "CUDA harness: nvcc build for $archs (both runtimes) and the checks that need no GPU"
-TF_KLD_CUDA_ARCHS=$archs bash tools/cuda_harness.sh --self-test
+rm -f build/cuda_harness/harness_clang  # only what this run builds is checked
+TF_KLD_CUDA_ARCHS=$archs bash tools/cuda_harness.sh "${harness_flags[@]}"
 export TF_KLD_CUDA_HARNESS_DIR=$PWD/build/cuda_harness
 
 TF_KLD_CUDA_LIBRARY=$library "$PYTHON" -m pytest tests/test_cuda_build.py -q -p no:cacheprovider

@@ -13,6 +13,10 @@
 #       nvidia-cuda-runtime-cu12 (tensorflow[and-cuda]) or, failing that, is pip-installed with
 #       --target into build/cuda_harness/cudart12 (CUDART12_WHEEL); TF_KLD_CUDART12_DIR overrides.
 # On a GPU both run the checks (the cudart12 one writes bench/results/cuda_harness_cudart12.*).
+# --clang adds a third, build/cuda_harness/harness_clang: the device code built as the clang build of
+# the library builds it (clang -> PTX -> ptxas 12.5, tools/build_flags.py --clang-command), linked
+# against libcudart.so.12; ptxas 12.5 is pip-installed with --target (nvidia-cuda-nvcc-cu12) when
+# TF_KLD_CUDA12_NVCC_DIR does not name it. On a GPU it shows whether clang's kernels pass too.
 #
 #   bash tools/cuda_harness.sh                  # build and run everything the machine allows
 #   bash tools/cuda_harness.sh --compile-only   # build only (no GPU needed)
@@ -20,6 +24,7 @@
 #   bash tools/cuda_harness.sh --run-only       # run binaries built before (e.g. on a GPU machine
 #                                               # without nvcc)
 #   bash tools/cuda_harness.sh --static-only    # with any of the above: the static variant only
+#   bash tools/cuda_harness.sh --clang          # with any of the above: also the clang variant
 #   bash tools/cuda_harness.sh -- --quick       # arguments after -- go to the harness
 #
 # Architectures: TF_KLD_CUDA_ARCHS (tools/build_flags.py syntax) if set; else, with a GPU present,
@@ -35,11 +40,12 @@ harness_args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --static-only) variants=(static) ;;
+    --clang) variants+=(clang) ;;
     --compile-only) mode=compile ;;
     --self-test) mode=self-test ;;
     --run-only) mode=run ;;
     --) shift; harness_args=("$@"); break ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "cuda_harness.sh: unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -73,6 +79,21 @@ PY
   echo "$(cd "$target/nvidia/cuda_runtime/lib" && pwd)"
 }
 
+# ptxas 12.5 and libdevice for the clang variant: TF_KLD_CUDA12_NVCC_DIR, an importable
+# nvidia-cuda-nvcc-cu12, or the pinned wheel pip-installed into $out_dir/cuda12_nvcc (once).
+CUDA12_NVCC_WHEEL=$("$PYTHON" -c 'import sys; sys.path.insert(0, "tools"); import build_flags
+print(*build_flags.CLANG_CUDA_WHEELS)')
+cuda12_nvcc() {
+  [[ -n ${TF_KLD_CUDA12_NVCC_DIR:-} ]] && return
+  "$PYTHON" -c 'import nvidia.cuda_nvcc' 2>/dev/null && return
+  local target=$out_dir/cuda12_nvcc
+  if [[ ! -x $target/nvidia/cuda_nvcc/bin/ptxas ]]; then
+    echo "cuda_harness.sh: pip install --target $target $CUDA12_NVCC_WHEEL" >&2
+    "$PYTHON" -m pip install -q --disable-pip-version-check --no-deps --target "$target" "$CUDA12_NVCC_WHEEL" >&2
+  fi
+  export TF_KLD_CUDA12_NVCC_DIR=$PWD/$target
+}
+
 if [[ $mode != run ]]; then
   cuda_home=$("$PYTHON" tools/build_flags.py --cuda-home) || {
     echo "cuda_harness.sh: no nvcc found: set CUDA_HOME (see tools/build_flags.py NVCC_WHEELS)" >&2
@@ -92,10 +113,19 @@ import build_flags; print(build_flags.DEFAULT_CUDA_ARCHS)'); else archs=80-real;
       link=(-cudart none -L"$lib" -l:libcudart.so.12 -Xlinker -rpath="$lib")
     fi
     start=$SECONDS
-    echo "cuda_harness.sh: $cuda_home/bin/nvcc for $archs ($variant runtime)"
-    # -fmad=false as the op library (tools/build_flags.py NVCC_FLAGS).
-    "$cuda_home/bin/nvcc" -std=c++17 -O3 -fmad=false --expt-relaxed-constexpr -I. "${gencode[@]}" \
-      --threads "${#gencode[@]}" bench/cuda/harness.cu "${link[@]}" -o "$(binary_of "$variant")"
+    if [[ $variant == clang ]]; then
+      cuda12_nvcc
+      lib=$(cudart12_dir)
+      mapfile -t clang_cmd < <("$PYTHON" tools/build_flags.py --clang-command "$out_dir/clang_cuda" --archs "$archs")
+      echo "cuda_harness.sh: ${clang_cmd[0]} for $archs (ptxas 12.5, cudart12 runtime)"
+      "${clang_cmd[@]}" -I. bench/cuda/harness.cu -L"$lib" -l:libcudart.so.12 -Wl,-rpath,"$lib" \
+        -o "$(binary_of "$variant")"
+    else
+      echo "cuda_harness.sh: $cuda_home/bin/nvcc for $archs ($variant runtime)"
+      # -fmad=false as the op library (tools/build_flags.py NVCC_FLAGS).
+      "$cuda_home/bin/nvcc" -std=c++17 -O3 -fmad=false --expt-relaxed-constexpr -I. "${gencode[@]}" \
+        --threads "${#gencode[@]}" bench/cuda/harness.cu "${link[@]}" -o "$(binary_of "$variant")"
+    fi
     echo "cuda_harness.sh: built $(binary_of "$variant") in $((SECONDS - start)) s"
   done
 fi
