@@ -10,7 +10,9 @@ contexts alone); if it fails to compile, the build warns and goes on without it.
 
 TF_KLD_CUDA=1 adds the CUDA kernels (nvcc 13 from $CUDA_HOME, /usr/local/cuda, PATH or the pip wheels
 in build_flags.NVCC_WHEELS); TF_KLD_CUDA_ARCHS="75-real;80-real;86-real;89-real;90" (the default)
-picks the GPU architectures. The library still loads and runs on CPU-only machines.
+picks the GPU architectures; TF_KLD_CUDA_COMPILER=clang compiles the device code with clang and
+ptxas 12.5 instead (runs on R525+ drivers; see build_flags.py). The library still loads and runs on
+CPU-only machines.
 """
 
 import hashlib
@@ -69,12 +71,13 @@ class BuildOpLibrary(build_ext):
         os.makedirs(tmp, exist_ok=True)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         cuda_sources = []
-        if cuda:  # objects that differ from the CPU build's, per architecture list
+        if cuda:  # objects that differ from the CPU build's, per compiler and architecture list
             archs = build_flags.cuda_archs_string()
-            tmp_cuda = os.path.join(tmp + "_cuda", "".join(c if c.isalnum() else "_" for c in archs))
-            shim = build_flags.make_cuda_shim(os.path.join(tmp_cuda, "shim"))
+            key = build_flags.cuda_compiler() + "_" + archs
+            tmp_cuda = os.path.join(tmp + "_cuda", "".join(c if c.isalnum() else "_" for c in key))
+            cuda_cmd, cuda_host_flags = build_flags.cuda_compile_command(tmp_cuda)
             cuda_sources = build_flags.CUDA_SOURCES + build_flags.CUDA_HOST_SOURCES
-            print(f"tf_kld: CUDA build with {build_flags.nvcc()} for {archs}", flush=True)
+            print(f"tf_kld: CUDA build with {cuda_cmd[0]} for {archs}", flush=True)
 
         def compile_one(source):
             if source in cuda_sources:
@@ -105,9 +108,9 @@ class BuildOpLibrary(build_ext):
                     os.path.getmtime(f) for f in deps):
                 return obj
             if source in build_flags.CUDA_SOURCES:
-                cmd = [build_flags.nvcc()] + build_flags.nvcc_flags(shim)
+                cmd = list(cuda_cmd)
             else:
-                cmd = cxx + build_flags.cuda_host_flags(shim) + build_flags.compile_flags()
+                cmd = cxx + cuda_host_flags + build_flags.compile_flags()
             cmd += ["-c", source, "-o", obj]
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True)

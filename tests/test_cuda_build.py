@@ -1,6 +1,11 @@
 """The CUDA build, checked without a GPU: a library built with TF_KLD_CUDA=1 registers GPU kernels of
-both ops for every dtype, links no CUDA runtime, loads on a machine without a GPU, and its CPU
-kernels give bit-identical results to the CPU-only library's.
+both ops for every dtype, links no CUDA runtime, exports no Eigen:: or tf_kld::gpu:: symbols, loads
+on a machine without a GPU, and its CPU kernels give bit-identical results to the CPU-only
+library's. Its driver gate (cc/kernels/kld_gpu_gate.h) is checked by standing in for a machine with
+GPUs and an old or a new driver (TF_KLD_TEST_DRIVER_VERSION, TF_KLD_TEST_GPU_COUNT), and
+tf_kld.gpu_info() on both builds. With TF_KLD_CUDA_HARNESS_DIR (tools/cuda_ci.sh sets it), the
+harness binaries built by tools/cuda_harness.sh are checked too: the variant linked against
+TensorFlow's libcudart.so.12 really is, and neither uses cudaGetDeviceProperties.
 
 Runs when TF_KLD_CUDA_LIBRARY names such a library (tools/cuda_ci.sh builds one and sets it),
 skipped otherwise. Each library runs in its own interpreter: two libraries cannot register the same
@@ -9,6 +14,7 @@ ops in one process.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,10 +36,14 @@ import ctypes, json, sys
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import kernels
-import tf_kld
 
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import tf_kld
 out = {"loaded": tf_kld.custom_op_loaded(), "error": tf_kld.ops.load_error(),
-       "gpus": len(tf.config.list_physical_devices("GPU"))}
+       "gpus": len(tf.config.list_physical_devices("GPU")), "gpu_info": tf_kld.gpu_info(),
+       "warnings": [str(w.message) for w in caught if "tf_kld" in str(w.message)]}
 out["kernels"] = {
     op: sorted([k.device_type, tf.as_dtype(k.constraint[0].allowed_values.list.type[0]).name]
                for k in kernels.get_registered_kernels_for_op(op).kernel)
@@ -70,29 +80,52 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _probe(library, npz):
-    env = dict(os.environ, TF_KLD_LIBRARY=library, TF_CPP_MIN_LOG_LEVEL="2")
+def _probe(library, npz, **env_extra):
+    env = dict(os.environ, TF_KLD_LIBRARY=library, TF_CPP_MIN_LOG_LEVEL="2", **env_extra)
     env.pop("TF_KLD_IMPL", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [IMPORT_ROOT, env.get("PYTHONPATH")]))
     return subprocess.Popen([sys.executable, "-c", _PROBE, str(npz)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
+# Probes: the CUDA library and the CPU-only one as they are here (no GPU), and the CUDA library on
+# stand-ins for machines with GPUs: a driver for CUDA 12.8 (R570, too old for nvcc 13 device code),
+# one for CUDA 13.0 (R580, enough), and GPUs without a usable driver.
+# nvcc 13 builds need 13000; clang builds (TF_KLD_CUDA_COMPILER=clang) 12000 (R525, TensorFlow's own).
+NEEDED = int(os.environ.get("TF_KLD_CUDA_NEEDED_DRIVER", "13000"))
+OLD_DRIVER = NEEDED - 920  # 13000 -> 12080 (CUDA 12.8, R570); 12000 -> 11080 (CUDA 11.8)
+PROBES = {
+    "cuda": {},
+    "cpu": None,
+    "cuda_old_driver": {"TF_KLD_TEST_DRIVER_VERSION": str(OLD_DRIVER), "TF_KLD_TEST_GPU_COUNT": "2"},
+    "cuda_new_driver": {"TF_KLD_TEST_DRIVER_VERSION": str(NEEDED), "TF_KLD_TEST_GPU_COUNT": "2"},
+    "cuda_no_driver": {"TF_KLD_TEST_DRIVER_VERSION": "0", "TF_KLD_TEST_GPU_COUNT": "1"},
+}
+
+
+def _cuda(version):
+    return f"CUDA {version // 1000}.{version % 1000 // 10}"
+
+
 @pytest.fixture(scope="module")
 def probes(tmp_path_factory):
-    """{"cuda"|"cpu": (probe output, results)} for the CUDA library and the CPU-only one, concurrently."""
+    """{name: (probe output, results)} for each of PROBES, two at a time."""
     tmp = tmp_path_factory.mktemp("cuda_build")
-    libraries = {"cuda": CUDA_LIBRARY, "cpu": tf_kld.ops.library_path()}
     assert os.path.exists(CUDA_LIBRARY), CUDA_LIBRARY
     assert tf_kld.custom_op_loaded(), f"the CPU-only library is needed: {tf_kld.ops.load_error()}"
-    procs = {name: _probe(lib, tmp / f"{name}.npz") for name, lib in libraries.items()}
     out = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-        assert proc.returncode == 0 and lines, f"{name} probe failed ({libraries[name]}):\n{stderr[-3000:]}"
-        with np.load(tmp / f"{name}.npz") as data:
-            out[name] = (json.loads(lines[-1][7:]), dict(data))
+    names = list(PROBES)
+    for batch in (names[i:i + 2] for i in range(0, len(names), 2)):
+        procs = {}
+        for name in batch:
+            library = tf_kld.ops.library_path() if PROBES[name] is None else CUDA_LIBRARY
+            procs[name] = (library, _probe(library, tmp / f"{name}.npz", **(PROBES[name] or {})))
+        for name, (library, proc) in procs.items():
+            stdout, stderr = proc.communicate(timeout=600)
+            lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+            assert proc.returncode == 0 and lines, f"{name} probe failed ({library}):\n{stderr[-3000:]}"
+            with np.load(tmp / f"{name}.npz") as data:
+                out[name] = (json.loads(lines[-1][7:]), dict(data))
     return out
 
 
@@ -128,11 +161,98 @@ def test_no_cuda_runtime_linked():
     assert ".nv_fatbin" in sections, "no device code in the library"
 
 
-def test_cpu_results_bit_identical(probes):
-    cuda, cpu = probes["cuda"][1], probes["cpu"][1]
+@pytest.mark.parametrize("name", ["cuda", "cuda_old_driver"])
+def test_cpu_results_bit_identical(probes, name):
+    cuda, cpu = probes[name][1], probes["cpu"][1]
     assert sorted(cuda) == sorted(cpu) and len(cpu) == 4 * 4 * 3
     for key in cpu:
         a, b = cpu[key], cuda[key]
         assert a.dtype == b.dtype and a.shape == b.shape, key
         same = (a.view(f"u{a.itemsize}") == b.view(f"u{b.itemsize}")) | (np.isnan(a) & np.isnan(b))
         assert same.all(), f"{key}: {np.count_nonzero(~same)} values differ"
+
+
+def _built_archs(probe):
+    return sorted({int(a) // 10 for a in probe["archs"].split(",")})
+
+
+def test_gpu_info_cuda_build_without_gpu(probes):
+    info = probes["cuda"][0]
+    assert info["gpu_info"] == {"built_archs": _built_archs(info), "driver_version": None,
+                                "needed_driver_version": NEEDED, "kernels_registered": True, "reason": None}
+    assert info["gpu_info"]["built_archs"] and not info["warnings"], info
+
+
+def test_gpu_info_cpu_build(probes):
+    info = probes["cpu"][0]["gpu_info"]
+    assert info["built_archs"] == [] and info["needed_driver_version"] is None
+    assert info["kernels_registered"] is False and "built without CUDA kernels" in info["reason"]
+    assert not probes["cpu"][0]["warnings"]
+
+
+@pytest.mark.parametrize("name, driver", [("cuda_old_driver", OLD_DRIVER), ("cuda_no_driver", None)])
+def test_old_or_missing_driver_registers_no_gpu_kernels(probes, name, driver):
+    info = probes[name][0]
+    for op in OPS:
+        assert sorted(d for device, d in info["kernels"][op] if device == "CPU") == DTYPES, info["kernels"]
+        assert not [k for k in info["kernels"][op] if k[0] == "GPU"], info["kernels"]
+    gpu_info = info["gpu_info"]
+    assert gpu_info["kernels_registered"] is False and gpu_info["driver_version"] == driver
+    assert gpu_info["built_archs"] == _built_archs(info)
+    reason = gpu_info["reason"]
+    branch = {13000: "R580", 12000: "R525"}[NEEDED]
+    assert f"{_cuda(NEEDED)} ({branch} or newer)" in reason, reason
+    found = f"{_cuda(driver)} (cudaDriverGetVersion {driver})" if driver else "no usable CUDA driver"
+    assert found in reason, reason
+    # One warning at import, naming the driver found and the one needed.
+    assert info["warnings"] == [f"tf_kld: {reason}"], info["warnings"]
+
+
+def test_new_driver_registers_gpu_kernels(probes):
+    info = probes["cuda_new_driver"][0]
+    for op in OPS:
+        assert sorted(d for device, d in info["kernels"][op] if device == "GPU") == DTYPES, info["kernels"]
+    assert info["gpu_info"]["kernels_registered"] is True and info["gpu_info"]["reason"] is None
+    assert info["gpu_info"]["driver_version"] == NEEDED and not info["warnings"]
+
+
+def _exported(library):
+    out = subprocess.run(["nm", "-D", "--defined-only", "-C", library], capture_output=True, text=True,
+                         check=True).stdout
+    return [line.split(" ", 2)[2] for line in out.splitlines() if line.count(" ") >= 2]
+
+
+def test_no_eigen_or_gpu_internals_exported():
+    symbols = _exported(CUDA_LIBRARY)
+    assert "TfKldCudaArchs" in symbols and "TfKldGpuKernelsRegistered" in symbols
+    leaked = [s for s in symbols if s.startswith("Eigen::") or "tf_kld::gpu::" in s]
+    assert not leaked, leaked[:20]
+
+
+def test_only_exact_math_kernels_compiled_in():
+    # The fast_math kernels (kld_gpu.cu.h, 16-bit types) are the harness's; the library uses none.
+    with open(CUDA_LIBRARY, "rb") as f:
+        names = set(re.findall(rb"_ZN6tf_kld3gpu1[34](?:Forward|Gradient)KernelI(?:6__half|13__nv_bfloat16|f|d)"
+                               rb"Lb([01])E", f.read()))
+    assert names == {b"0"}, names
+
+
+HARNESS_DIR = os.environ.get("TF_KLD_CUDA_HARNESS_DIR")
+
+
+@pytest.mark.skipif(not HARNESS_DIR, reason="TF_KLD_CUDA_HARNESS_DIR is not set (tools/cuda_ci.sh sets it)")
+@pytest.mark.parametrize("variant", ["harness", "harness_cudart12", "harness_clang"])
+def test_harness_variants(variant):
+    binary = os.path.join(HARNESS_DIR, variant)
+    if variant == "harness_clang" and not os.path.exists(binary):
+        pytest.skip("the clang variant is built by cuda_harness.sh --clang only")
+    needed = subprocess.run(["readelf", "-d", binary], capture_output=True, text=True, check=True).stdout
+    imports = subprocess.run(["nm", "-D", "--undefined-only", binary], capture_output=True, text=True,
+                             check=True).stdout
+    if variant != "harness":  # TensorFlow's runtime, as the op library uses it
+        assert "[libcudart.so.12]" in needed, needed
+        assert "cudaLaunchKernel" in imports and "cudaDeviceGetAttribute" in imports
+        # CUDA 12's cudaDeviceProp has another layout than the one the harness is compiled with.
+        assert "cudaGetDeviceProperties" not in imports
+    else:  # CUDA 13's runtime, linked statically
+        assert "libcudart" not in needed, needed

@@ -15,6 +15,7 @@ import sys as _sys
 
 from tf_kld import aliases as _aliases
 from tf_kld import reference
+from tf_kld.gpu import gpu_info
 from tf_kld.keras_objects import KLDivergence
 from tf_kld.linear import linear_distillation_loss
 from tf_kld.ops import custom_op_loaded
@@ -36,6 +37,7 @@ __all__ = [
     "KLDivergence",
     "custom_op_loaded",
     "current_implementation",
+    "gpu_info",
     "implementation",
     "kl_divergence",
     "kld",

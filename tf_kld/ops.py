@@ -5,7 +5,8 @@ The choice is made at trace time (once per eager call, once per tf.function trac
 * ``reference`` - the pure-TF composite in :mod:`tf_kld.reference`.
 * ``custom``    - the fused C++ op; an error if the library did not load.
 * ``auto``      - the custom op when it is loaded and the graph is not being compiled by XLA
-                  (jit_compile, TPU), the composite otherwise.
+                  (jit_compile, TPU), the composite otherwise; also the composite for an op placed on
+                  a GPU that the library has no GPU kernels for (see :mod:`tf_kld.gpu`).
 
 The default comes from the environment variable ``TF_KLD_IMPL`` (auto|custom|reference) and is
 overridden, per thread, by the :func:`implementation` context manager.
@@ -248,7 +249,10 @@ def use_custom_op():
             raise RuntimeError(f"tf_kld: implementation 'custom' was requested but {_load_error}. "
                                + _REBUILD_HINT.split(" Until then")[0])
         return True
-    return _module is not None and not in_xla_context()
+    if _module is None or in_xla_context():
+        return False
+    from tf_kld import gpu  # pylint: disable=import-outside-toplevel  (gpu imports this module)
+    return not gpu.composite_on_gpu()
 
 
 # --------------------------------------------------------------------------------------------

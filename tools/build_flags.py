@@ -7,7 +7,8 @@ installed TensorFlow's `tf.sysconfig`, so the library always matches the TF it w
     python3 tools/build_flags.py --bazelrc   # lines for .bazelrc (used by configure.sh)
 
 CUDA builds (see the CUDA section below): `--show --cuda`, `--bazelrc --cuda` (configure.sh --cuda),
-`--cuda-home`, `--gencode` and `--nvcc-command --shim DIR` (the nvcc command line Bazel's genrule runs).
+`--cuda-home`, `--gencode` and `--nvcc-command --shim DIR` (the nvcc command line Bazel's genrule runs),
+`--clang-command DIR` (clang's, for the harness).
 """
 
 import argparse
@@ -22,6 +23,7 @@ SOURCES = [
     "cc/ops/kld_ops.cc",
     "cc/kernels/kld_kernels.cc",
     "cc/kernels/kld_cpu_generic.cc",
+    "cc/kernels/kld_gpu_gate.cc",  # the GPU kernels' driver gate; in CPU builds for gpu_info()
 ]
 AVX2_SOURCES = ["cc/kernels/kld_cpu_avx2.cc"]
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
@@ -35,7 +37,7 @@ XLA_SOURCES = ["cc/kernels/kld_xla.cc"]
 CXXFLAGS = ["-O3", "-DNDEBUG", "-fPIC", "-fvisibility-inlines-hidden", "-fno-math-errno", "-ffp-contract=off",
             "-Wall", "-Wno-sign-compare", "-Wno-unused-function", "-Wno-psabi",
             "-Wno-deprecated-declarations", "-Wno-interference-size"]
-LDFLAGS = ["-shared", "-Wl,--no-undefined", "-Wl,-O1"]
+LDFLAGS = ["-shared", "-Wl,--no-undefined", "-Wl,-O1", "-ldl"]  # -ldl: the driver gate, glibc < 2.34
 
 LIBRARY_NAME = "_kld_ops.so"
 
@@ -136,8 +138,12 @@ DEFAULT_CUDA_ARCHS = "75-real;80-real;86-real;89-real;90"
 # <site-packages>/nvidia/cu13.
 NVCC_WHEELS = ["nvidia-cuda-nvcc==13.0.88", "nvidia-cuda-crt==13.0.88", "nvidia-nvvm==13.0.88",
                "nvidia-cuda-runtime==13.0.96", "nvidia-cuda-cccl==13.0.85"]
+# -fmad=false: nvcc, like the CPU build (-ffp-contract=off), never fuses a product into an add on
+# its own, so GPU and CPU round the same terms the same way. -fvisibility=hidden: the nvcc object
+# exports nothing but TfKldCudaArchs (no Eigen:: or tf_kld::gpu:: symbols from the .so).
 NVCC_FLAGS = ["-x", "cu", "-std=c++17", "--expt-relaxed-constexpr", "-O3", "-DNDEBUG", "-DGOOGLE_CUDA=1",
-              "-Xcompiler", "-fPIC", "-Xcompiler", "-Wno-deprecated-declarations"]
+              "-fmad=false", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+              "-Xcompiler", "-Wno-deprecated-declarations"]
 
 
 def cuda_home():
@@ -229,6 +235,120 @@ def nvcc(home=None):
     return os.path.join(home or _require_cuda_home(), "bin", "nvcc")
 
 
+# ---- CUDA with clang (TF_KLD_CUDA_COMPILER=clang; pip builds only) ---------------------------------
+# clang >= 16 compiles CUDA_SOURCES against the CUDA 12.5 headers bundled in TensorFlow's include dir
+# to PTX (ISA 7.8), ptxas 12.5 (from CLANG_CUDA_WHEELS) assembles it: device code that, by CUDA 12's
+# minor-version compatibility, a driver for CUDA 12.0 (R525, TensorFlow's own minimum) runs, where
+# nvcc 13's needs R580. fatbinary is CUDA 13's (from CUDA_HOME), behind a wrapper that translates
+# clang's --image= into the --image3= it takes. See the README's CUDA section for what is verified.
+CUDA_COMPILER_ENV = "TF_KLD_CUDA_COMPILER"
+CLANG_ENV = "TF_KLD_CLANG"  # the clang++ to use (default: clang++-16, then clang++)
+CLANG_CUDA_WHEELS = ["nvidia-cuda-nvcc-cu12==12.5.82"]
+CLANG_NEEDED_DRIVER = 12000
+# Directory holding nvidia/cuda_nvcc of CLANG_CUDA_WHEELS when it is not importable (pip --target).
+CLANG_CUDA_WHEEL_DIR_ENV = "TF_KLD_CUDA12_NVCC_DIR"
+
+
+def cuda_compiler():
+    compiler = os.environ.get(CUDA_COMPILER_ENV, "nvcc").strip().lower() or "nvcc"
+    if compiler not in ("nvcc", "clang"):
+        raise SystemExit(f"tf_kld: {CUDA_COMPILER_ENV}={compiler!r} is not nvcc or clang")
+    return compiler
+
+
+def clang():
+    for name in filter(None, [os.environ.get(CLANG_ENV), "clang++-16", "clang++"]):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise SystemExit(f"tf_kld: no clang++ found for {CUDA_COMPILER_ENV}=clang (apt-get install clang-16, "
+                     f"or set {CLANG_ENV})")
+
+
+def _cuda12_nvcc_dir():
+    roots = [os.environ.get(CLANG_CUDA_WHEEL_DIR_ENV)] + [p for p in sys.path if p]
+    for root in filter(None, roots):
+        candidate = os.path.join(root, "nvidia", "cuda_nvcc")
+        if os.path.isfile(os.path.join(candidate, "bin", "ptxas")):
+            return candidate
+    raise SystemExit(f"tf_kld: {CUDA_COMPILER_ENV}=clang needs ptxas and libdevice from CUDA 12: pip "
+                     f"install {' '.join(CLANG_CUDA_WHEELS)} (or pip install --target DIR and set "
+                     f"{CLANG_CUDA_WHEEL_DIR_ENV}=DIR)")
+
+
+_FATBINARY_WRAPPER = """#!/bin/sh
+# clang passes --image=profile=sm_NN,file=F / compute_NN; CUDA 13's fatbinary takes --image3=.
+for a in "$@"; do
+  shift
+  case "$a" in
+    --image=profile=sm_*) r=${a#--image=profile=sm_}; set -- "$@" "--image3=kind=elf,sm=${r%%,*},${r#*,}" ;;
+    --image=profile=compute_*) r=${a#--image=profile=compute_}; set -- "$@" "--image3=kind=ptx,sm=${r%%,*},${r#*,}" ;;
+    *) set -- "$@" "$a" ;;
+  esac
+done
+exec "%s" --compress-mode=none "$@"
+"""
+
+
+def make_clang_cuda_root(directory, home=None):
+    """A CUDA installation as clang's --cuda-path wants it: TensorFlow's bundled CUDA 12.5 headers,
+    libdevice and ptxas 12.5 from CLANG_CUDA_WHEELS, the fatbinary wrapper."""
+    home = home or _require_cuda_home()
+    nvcc12 = _cuda12_nvcc_dir()
+    links = {"include": os.path.join(include_dir(), "third_party", "gpus", "cuda", "include"),
+             "nvvm/libdevice": os.path.join(nvcc12, "nvvm", "libdevice"),
+             "bin/ptxas": os.path.join(nvcc12, "bin", "ptxas")}
+    for name, target in links.items():
+        link = os.path.join(directory, name)
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(target, link)
+    with open(os.path.join(directory, "bin", "fatbinary"), "w") as f:
+        f.write(_FATBINARY_WRAPPER % os.path.join(home, "bin", "fatbinary"))
+    os.chmod(os.path.join(directory, "bin", "fatbinary"), 0o755)
+    # CUDA 12's host_defines.h makes __noinline__ a macro, which breaks libstdc++ under clang >= 15
+    # (where it is a keyword); undone right after clang's own CUDA prelude.
+    with open(os.path.join(directory, "undef_noinline.h"), "w") as f:
+        f.write("#undef __noinline__\n")
+    return directory
+
+
+def clang_device_flags(root, spec=None):
+    """clang's flags for CUDA code of this project (the harness's too); root: make_clang_cuda_root."""
+    archs = cuda_archs(spec)
+    if any(not sass for _, sass, _ in archs):
+        raise SystemExit(f"tf_kld: the clang CUDA build needs real architectures (not -virtual): {spec}")
+    flags = ["-x", "cuda", f"--cuda-path={root}", "-Wno-unknown-cuda-version", "-std=c++17", "-O3",
+             # as nvcc's -fmad=false and the CPU build: no contraction into FMAs (clang's CUDA
+             # default is fast)
+             "-ffp-contract=off", "-include", os.path.join(root, "undef_noinline.h"),
+             "-isystem" + os.path.join(include_dir(), "third_party", "gpus", "cuda", "libcudacxx", "include")]
+    flags += [f"--cuda-gpu-arch=sm_{a}" for a, _, _ in archs]
+    return flags + [f"--no-cuda-include-ptx=sm_{a}" for a, _, ptx in archs if not ptx]
+
+
+def clang_cuda_flags(root, spec=None):
+    """Every clang flag for one of CUDA_SOURCES (add -c SOURCE -o OBJECT); root: make_clang_cuda_root."""
+    tf_flags = [f for f in tf_compile_flags() if not f.startswith("-std=")]
+    return clang_device_flags(root, spec) + tf_flags + [
+        "-DNDEBUG", "-DGOOGLE_CUDA=1", f"-DTF_KLD_NEEDED_DRIVER={CLANG_NEEDED_DRIVER}",
+        "-DTF_KLD_CUDA_ARCH_LIST=" + ",".join(str(a * 10) for a, _, _ in cuda_archs(spec)),
+        "-fPIC", "-fvisibility=hidden", "-Wno-deprecated-declarations", "-I" + include_dir(), "-I."]
+
+
+def cuda_compile_command(work_dir, spec=None):
+    """The compiler and flags for CUDA_SOURCES (add -c SOURCE -o OBJECT), and the extra flags of
+    CUDA_HOST_SOURCES (before compile_flags()), for TF_KLD_CUDA_COMPILER's choice. work_dir: where the
+    include shim (nvcc) or CUDA root (clang) is made."""
+    if cuda_compiler() == "clang":
+        root = make_clang_cuda_root(os.path.join(work_dir, "clang_cuda"))
+        return ([clang()] + clang_cuda_flags(root, spec),
+                ["-I" + os.path.join(root, "include"), "-DGOOGLE_CUDA=1"])
+    shim = make_cuda_shim(os.path.join(work_dir, "shim"))
+    return [nvcc()] + nvcc_flags(shim, spec), cuda_host_flags(shim)
+
+
 def _cuda_bazelrc():
     """build:cuda lines: the define that selects the GPU kernels (BUILD), what @local_config_cuda
     (tf/cuda_configure.bzl) reads, and the host flags of CUDA_HOST_SOURCES."""
@@ -268,6 +388,8 @@ def main(argv=None):
     group.add_argument("--nvcc-command", action="store_true",
                        help="print nvcc and its flags for CUDA_SOURCES, one per line (needs --shim)")
     group.add_argument("--gencode", action="store_true", help="print the -gencode flags, one per line")
+    group.add_argument("--clang-command", metavar="ROOT",
+                       help="make the clang CUDA root in ROOT; print clang++ and its CUDA flags, one per line")
     parser.add_argument("--cuda", action="store_true", help="with --show/--bazelrc: the CUDA build too")
     parser.add_argument("--shim", help="the CUDA include shim directory (see make_cuda_shim)")
     parser.add_argument("--archs",
@@ -280,6 +402,9 @@ def main(argv=None):
         print(home)
     elif args.gencode:
         print("\n".join(gencode_flags(args.archs)))
+    elif args.clang_command:
+        root = make_clang_cuda_root(os.path.abspath(args.clang_command))
+        print("\n".join([clang()] + clang_device_flags(root, args.archs)))
     elif args.nvcc_command:
         if not args.shim:
             parser.error("--nvcc-command needs --shim")

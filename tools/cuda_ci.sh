@@ -2,12 +2,18 @@
 # CI for the CUDA build on a machine without a GPU (nvcc 13 needed, see tools/build_flags.py):
 #   1. the library with GPU kernels for one architecture (TF_KLD_CUDA_ARCHS, default 80-real), built
 #      with pip's setup.py into a temporary directory (never over tf_kld/_kld_ops.so);
-#   2. tests/test_cuda_build.py on it: GPU kernels registered for both ops and every dtype, no CUDA
-#      runtime linked, loads without a GPU, CPU results bit-identical to the CPU-only library's;
-#   3. with --bazel, the same through ./configure.sh --cuda && bazel build --config=cuda (clean
-#      output base, offline), then .bazelrc is rewritten for the CPU build again;
-#   4. the standalone harness built with nvcc, and its checks that need no GPU (the float64
-#      reference itself, the Divider, the launch plans, and a CPU replay of every checked launch).
+#   2. the standalone harness built with nvcc in both variants (CUDA 13's runtime static, and linked
+#      against TensorFlow's libcudart.so.12, pip-installed once if TensorFlow's is not there), and
+#      the checks of each that need no GPU (the float64 reference itself, the Divider, the launch
+#      plans, and a CPU replay of every checked launch); with TF_KLD_CUDA_COMPILER=clang (the clang
+#      build of the library) also the harness's clang variant;
+#   3. tests/test_cuda_build.py on them: GPU kernels registered for both ops and every dtype, the
+#      driver gate (no GPU kernels, one warning, for a stand-in machine with GPUs and an old
+#      driver), tf_kld.gpu_info(), no CUDA runtime linked, no Eigen:: or tf_kld::gpu:: symbols
+#      exported, loads without a GPU, CPU results bit-identical to the CPU-only library's, and the
+#      harness variants linked as intended;
+#   4. with --bazel, the library through ./configure.sh --cuda && bazel build --config=cuda (clean
+#      output base, offline) and the same tests, then .bazelrc is rewritten for the CPU build again.
 #
 #   bash tools/cuda_ci.sh [--bazel]
 set -euo pipefail
@@ -15,6 +21,21 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 export TF_CPP_MIN_LOG_LEVEL=2
 archs=${TF_KLD_CUDA_ARCHS:-80-real}
+# TF_KLD_CUDA_COMPILER=clang: the clang build (README's CUDA section), whose device code needs a
+# driver for CUDA 12.0 rather than nvcc 13's 13.0; the harness then also gets its clang variant.
+harness_flags=(--self-test)
+if [[ ${TF_KLD_CUDA_COMPILER:-nvcc} == clang ]]; then
+  export TF_KLD_CUDA_NEEDED_DRIVER=12000
+  harness_flags+=(--clang)
+  # ptxas 12.5: where tools/cuda_harness.sh would install it, so that both use one copy.
+  if [[ -z ${TF_KLD_CUDA12_NVCC_DIR:-} ]] && ! "$PYTHON" -c 'import nvidia.cuda_nvcc' 2>/dev/null; then
+    export TF_KLD_CUDA12_NVCC_DIR=$PWD/build/cuda_harness/cuda12_nvcc
+    [[ -x $TF_KLD_CUDA12_NVCC_DIR/nvidia/cuda_nvcc/bin/ptxas ]] ||
+      "$PYTHON" -m pip install -q --disable-pip-version-check --no-deps --target "$TF_KLD_CUDA12_NVCC_DIR" \
+        "$("$PYTHON" -c 'import sys; sys.path.insert(0, "tools"); import build_flags
+print(*build_flags.CLANG_CUDA_WHEELS)')"
+  fi
+fi
 bazel=0
 for arg in "$@"; do
   case "$arg" in
@@ -45,6 +66,12 @@ TF_KLD_CUDA=1 TF_KLD_CUDA_ARCHS=$archs "$PYTHON" setup.py -q build_ext --build-l
 library=$work/lib/tf_kld/_kld_ops.so
 test -f "$library"
 log "pip CUDA build took $((SECONDS - start)) s"
+
+log "CUDA harness: nvcc build for $archs (both runtimes) and the checks that need no GPU"
+rm -f build/cuda_harness/harness_clang  # only what this run builds is checked
+TF_KLD_CUDA_ARCHS=$archs bash tools/cuda_harness.sh "${harness_flags[@]}"
+export TF_KLD_CUDA_HARNESS_DIR=$PWD/build/cuda_harness
+
 TF_KLD_CUDA_LIBRARY=$library "$PYTHON" -m pytest tests/test_cuda_build.py -q -p no:cacheprovider
 
 if [[ $bazel == 1 ]]; then
@@ -60,7 +87,4 @@ if [[ $bazel == 1 ]]; then
   log "Bazel CUDA build took $((SECONDS - start)) s"
   TF_KLD_CUDA_LIBRARY=$bazel_library "$PYTHON" -m pytest tests/test_cuda_build.py -q -p no:cacheprovider
 fi
-
-log "CUDA harness: nvcc build for $archs and the checks that need no GPU"
-TF_KLD_CUDA_ARCHS=$archs bash tools/cuda_harness.sh --self-test
 log "OK"

@@ -6,6 +6,7 @@
 //
 //   bash tools/cuda_harness.sh                    # build with nvcc and run (see that script)
 //   harness [--self-test] [--check] [--bench] [--quick] [--large] [--json FILE] [--csv FILE]
+//           [--device-name NAME]   (recorded with the results; tools/cuda_harness.sh passes nvidia-smi's)
 //
 // --self-test needs no GPU: it checks the reference itself against known values, the Divider, the
 // launch plans, and replays every check's launch on the CPU (the same SegmentSum/GradientItem code
@@ -294,6 +295,21 @@ void ReplayForwardImpl(const T* t, const T* p, T* loss, int64_t rows, int64_t co
   }
 }
 
+// The library's launchers with fast_math chosen at run time (the library compiles only the exact ones).
+template <typename T>
+cudaError_t LaunchForward(cudaStream_t stream, const T* t, const T* p, T* loss, int64_t rows, int64_t cols,
+                          double eps, const ForwardPlan& plan, double* scratch, bool fast_math) {
+  return fast_math ? tf_kld::gpu::LaunchForward<T, true>(stream, t, p, loss, rows, cols, eps, plan, scratch)
+                   : tf_kld::gpu::LaunchForward<T, false>(stream, t, p, loss, rows, cols, eps, plan, scratch);
+}
+
+template <typename T>
+cudaError_t LaunchGradient(cudaStream_t stream, const T* g, const T* t, const T* p, T* out, int64_t rows,
+                           int64_t cols, double eps, bool wrt_true, bool fast_math) {
+  return fast_math ? tf_kld::gpu::LaunchGradient<T, true>(stream, g, t, p, out, rows, cols, eps, wrt_true)
+                   : tf_kld::gpu::LaunchGradient<T, false>(stream, g, t, p, out, rows, cols, eps, wrt_true);
+}
+
 template <typename T>
 void ReplayForward(const T* t, const T* p, T* loss, int64_t rows, int64_t cols, double eps, bool fast_math) {
   const ForwardPlan plan = tf_kld::gpu::PlanForward(rows, cols, sizeof(T));
@@ -455,7 +471,7 @@ void CheckCase(bool device, Shape shape, Data data, const Layout& layout, double
     const ForwardPlan plan = tf_kld::gpu::PlanForward(rows, cols, sizeof(T));
     double* scratch = nullptr;
     if (plan.splits > 1) CUDA_OK(cudaMalloc(&scratch, tf_kld::gpu::ForwardScratchBytes(plan, rows)));
-    CUDA_OK(tf_kld::gpu::LaunchForward(nullptr, td, pd, lb.base, rows, cols, eps, plan, scratch, fast_math));
+    CUDA_OK(LaunchForward(nullptr, td, pd, lb.base, rows, cols, eps, plan, scratch, fast_math));
     CUDA_OK(cudaDeviceSynchronize());
     cudaFree(scratch);
   } else {
@@ -491,8 +507,7 @@ void CheckCase(bool device, Shape shape, Data data, const Layout& layout, double
       out = (wrt_true ? tb.base + layout.t_offset : pb.base + layout.p_offset);
     }
     if (device) {
-      CUDA_OK(
-          tf_kld::gpu::LaunchGradient(nullptr, gb.base, td, pd, out, rows, cols, eps, wrt_true, fast_math));
+      CUDA_OK(LaunchGradient(nullptr, gb.base, td, pd, out, rows, cols, eps, wrt_true, fast_math));
       CUDA_OK(cudaDeviceSynchronize());
     } else {
       ReplayGradient(gb.base, td, pd, out, rows, cols, eps, wrt_true, fast_math);
@@ -747,14 +762,12 @@ void BenchDtype(Timer* timer, const std::vector<Shape>& shapes, double copy_gbps
     double* scratch = nullptr;
     if (plan.splits > 1) CUDA_OK(cudaMalloc(&scratch, tf_kld::gpu::ForwardScratchBytes(plan, rows)));
     auto forward = [&] {
-      CUDA_OK(tf_kld::gpu::LaunchForward(nullptr, tb.base, pb.base, lb.base, rows, cols, eps, plan, scratch,
-                                         fast_math));
+      CUDA_OK(LaunchForward(nullptr, tb.base, pb.base, lb.base, rows, cols, eps, plan, scratch, fast_math));
     };
     // The gradient consumes the loss as its upstream gradient, so it waits for the forward.
     auto both = [&] {
       forward();
-      CUDA_OK(tf_kld::gpu::LaunchGradient(nullptr, lb.base, tb.base, pb.base, ob.base, rows, cols, eps, false,
-                                          fast_math));
+      CUDA_OK(LaunchGradient(nullptr, lb.base, tb.base, pb.base, ob.base, rows, cols, eps, false, fast_math));
     };
     const double s = sizeof(T);
     const double fwd_bytes = 2 * n * s + rows * s, bwd_bytes = 3 * n * s + rows * s;
@@ -773,9 +786,26 @@ void BenchDtype(Timer* timer, const std::vector<Shape>& shapes, double copy_gbps
   }
 }
 
+// What the benchmark records about device 0. cudaDeviceGetAttribute, not cudaGetDeviceProperties:
+// the variant linked against TensorFlow's libcudart.so.12 would bind the latter to CUDA 12's
+// cudaDeviceProp (1008 bytes) while this file is compiled with CUDA 13's (1032, other offsets).
+struct DeviceInfo {
+  std::string name = "GPU 0";  // --device-name (the runtime API has no attribute for it)
+  int major = 0, minor = 0, multiProcessorCount = 0;
+};
+std::string device_name;
+
+DeviceInfo QueryDevice() {
+  DeviceInfo info;
+  if (!device_name.empty()) info.name = device_name;
+  CUDA_OK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, 0));
+  CUDA_OK(cudaDeviceGetAttribute(&info.minor, cudaDevAttrComputeCapabilityMinor, 0));
+  CUDA_OK(cudaDeviceGetAttribute(&info.multiProcessorCount, cudaDevAttrMultiProcessorCount, 0));
+  return info;
+}
+
 void Bench(bool quick, const std::string& json_path, const std::string& csv_path) {
-  cudaDeviceProp prop;
-  CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+  const DeviceInfo prop = QueryDevice();
   int driver = 0, runtime = 0;
   cudaDriverGetVersion(&driver);
   cudaRuntimeGetVersion(&runtime);
@@ -793,7 +823,8 @@ void Bench(bool quick, const std::string& json_path, const std::string& csv_path
   cudaFree(b);
   const double copy_gbps = 2.0 * copy_bytes / (copy_ms * 1e-3) / 1e9;
   std::printf("bench on %s (sm_%d%d, %d SMs, driver %d, runtime %d): device-to-device copy %.1f GB/s\n",
-              prop.name, prop.major, prop.minor, prop.multiProcessorCount, driver, runtime, copy_gbps);
+              prop.name.c_str(), prop.major, prop.minor, prop.multiProcessorCount, driver, runtime,
+              copy_gbps);
   std::vector<Shape> shapes = {{4096, 4096}, {1000000, 16}, {32, 131072}, {64, 1000000}, {8, 10}};
   if (quick) shapes = {{4096, 4096}, {1000000, 16}, {8, 10}};
   std::vector<BenchRow> rows;
@@ -810,8 +841,8 @@ void Bench(bool quick, const std::string& json_path, const std::string& csv_path
       std::perror(json_path.c_str());
       return;
     }
-    std::fprintf(f, "{\n  \"device\": \"%s\", \"compute_capability\": \"%d.%d\", \"sms\": %d,\n", prop.name,
-                 prop.major, prop.minor, prop.multiProcessorCount);
+    std::fprintf(f, "{\n  \"device\": \"%s\", \"compute_capability\": \"%d.%d\", \"sms\": %d,\n",
+                 prop.name.c_str(), prop.major, prop.minor, prop.multiProcessorCount);
     std::fprintf(f, "  \"driver\": %d, \"runtime\": %d, \"copy_gbps\": %.2f,\n  \"results\": [\n", driver,
                  runtime, copy_gbps);
     for (size_t i = 0; i < rows.size(); ++i) {
@@ -831,7 +862,7 @@ void Bench(bool quick, const std::string& json_path, const std::string& csv_path
     if (f != nullptr) {
       std::fprintf(f, "device,dtype,mode,rows,cols,ms,gbps,copy_gbps,fraction_of_copy\n");
       for (const BenchRow& r : rows) {
-        std::fprintf(f, "\"%s\",%s,%s,%" PRId64 ",%" PRId64 ",%.6f,%.2f,%.2f,%.4f\n", prop.name,
+        std::fprintf(f, "\"%s\",%s,%s,%" PRId64 ",%" PRId64 ",%.6f,%.2f,%.2f,%.4f\n", prop.name.c_str(),
                      r.dtype.c_str(), r.mode.c_str(), r.shape.rows, r.shape.cols, r.ms, r.gbps, copy_gbps,
                      r.copy_fraction);
       }
@@ -862,10 +893,13 @@ int main(int argc, char** argv) {
       json = argv[++i];
     } else if (a == "--csv" && i + 1 < argc) {
       csv = argv[++i];
+    } else if (a == "--device-name" && i + 1 < argc) {
+      device_name = argv[++i];
     } else {
       std::fprintf(
           stderr,
-          "usage: %s [--self-test] [--check] [--bench] [--quick] [--large] [--json FILE] [--csv FILE]\n",
+          "usage: %s [--self-test] [--check] [--bench] [--quick] [--large] [--json FILE] [--csv FILE]\n"
+          "          [--device-name NAME]\n",
           argv[0]);
       return 2;
     }

@@ -2,7 +2,7 @@
 timed like the harness times tf_kld's kernels (same shapes and dtypes, cold L2, median of CUDA-event
 timings) and printed beside them.
 
-    python3 bench/cuda/torch_peers.py --harness bench/results/cuda_harness.json --out bench/results/cuda_peers
+    python3 bench/cuda/torch_peers.py --harness bench/out/cuda_harness.json --out bench/out/cuda_peers
 
 The same semantics as tf_kld: both inputs clipped to [eps, 1], sum over the last axis; fwd+bwd is the
 loss and its gradient w.r.t. y_pred with the loss itself as the upstream gradient. tools/cuda_harness.sh

@@ -31,7 +31,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 #define TF_KLD_HD __host__ __device__ __forceinline__
 
@@ -334,12 +336,13 @@ TF_KLD_HD double SegmentSum(const T* t, const T* p, int64_t n, int lane, int lan
   const T* pv = p + head;
   // The V terms of a vector are added in the compute type, pairwise, then once into the double.
   auto vector_sum = [eps](const uint4& traw, const uint4& praw) {
-    C tt[V], pp[V];
+    constexpr int W = Tr::kPerVector;  // == V; clang does not let the lambda use V uncaptured
+    C tt[W], pp[W];
     Tr::Unpack(traw, tt);
     Tr::Unpack(praw, pp);
-    C s[V];
-    for (int j = 0; j < V; ++j) s[j] = Term<C, kFast>(tt[j], pp[j], eps);
-    for (int width = V / 2; width > 0; width /= 2) {
+    C s[W];
+    for (int j = 0; j < W; ++j) s[j] = Term<C, kFast>(tt[j], pp[j], eps);
+    for (int width = W / 2; width > 0; width /= 2) {
       for (int j = 0; j < width; ++j) s[j] = s[2 * j] + s[2 * j + 1];
     }
     return static_cast<double>(s[0]);
@@ -560,7 +563,28 @@ __global__ void __launch_bounds__(kGradientBlock)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host launchers. T: float, double, __half or __nv_bfloat16. Errors: the launch's cudaError_t.
+// Host launchers. T: float, double, __half or __nv_bfloat16. Errors: the launch's own cudaError_t.
+
+// Launches kernel<<<grid, block, 0, stream>>>(args...) and returns that launch's own error: the
+// per-thread "last error" slot is shared with every other CUDA user on the thread (TensorFlow's
+// libcudart included), so reading it could report someone else's failure as ours. A failed launch
+// also sets that slot; it is cleared again so that nobody else reports ours.
+template <typename Tuple, size_t... I>
+cudaError_t LaunchWith(const void* kernel, dim3 grid, dim3 block, cudaStream_t stream, Tuple& values,
+                       std::index_sequence<I...>) {
+  void* args[] = {static_cast<void*>(&std::get<I>(values))..., nullptr};
+  const cudaError_t err = cudaLaunchKernel(kernel, grid, block, args, 0, stream);
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return err;
+}
+
+template <typename... Params, typename... Args>
+cudaError_t Launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args... args) {
+  static_assert(sizeof...(Params) == sizeof...(Args), "wrong number of kernel arguments");
+  std::tuple<std::decay_t<Params>...> values(args...);  // converted to the parameters' exact types
+  return LaunchWith(reinterpret_cast<const void*>(kernel), grid, block, stream, values,
+                    std::index_sequence_for<Params...>());
+}
 
 // Whether a launch asked for fast_math may use the fast intrinsics: 16-bit types with an eps that
 // keeps t_c / p_c a normal float (__logf and __fdividef flush subnormals).
@@ -570,64 +594,48 @@ inline bool UseFastMath(double eps, bool fast_math) {
 }
 
 // loss[rows] of [rows, cols] inputs. scratch: ForwardScratchBytes(plan, rows) bytes of device memory
-// when plan.splits > 1 (plan from PlanForward(rows, cols, sizeof(T))), else unused.
-template <typename T>
+// when plan.splits > 1 (plan from PlanForward(rows, cols, sizeof(T))), else unused. kFastMath: the
+// fast_math kernels of 16-bit types (where UseFastMath allows) are compiled in only when asked for.
+template <typename T, bool kFastMath = false>
 cudaError_t LaunchForward(cudaStream_t stream, const T* t, const T* p, T* loss, int64_t rows, int64_t cols,
-                          double eps, const ForwardPlan& plan, double* scratch, bool fast_math = false) {
+                          double eps, const ForwardPlan& plan, double* scratch) {
   using C = typename Traits<T>::Compute;
+  constexpr bool kFast = kFastMath && sizeof(T) == 2;
   if (rows <= 0) return cudaSuccess;
   if (plan.splits > 1 && scratch == nullptr) return cudaErrorInvalidValue;
   const bool vectorised = SameVectorOffset(p, t);
   const C e = static_cast<C>(eps);
   const dim3 grid(static_cast<unsigned>(plan.blocks)), block(static_cast<unsigned>(plan.block));
-  if constexpr (sizeof(T) == 2) {
-    if (UseFastMath<T>(eps, fast_math)) {
-      ForwardKernel<T, true><<<grid, block, 0, stream>>>(t, p, loss, scratch, rows, cols, plan.splits,
-                                                         plan.chunk, plan.group, vectorised, e);
-    } else {
-      ForwardKernel<T, false><<<grid, block, 0, stream>>>(t, p, loss, scratch, rows, cols, plan.splits,
-                                                          plan.chunk, plan.group, vectorised, e);
-    }
+  cudaError_t err;
+  if (kFast && UseFastMath<T>(eps, true)) {
+    err = Launch(ForwardKernel<T, kFast>, grid, block, stream, t, p, loss, scratch, rows, cols, plan.splits,
+                 plan.chunk, plan.group, vectorised, e);
   } else {
-    ForwardKernel<T, false><<<grid, block, 0, stream>>>(t, p, loss, scratch, rows, cols, plan.splits,
-                                                        plan.chunk, plan.group, vectorised, e);
+    err = Launch(ForwardKernel<T, false>, grid, block, stream, t, p, loss, scratch, rows, cols, plan.splits,
+                 plan.chunk, plan.group, vectorised, e);
   }
-  if (plan.splits > 1) {
-    const int64_t blocks = CeilDiv(rows, 256) < kMaxBlocks ? CeilDiv(rows, 256) : kMaxBlocks;
-    FinishRowsKernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(scratch, loss, rows, plan.splits);
-  }
-  return cudaGetLastError();
+  if (err != cudaSuccess || plan.splits <= 1) return err;
+  const int64_t blocks = CeilDiv(rows, 256) < kMaxBlocks ? CeilDiv(rows, 256) : kMaxBlocks;
+  return Launch(FinishRowsKernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(256), stream,
+                static_cast<const double*>(scratch), loss, rows, plan.splits);
 }
 
 // out[rows, cols] = the gradient w.r.t. y_true (wrt_true) or y_pred; out may alias t or p.
-template <typename T>
+template <typename T, bool kFastMath = false>
 cudaError_t LaunchGradient(cudaStream_t stream, const T* g, const T* t, const T* p, T* out, int64_t rows,
-                           int64_t cols, double eps, bool wrt_true, bool fast_math = false) {
+                           int64_t cols, double eps, bool wrt_true) {
   using C = typename Traits<T>::Compute;
+  constexpr bool kFast = kFastMath && sizeof(T) == 2;
   if (rows <= 0 || cols <= 0) return cudaSuccess;
   const GradientLayout layout = MakeGradientLayout(t, p, out, rows, cols);
   const int64_t blocks =
       CeilDiv(layout.items, kGradientBlock) < kMaxBlocks ? CeilDiv(layout.items, kGradientBlock) : kMaxBlocks;
   const dim3 grid(static_cast<unsigned>(blocks)), block(kGradientBlock);
   const C e = static_cast<C>(eps);
-  auto launch = [&](auto fast) {
-    constexpr bool kFast = decltype(fast)::value;
-    if (wrt_true) {
-      GradientKernel<T, kFast, true><<<grid, block, 0, stream>>>(g, t, p, out, layout, e);
-    } else {
-      GradientKernel<T, kFast, false><<<grid, block, 0, stream>>>(g, t, p, out, layout, e);
-    }
-  };
-  if constexpr (sizeof(T) == 2) {
-    if (UseFastMath<T>(eps, fast_math)) {
-      launch(std::true_type{});
-    } else {
-      launch(std::false_type{});
-    }
-  } else {
-    launch(std::false_type{});
-  }
-  return cudaGetLastError();
+  const bool fast = kFast && UseFastMath<T>(eps, true);
+  auto kernel = wrt_true ? (fast ? GradientKernel<T, kFast, true> : GradientKernel<T, false, true>)
+                         : (fast ? GradientKernel<T, kFast, false> : GradientKernel<T, false, false>);
+  return Launch(kernel, grid, block, stream, g, t, p, out, layout, e);
 }
 
 #endif  // __CUDACC__

@@ -2,9 +2,10 @@
 // kld_kernels.cc and defined in kld_kernels.cu.cc (CUDA builds only: GOOGLE_CUDA=1). Include it
 // before anything that includes Eigen: it turns on Eigen's GPU device.
 //
-// Only stream(), allocate() and deallocate() of Eigen::GpuDevice may be used with this build: the
-// device properties it also offers are TensorFlow's cudaDeviceProp, laid out by CUDA 12.5, which
-// differs from CUDA 13's (multiProcessorCount is at another offset).
+// Only stream() of Eigen::GpuDevice is used (scratch comes from the OpKernel's allocate_temp): its
+// allocate() makes TensorFlow fail the op itself when memory runs out and its deallocate() blocks the
+// stream on a host callback; its device properties are TensorFlow's cudaDeviceProp, laid out by
+// CUDA 12.5, which differs from CUDA 13's (multiProcessorCount is at another offset).
 #ifndef TF_KLD_CC_KERNELS_KLD_GPU_H_
 #define TF_KLD_CC_KERNELS_KLD_GPU_H_
 
@@ -25,6 +26,11 @@ using GPUDevice = Eigen::GpuDevice;
 
 template <typename T>
 struct KlDivergenceFunctor<GPUDevice, T> {
+  // Device memory a forward of this shape needs (0 for most shapes: only few wide rows are split).
+  // The OpKernel allocates it with allocate_temp and sets `scratch` before calling.
+  static int64_t ScratchBytes(int64_t rows, int64_t cols);
+  double* scratch = nullptr;
+
   void operator()(const GPUDevice& d, const T* y_true, const T* y_pred, T* loss, int64_t rows, int64_t cols,
                   double eps) const;
 };
@@ -50,6 +56,9 @@ namespace gpu {
 // image for this GPU's architecture) for the calling thread; the OpKernel takes it right after.
 // nullptr when the last launches succeeded. Reading clears it.
 const char* TakeLaunchError();
+
+// The cudaDriverGetVersion the device code needs: the nvcc version that compiled it (13000 for 13.0).
+int NeededDriverVersion();
 
 }  // namespace gpu
 }  // namespace tf_kld

@@ -3,6 +3,7 @@
 
 #if GOOGLE_CUDA
 #include "cc/kernels/kld_gpu.h"  // first: turns on Eigen's GPU device
+#include "cc/kernels/kld_gpu_gate.h"
 #endif
 
 #include <sys/mman.h>
@@ -158,12 +159,17 @@ class KlDivergenceOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, loss_shape, &loss));
     const int64_t rows = loss_shape.num_elements();
     if (rows == 0) return;
-    KlDivergenceFunctor<Device, T>()(ctx->eigen_device<Device>(), y_true.flat<T>().data(),
-                                     y_pred.flat<T>().data(), loss->flat<T>().data(), rows,
-                                     y_true.dim_size(y_true.dims() - 1), eps_);
+    Forward(ctx, y_true.flat<T>().data(), y_pred.flat<T>().data(), loss->flat<T>().data(), rows,
+            y_true.dim_size(y_true.dims() - 1));
   }
 
- private:
+ protected:
+  // The GPU kernel overrides it to give the functor scratch memory from allocate_temp.
+  virtual void Forward(OpKernelContext* ctx, const T* y_true, const T* y_pred, T* loss, int64_t rows,
+                       int64_t cols) {
+    KlDivergenceFunctor<Device, T>()(ctx->eigen_device<Device>(), y_true, y_pred, loss, rows, cols, eps_);
+  }
+
   double eps_ = 0.0;
 };
 
@@ -229,7 +235,7 @@ absl::Status GpuLaunchStatus() {
     return absl::InternalError(absl::StrCat(
         "tf_kld: a CUDA kernel launch failed: ", err,
         ". The library has kernels for CUDA architectures ", TfKldCudaArchs(),
-        " (TF_KLD_CUDA_ARCHS at build time); CUDA 13 kernels need an R580+ driver"));
+        " (TF_KLD_CUDA_ARCHS at build time); see tf_kld.gpu_info()"));
   }
   return absl::OkStatus();
 }
@@ -249,23 +255,72 @@ class GpuLaunchChecked : public Base {
 };
 
 template <typename T>
-using KlDivergenceGpuOp = GpuLaunchChecked<KlDivergenceOp<GPUDevice, T>>;
+class KlDivergenceGpuOp : public GpuLaunchChecked<KlDivergenceOp<GPUDevice, T>> {
+ public:
+  using GpuLaunchChecked<KlDivergenceOp<GPUDevice, T>>::GpuLaunchChecked;
+
+ protected:
+  void Forward(OpKernelContext* ctx, const T* y_true, const T* y_pred, T* loss, int64_t rows,
+               int64_t cols) override {
+    KlDivergenceFunctor<GPUDevice, T> functor;
+    // TensorFlow's allocator orders the reuse of temporaries on the op's stream: the buffer may
+    // be released when Compute returns, before the kernels ran.
+    Tensor scratch;
+    if (const int64_t bytes = functor.ScratchBytes(rows, cols)) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_DOUBLE,
+                                             TensorShape({bytes / static_cast<int64_t>(sizeof(double))}),
+                                             &scratch));
+      functor.scratch = scratch.flat<double>().data();
+    }
+    functor(ctx->eigen_device<GPUDevice>(), y_true, y_pred, loss, rows, cols, this->eps_);
+  }
+};
+
 template <typename T>
 using KlDivergenceGradGpuOp = GpuLaunchChecked<KlDivergenceGradOp<GPUDevice, T>>;
 
-#define TF_KLD_REGISTER_GPU(T)                                                              \
-  TF_KLD_REGISTER_KERNEL(                                                                   \
-      Name("TfKld>KlDivergence").Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("T"),    \
-      KlDivergenceGpuOp<T>);                                                                \
-  TF_KLD_REGISTER_KERNEL(                                                                   \
-      Name("TfKld>KlDivergenceGrad").Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("T"), \
-      KlDivergenceGradGpuOp<T>);
+namespace {
 
-TF_KLD_REGISTER_GPU(Eigen::half);
-TF_KLD_REGISTER_GPU(Eigen::bfloat16);
-TF_KLD_REGISTER_GPU(float);
-TF_KLD_REGISTER_GPU(double);
-#undef TF_KLD_REGISTER_GPU
+// The driver gate, decided once when the library loads (kld_gpu_gate.h).
+const GpuGateDecision& GpuGateAtLoad() {
+  static const GpuGateDecision decision =
+      GpuGate(ProbeDriverVersion(), ProbeGpuCount(), gpu::NeededDriverVersion());
+  return decision;
+}
 
+// Through RegisterKernelOnce (kld_registration.h): a second copy of the library adds nothing.
+template <typename T>
+void RegisterGpuKernels() {
+  using tensorflow::register_kernel::Name;
+  RegisterKernelOnce<KlDivergenceGpuOp<T>>(
+      Name("TfKld>KlDivergence").Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("T").Build(),
+      "KlDivergenceGpuOp");
+  RegisterKernelOnce<KlDivergenceGradGpuOp<T>>(
+      Name("TfKld>KlDivergenceGrad").Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("T").Build(),
+      "KlDivergenceGradGpuOp");
+}
+
+// At load, as REGISTER_KERNEL_BUILDER would, but only where the driver can run the device code.
+const bool gpu_kernels_registered = [] {
+  if (!GpuGateAtLoad().register_kernels) return false;
+  RegisterGpuKernels<Eigen::half>();
+  RegisterGpuKernels<Eigen::bfloat16>();
+  RegisterGpuKernels<float>();
+  RegisterGpuKernels<double>();
+  return true;
+}();
+
+}  // namespace
 }  // namespace tf_kld
+
+// For tf_kld.gpu_info() (ctypes): whether the GPU kernels are registered, and why not ("" if they are).
+extern "C" __attribute__((visibility("default"))) int TfKldGpuKernelsRegistered() {
+  return tf_kld::gpu_kernels_registered ? 1 : 0;
+}
+extern "C" __attribute__((visibility("default"))) const char* TfKldGpuGateReason() {
+  return tf_kld::GpuGateAtLoad().reason.c_str();
+}
+extern "C" __attribute__((visibility("default"))) int TfKldNeededDriverVersion() {
+  return tf_kld::gpu::NeededDriverVersion();
+}
 #endif  // GOOGLE_CUDA

@@ -35,9 +35,8 @@ typename CudaType<T>::type* Cuda(T* p) {
   return reinterpret_cast<typename CudaType<T>::type*>(p);
 }
 
-// 16-bit types keep the CPU core's accuracy (logf, IEEE division); the harness measures fast_math
-// (__logf, __fdividef; see kld_gpu.cu.h) so this can be revisited with numbers from a GPU.
-constexpr bool kFastMath = false;
+// 16-bit types keep the CPU core's accuracy (logf, IEEE division): the launchers' kFastMath stays
+// false, so the fast_math kernels the harness measures (kld_gpu.cu.h) are not compiled in here.
 
 thread_local const char* launch_error = nullptr;
 
@@ -53,21 +52,29 @@ const char* TakeLaunchError() {
   launch_error = nullptr;
   return err;
 }
+
+// nvcc's device code needs a driver of nvcc's own version; a clang build (PTX assembled by ptxas
+// 12.x) says what it needs with TF_KLD_NEEDED_DRIVER (tools/build_flags.py).
+#ifdef TF_KLD_NEEDED_DRIVER
+int NeededDriverVersion() { return TF_KLD_NEEDED_DRIVER; }
+#else
+int NeededDriverVersion() { return __CUDACC_VER_MAJOR__ * 1000 + __CUDACC_VER_MINOR__ * 10; }
+#endif
 }  // namespace gpu
+
+template <typename T>
+int64_t KlDivergenceFunctor<GPUDevice, T>::ScratchBytes(int64_t rows, int64_t cols) {
+  return static_cast<int64_t>(gpu::ForwardScratchBytes(gpu::PlanForward(rows, cols, sizeof(T)), rows));
+}
 
 template <typename T>
 void KlDivergenceFunctor<GPUDevice, T>::operator()(const GPUDevice& d, const T* y_true, const T* y_pred,
                                                    T* loss, int64_t rows, int64_t cols, double eps) const {
-  gpu::ForwardPlan plan = gpu::PlanForward(rows, cols, sizeof(T));
-  double* scratch = nullptr;
-  if (plan.splits > 1) {
-    // From TensorFlow's allocator, ordered on this stream: freeing right after the launch is safe.
-    scratch = static_cast<double*>(d.allocate(gpu::ForwardScratchBytes(plan, rows)));
-    if (scratch == nullptr) plan = gpu::PlanForward(rows, cols, sizeof(T), /*allow_split=*/false);
-  }
-  Record(gpu::LaunchForward(d.stream(), Cuda(y_true), Cuda(y_pred), Cuda(loss), rows, cols, eps, plan,
-                            scratch, kFastMath));
-  if (scratch != nullptr) d.deallocate(scratch);
+  // Split or not depends on the shape only (results are deterministic), so without scratch the
+  // launcher fails with cudaErrorInvalidValue rather than summing in another order.
+  const gpu::ForwardPlan plan = gpu::PlanForward(rows, cols, sizeof(T));
+  Record(
+      gpu::LaunchForward(d.stream(), Cuda(y_true), Cuda(y_pred), Cuda(loss), rows, cols, eps, plan, scratch));
 }
 
 template <typename T>
@@ -75,7 +82,7 @@ void KlDivergenceGradFunctor<GPUDevice, T>::operator()(const GPUDevice& d, const
                                                        const T* y_pred, T* out, int64_t rows, int64_t cols,
                                                        double eps, Wrt wrt) const {
   Record(gpu::LaunchGradient(d.stream(), Cuda(grad), Cuda(y_true), Cuda(y_pred), Cuda(out), rows, cols, eps,
-                             wrt == Wrt::kYTrue, kFastMath));
+                             wrt == Wrt::kYTrue));
 }
 
 template struct KlDivergenceFunctor<GPUDevice, Eigen::half>;
@@ -89,9 +96,13 @@ template struct KlDivergenceGradFunctor<GPUDevice, double>;
 
 }  // namespace tf_kld
 
-// The virtual architectures compiled in, e.g. "750,800,860,890,900" (ctypes; CI checks it).
+// The virtual architectures compiled in, e.g. "750,800,860,890,900" (ctypes; CI checks it). nvcc
+// names them; a clang build passes TF_KLD_CUDA_ARCH_LIST.
+#ifndef TF_KLD_CUDA_ARCH_LIST
+#define TF_KLD_CUDA_ARCH_LIST __CUDA_ARCH_LIST__
+#endif
 extern "C" __attribute__((visibility("default"))) const char* TfKldCudaArchs() {
-  return TF_KLD_STRINGIFY(__CUDA_ARCH_LIST__);
+  return TF_KLD_STRINGIFY(TF_KLD_CUDA_ARCH_LIST);
 }
 
 #endif  // GOOGLE_CUDA
