@@ -14,7 +14,12 @@ import sys as _sys
 
 from tf_kld import aliases as _aliases
 from tf_kld import reference
+from tf_kld.distillation import generalized_jsd_with_logits
+from tf_kld.distillation import kl_divergence_with_logits
+from tf_kld.keras_objects import GeneralizedJSDWithLogits
 from tf_kld.keras_objects import KLDivergence
+from tf_kld.keras_objects import KLDivergenceWithLogits
+from tf_kld.keras_objects import LogitsDistillation
 from tf_kld.ops import custom_op_loaded
 from tf_kld.ops import current_implementation
 from tf_kld.ops import implementation
@@ -31,11 +36,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KLD",
+    "GeneralizedJSDWithLogits",
     "KLDivergence",
+    "KLDivergenceWithLogits",
+    "LogitsDistillation",
     "custom_op_loaded",
     "current_implementation",
+    "generalized_jsd_with_logits",
     "implementation",
     "kl_divergence",
+    "kl_divergence_with_logits",
     "kld",
     "kullback_leibler_divergence",
     "patch_tensorflow",

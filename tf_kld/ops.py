@@ -305,3 +305,12 @@ def kl_divergence(y_true, y_pred):
     if use_custom_op():
         return custom_kl_divergence(y_true, y_pred)
     return reference.composite(y_true, y_pred, reference.epsilon(y_pred.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# The distillation family (tf_kld.distillation)
+
+
+def distillation_ops_loaded():
+    """True when the loaded library has the fused distillation ops."""
+    return _module is not None and hasattr(_module, "tf_kld_kl_divergence_with_logits")
