@@ -344,9 +344,49 @@ def test_gradients_with_special_values(impl, beta, rng):
     assert_grad(dt.numpy()[finite], nt[finite], weights[finite], 1.0, "d/dy_true")
     assert_grad(dp.numpy()[finite], npred[finite], weights[finite], 1.0, "d/dy_pred")
     masked_t, masked_both = dt.numpy()[1], (dt.numpy()[2], dp.numpy()[2])
-    assert masked_t[0] == 0 and masked_t[3] == 0
+    if finite[1]:  # (with beta = 1, KL(q || p) is +inf there: q > 0 where p = 0)
+        assert masked_t[0] == 0 and masked_t[3] == 0
     if beta not in (0.0, 1.0, None):  # the mixture's gradient reaches both inputs everywhere
         assert masked_both[0][0] == masked_both[1][0] == 0
+
+
+@pytest.mark.parametrize("beta", [None, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float16, tf.bfloat16], ids=lambda d: d.name)
+def test_gradients_in_float32_compute(impl, dtype, beta, rng):
+    """float32/float16/bfloat16 (computed in float32): both gradients vs the float64 formulas of
+    the inputs as the dtype holds them, with masked classes and huge logits. Each term of the
+    gradient carries a few float32 ulps relative to g/T * (q + p (1 + |lp| + |lq| + |KL|))."""
+    nd = U.np_dtype(dtype)
+    t, p = logits(rng, (5, 37), np.float64, 3.0), logits(rng, (5, 37), np.float64, 3.0)
+    t[1, ::3] = -INF
+    t[2, :4], p[2, :4] = -INF, -INF
+    t[3] += 1e4 if dtype != tf.float16 else 6e4
+    p[3] += 1e4 if dtype != tf.float16 else 6e4
+    t, p = t.astype(nd), p.astype(nd)
+    weights = rng.uniform(0.5, 2.0, size=5).astype(nd)
+    temperature = 2.0
+    loss, (dt, dp) = _grads(lambda a, b: loss_fn(beta)(a, b, temperature), t, p, weights)
+    assert dt.dtype == dp.dtype == dtype
+    t64, p64, w64 = (x.astype(np.float64) for x in (t, p, weights))
+    nt, npred = oracle_grads(t64, p64, w64, beta, temperature)
+    lp, lq = np_log_softmax(t64, temperature), np_log_softmax(p64, temperature)
+    kl = np.abs(oracle(t64, p64, beta, temperature))[..., None]
+    with np.errstate(invalid="ignore"):
+        size = (np.exp(lq) + np.exp(lp) * (1 + np.nan_to_num(np.abs(lp) + np.abs(lq), posinf=0) + kl))
+        size = np.maximum(size, np.exp(lq) * (1 + np.nan_to_num(np.abs(lp) + np.abs(lq), posinf=0) + kl))
+    scale = np.abs(w64)[..., None] / temperature * (1 + size)
+    finite = np.isfinite(tf.cast(loss, tf.float64).numpy())  # beta = 1: masked rows are +inf
+    assert finite.sum() >= 3
+    for got, want, name in ((dt, nt, "d/dy_true"), (dp, npred, "d/dy_pred")):
+        got = tf.cast(got, tf.float64).numpy()[finite]
+        want = want.astype(nd).astype(np.float64)[finite]  # rounded to the output dtype
+        U._check_special_positions(got, want, name)
+        tol = 8 * U.machine_eps(tf.float32) * scale[finite]
+        if dtype in U.LOW_PRECISION:
+            tol = tol + np.spacing(np.abs(want).astype(nd)).astype(np.float64)
+        U._assert_within(got, want, tol, f"{name} ({dtype.name})")
+    if beta != 1.0:
+        assert np.all(tf.cast(dt, tf.float64).numpy()[1, ::3] == 0)  # masked teacher classes
 
 
 def test_second_order(impl, rng):

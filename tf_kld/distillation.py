@@ -3,7 +3,8 @@ softmaxes of two sets of logits at a temperature, computed in log-space.
 
 The semantics live in `tf_kld.reference` (the composites); this module validates the arguments,
 converts the inputs as `tf_kld.kl_divergence` does and dispatches through the same implementation
-switch (`tf_kld.implementation`) as the rest of tf_kld.
+switch (`tf_kld.implementation`) as the rest of tf_kld: the KL divergence runs the fused op
+`TfKld>KlDivergenceWithLogits` (one pass per row, a fused one-pass gradient) outside XLA.
 """
 
 from tf_kld import ops
@@ -11,8 +12,11 @@ from tf_kld import reference
 
 
 def _use_custom_op():
-    """The fused op when the switch asks for it and the loaded library has this family's ops."""
-    return ops.use_custom_op() and ops.distillation_ops_loaded()
+    """The fused op when the switch asks for it and the loaded library has this family's ops.
+
+    The ops do not lower themselves to XLA yet, so inside XLA (jit_compile, TPU) the composite runs
+    even under implementation("custom")."""
+    return ops.use_custom_op() and ops.distillation_ops_loaded() and not ops.in_xla_context()
 
 
 def kl_divergence_with_logits(y_true, y_pred, temperature=1.0):
@@ -82,6 +86,8 @@ def generalized_jsd_with_logits(y_true, y_pred, beta=0.5, temperature=1.0):
     beta = reference.check_beta(beta, "generalized_jsd_with_logits")
     temperature = reference.check_temperature(temperature, "generalized_jsd_with_logits")
     y_true, y_pred = reference.prepare(y_true, y_pred, "generalized_jsd_with_logits")
-    if _use_custom_op():
-        return ops.custom_generalized_jsd_with_logits(y_true, y_pred, beta, temperature)
+    if beta in (0.0, 1.0) and _use_custom_op():  # the KL divergence, one way or the other
+        y_true, y_pred = (y_true, y_pred) if beta == 0.0 else (y_pred, y_true)
+        return ops.custom_kl_divergence_with_logits(y_true, y_pred, temperature)
+    # No fused JSD op yet: otherwise both implementations run the composite.
     return reference.jsd_with_logits_composite(y_true, y_pred, beta, temperature)

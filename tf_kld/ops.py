@@ -311,6 +311,71 @@ def kl_divergence(y_true, y_pred):
 # The distillation family (tf_kld.distillation)
 
 
+KL_LOGITS_OP = "TfKld>KlDivergenceWithLogits"
+KL_LOGITS_GRAD_OP = "TfKld>KlDivergenceWithLogitsGrad"
+
+
 def distillation_ops_loaded():
     """True when the loaded library has the fused distillation ops."""
     return _module is not None and hasattr(_module, "tf_kld_kl_divergence_with_logits")
+
+
+def _temperature_attrs(temperature, dtype):
+    # A TF "float" attr is 32-bit; float64 carries the exact double as text as well.
+    return {"temperature": temperature,
+            "temperature_f64": repr(float(temperature)) if dtype == tf.float64 else ""}
+
+
+def _op_temperature(op):
+    t64 = op.get_attr("temperature_f64")
+    if isinstance(t64, bytes):
+        t64 = t64.decode()
+    return float(t64) if t64 else op.get_attr("temperature")
+
+
+def custom_kl_divergence_with_logits(y_true, y_pred, temperature):
+    """The fused op on prepared tensors (same dtype, broadcastable shapes)."""
+    y_true, y_pred = _broadcast(y_true, y_pred)
+    loss, _ = _module.tf_kld_kl_divergence_with_logits(
+        y_true, y_pred, **_temperature_attrs(temperature, y_pred.dtype))
+    return loss
+
+
+@tf.RegisterGradient(KL_LOGITS_OP)
+def _kl_logits_grad(op, grad, unused_stats_grad):
+    """Both gradients in one pass from the forward's per-row stats; an input nobody differentiates
+    (eager tapes, and tapes in tf.function, say which) is not computed."""
+    del unused_stats_grad  # the stats are an implementation detail, not differentiable outputs
+    y_true, y_pred = op.inputs
+    skip = getattr(op, "skip_input_indices", None) or ()
+    need_true, need_pred = 0 not in skip, 1 not in skip
+    if not (need_true or need_pred):
+        return None, None
+    d_true, d_pred = _module.tf_kld_kl_divergence_with_logits_grad(
+        grad, y_true, y_pred, op.outputs[1], temperature=op.get_attr("temperature"),
+        temperature_f64=op.get_attr("temperature_f64"), need_y_true=need_true,
+        need_y_pred=need_pred)
+    return (d_true if need_true else None), (d_pred if need_pred else None)
+
+
+@tf.RegisterGradient(KL_LOGITS_GRAD_OP)
+def _kl_logits_grad_grad(op, d_true_grad, d_pred_grad):
+    """Second order, in TF ops: the first-order gradient rebuilt by autodiff of the composite
+    (exact: it is the same function of grad, y_true and y_pred), then differentiated."""
+    grad, y_true, y_pred, _ = op.inputs
+    temperature = _op_temperature(op)
+    wanted = [(op.get_attr("need_y_true"), d_true_grad, 0), (op.get_attr("need_y_pred"), d_pred_grad, 1)]
+    with tf.GradientTape(persistent=True) as outer:
+        outer.watch([grad, y_true, y_pred])
+        with tf.GradientTape() as inner:
+            inner.watch([y_true, y_pred])
+            loss = reference.kl_with_logits_composite(y_true, y_pred, temperature)
+            total = tf.reduce_sum(loss * grad)
+        firsts = inner.gradient(total, [y_true, y_pred])
+        picked = [(firsts[i], d) for need, d, i in wanted if need and d is not None]
+    if not picked:
+        return None, None, None, None
+    d_grad, d_y_true, d_y_pred = outer.gradient(
+        [f for f, _ in picked], [grad, y_true, y_pred], output_gradients=[d for _, d in picked],
+        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return d_grad, d_y_true, d_y_pred, None

@@ -22,6 +22,8 @@ SOURCES = [
     "cc/ops/kld_ops.cc",
     "cc/kernels/kld_kernels.cc",
     "cc/kernels/kld_cpu_generic.cc",
+    "cc/ops/distill_ops.cc",  # the distillation family; its core is in the kld_cpu_* objects
+    "cc/kernels/distill_kernels.cc",
 ]
 AVX2_SOURCES = ["cc/kernels/kld_cpu_avx2.cc"]
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]

@@ -1,0 +1,249 @@
+// CPU OpKernels of the distillation family: TfKld>KlDivergenceWithLogits and its gradient.
+#define EIGEN_USE_THREADS
+
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cc/kernels/distill_cpu.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "unsupported/Eigen/CXX11/Tensor"
+
+namespace tf_kld {
+namespace {
+
+using CPUDevice = Eigen::ThreadPoolDevice;
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+
+template <typename T> struct DistillType;
+template <> struct DistillType<Eigen::half> { static constexpr cpu::Type value = cpu::Type::kHalf; };
+template <> struct DistillType<Eigen::bfloat16> { static constexpr cpu::Type value = cpu::Type::kBfloat16; };
+template <> struct DistillType<float> { static constexpr cpu::Type value = cpu::Type::kFloat; };
+template <> struct DistillType<double> { static constexpr cpu::Type value = cpu::Type::kDouble; };
+
+// Rows wider than this are split into chunks of this many classes, reduced in parallel and merged
+// in chunk order: the split depends only on the shape, so results never depend on thread count.
+constexpr int64_t kChunk = 32768;
+// Rough cycles per element (a division, two exps, conversions), for the thread pool's cost model.
+constexpr double kCyclesPerElement = 12.0;
+
+Eigen::TensorOpCost Cost(int64_t elements, int64_t bytes_in, int64_t bytes_out) {
+  return Eigen::TensorOpCost(static_cast<double>(bytes_in), static_cast<double>(bytes_out),
+                             kCyclesPerElement * static_cast<double>(elements));
+}
+
+// The temperature: the float attr, or for float64 the exact double carried as text (a TensorFlow
+// float attr holds 32 bits). Must be finite and > 0 (tf_kld checks it before building the op).
+absl::StatusOr<double> ReadTemperature(OpKernelConstruction* ctx) {
+  tensorflow::DataType type;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("T", &type));
+  float t32 = 1.0f;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("temperature", &t32));
+  std::string t64;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("temperature_f64", &t64));
+  double t = t32;
+  if (type == tensorflow::DT_DOUBLE && !t64.empty()) {
+    char* end = nullptr;
+    errno = 0;
+    t = std::strtod(t64.c_str(), &end);
+    if (end == t64.c_str() || *end != '\0' || errno != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "attr temperature_f64 must be a decimal number such as \"2.0\", got \"", t64, "\""));
+    }
+  }
+  if (!(std::isfinite(t) && t > 0.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("temperature must be a finite number > 0, got ", t));
+  }
+  return t;
+}
+
+absl::Status CheckLogits(const Tensor& y_true, const Tensor& y_pred) {
+  if (y_true.dims() < 1 || y_pred.dims() < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "y_true and y_pred must have rank >= 1 (the loss reduces the last axis), got y_true ",
+        y_true.shape().DebugString(), " and y_pred ", y_pred.shape().DebugString()));
+  }
+  if (y_true.shape() != y_pred.shape()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "y_true and y_pred must have the same shape, got y_true ", y_true.shape().DebugString(),
+        " and y_pred ", y_pred.shape().DebugString(), "; tf_kld broadcasts them before calling the op"));
+  }
+  return absl::OkStatus();
+}
+
+template <typename T>
+T Round(double x) {
+  return static_cast<T>(static_cast<float>(x));  // 16-bit types through float, as the composite
+}
+template <>
+double Round<double>(double x) {
+  return x;
+}
+
+TensorShape RowsShape(const Tensor& x) {
+  TensorShape rows = x.shape();
+  rows.RemoveLastDims(1);
+  return rows;
+}
+
+template <typename T>
+class KlDivergenceWithLogitsOp : public OpKernel {
+ public:
+  explicit KlDivergenceWithLogitsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_VALUE(temperature_, ctx, ReadTemperature(ctx));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& y_true = ctx->input(0);
+    const Tensor& y_pred = ctx->input(1);
+    OP_REQUIRES_OK(ctx, CheckLogits(y_true, y_pred));
+    const TensorShape rows_shape = RowsShape(y_true);
+    TensorShape stats_shape = rows_shape;
+    stats_shape.AddDim(distill::kStats);
+    Tensor* loss_t = nullptr;
+    Tensor* stats_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, rows_shape, &loss_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, stats_shape, &stats_t));
+    const int64_t rows = rows_shape.num_elements();
+    const int64_t cols = y_true.dim_size(y_true.dims() - 1);
+    if (rows == 0) return;
+    T* loss = loss_t->flat<T>().data();
+    double* stats = stats_t->flat<double>().data();
+    if (cols == 0) {  // an empty sum
+      for (int64_t r = 0; r < rows; ++r) loss[r] = T(0);
+      for (int64_t i = 0; i < rows * distill::kStats; ++i) stats[i] = 0.0;
+      return;
+    }
+    const T* t = y_true.flat<T>().data();
+    const T* p = y_pred.flat<T>().data();
+    const distill::Kernels& k = distill::Cpu();
+    constexpr cpu::Type type = DistillType<T>::value;
+    const double temperature = temperature_;
+    const CPUDevice& d = ctx->eigen_device<CPUDevice>();
+    if (cols <= kChunk) {
+      d.parallelFor(rows, Cost(cols, 2 * cols * sizeof(T), sizeof(T) + 8 * distill::kStats),
+                    [&](Eigen::Index begin, Eigen::Index end) {
+                      for (Eigen::Index r = begin; r < end; ++r) {
+                        const distill::KlPartial s =
+                            k.kl_partial(type, t + r * cols, p + r * cols, cols, temperature);
+                        loss[r] = Round<T>(distill::Finish(s, stats + r * distill::kStats));
+                      }
+                    });
+      return;
+    }
+    const int64_t chunks = (cols + kChunk - 1) / kChunk;
+    std::vector<distill::KlPartial> partial(rows * chunks);
+    d.parallelFor(rows * chunks, Cost(kChunk, 2 * kChunk * sizeof(T), sizeof(distill::KlPartial)),
+                  [&](Eigen::Index begin, Eigen::Index end) {
+                    for (Eigen::Index item = begin; item < end; ++item) {
+                      const int64_t start = (item % chunks) * kChunk;
+                      const int64_t offset = (item / chunks) * cols + start;
+                      partial[item] = k.kl_partial(type, t + offset, p + offset,
+                                                   std::min(kChunk, cols - start), temperature);
+                    }
+                  });
+    for (int64_t r = 0; r < rows; ++r) {
+      distill::KlPartial s = partial[r * chunks];
+      for (int64_t c = 1; c < chunks; ++c) s = distill::Merge(s, partial[r * chunks + c]);
+      loss[r] = Round<T>(distill::Finish(s, stats + r * distill::kStats));
+    }
+  }
+
+ private:
+  double temperature_ = 1.0;
+};
+
+template <typename T>
+class KlDivergenceWithLogitsGradOp : public OpKernel {
+ public:
+  explicit KlDivergenceWithLogitsGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_VALUE(temperature_, ctx, ReadTemperature(ctx));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("need_y_true", &need_true_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("need_y_pred", &need_pred_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& grad = ctx->input(0);
+    const Tensor& y_true = ctx->input(1);
+    const Tensor& y_pred = ctx->input(2);
+    const Tensor& stats = ctx->input(3);
+    OP_REQUIRES_OK(ctx, CheckLogits(y_true, y_pred));
+    const TensorShape rows_shape = RowsShape(y_true);
+    OP_REQUIRES(ctx, grad.shape() == rows_shape,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "grad must have the loss's shape ", rows_shape.DebugString(), ", got ",
+                    grad.shape().DebugString())));
+    TensorShape stats_shape = rows_shape;
+    stats_shape.AddDim(distill::kStats);
+    OP_REQUIRES(ctx, stats.shape() == stats_shape,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "stats must have shape ", stats_shape.DebugString(),
+                    " (the forward op's second output), got ", stats.shape().DebugString())));
+    Tensor* d_true = nullptr;
+    Tensor* d_pred = nullptr;
+    // Each output may take over the buffer of the input it is the gradient of: every element is
+    // read before its gradient is written.
+    const TensorShape none({0});
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {1}, 0, need_true_ ? y_true.shape() : none, &d_true));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {2}, 1, need_pred_ ? y_pred.shape() : none, &d_pred));
+    const int64_t elements = y_true.NumElements();
+    if (elements == 0 || (!need_true_ && !need_pred_)) return;
+    const distill::Kernels& k = distill::Cpu();
+    const int64_t cols = y_true.dim_size(y_true.dims() - 1);
+    const T* g = grad.flat<T>().data();
+    const T* t = y_true.flat<T>().data();
+    const T* p = y_pred.flat<T>().data();
+    const double* s = stats.flat<double>().data();
+    T* dt = need_true_ ? d_true->flat<T>().data() : nullptr;
+    T* dp = need_pred_ ? d_pred->flat<T>().data() : nullptr;
+    const double temperature = temperature_;
+    const int outputs = (need_true_ ? 1 : 0) + (need_pred_ ? 1 : 0);
+    // Blocks of whole SIMD vectors, so only a block's last vector can be partial.
+    ctx->eigen_device<CPUDevice>().parallelFor(
+        elements, Cost(1, 2 * sizeof(T), outputs * sizeof(T)),
+        [](Eigen::Index n) { return (n + 63) & ~Eigen::Index{63}; },
+        [&](Eigen::Index begin, Eigen::Index end) {
+          k.kl_gradient(DistillType<T>::value, g, t, p, s, dt, dp, begin, end, cols, temperature);
+        });
+  }
+
+ private:
+  double temperature_ = 1.0;
+  bool need_true_ = true;
+  bool need_pred_ = true;
+};
+
+}  // namespace
+
+#define TF_KLD_REGISTER_DISTILL_CPU(T)                                                             \
+  REGISTER_KERNEL_BUILDER(                                                                         \
+      Name("TfKld>KlDivergenceWithLogits").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
+      KlDivergenceWithLogitsOp<T>);                                                                \
+  REGISTER_KERNEL_BUILDER(Name("TfKld>KlDivergenceWithLogitsGrad")                                 \
+                              .Device(tensorflow::DEVICE_CPU)                                      \
+                              .TypeConstraint<T>("T"),                                             \
+                          KlDivergenceWithLogitsGradOp<T>);
+
+TF_KLD_REGISTER_DISTILL_CPU(Eigen::half);
+TF_KLD_REGISTER_DISTILL_CPU(Eigen::bfloat16);
+TF_KLD_REGISTER_DISTILL_CPU(float);
+TF_KLD_REGISTER_DISTILL_CPU(double);
+#undef TF_KLD_REGISTER_DISTILL_CPU
+
+}  // namespace tf_kld
+
+// The distillation core's vectorised exp over n floats (for tests of its accuracy; read with ctypes).
+extern "C" __attribute__((visibility("default"))) void TfKldDistillExp(const float* x, float* out,
+                                                                       int64_t n) {
+  tf_kld::distill::Cpu().exp(x, out, n);
+}
