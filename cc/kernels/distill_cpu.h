@@ -63,8 +63,9 @@ inline double Finish(const KlPartial& s, double* stats) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const double log_a = std::log(s.sum_a), log_b = std::log(s.sum_b);
   double kl;
-  if (s.nan || s.max_a == -INFINITY || s.max_b == -INFINITY) {
-    kl = nan;  // NaN or +inf logits, or a row of all -inf
+  if (s.nan || s.max_a == -INFINITY || s.max_b == -INFINITY || std::isnan(s.sum_a) ||
+      std::isnan(s.sum_b) || std::isnan(s.cross)) {
+    kl = nan;  // NaN or +inf logits (they make a sum NaN), or a row of all -inf
   } else if (s.infinite) {
     kl = std::numeric_limits<double>::infinity();
   } else {

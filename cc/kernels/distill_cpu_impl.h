@@ -17,7 +17,16 @@ namespace tf_kld {
 namespace cpu {
 namespace {
 
-// exp of kLanes floats, within 1-2 ulp (Cephes' expf): exp(x) = 2^n * exp(r), n = round(x log2 e),
+// Each lane rounded to the nearest integer (ties to even: the default rounding mode).
+TF_KLD_INLINE Vi RoundToInt(Vf x) {
+#if defined(__AVX__)
+  return BitCast<Vi>(_mm256_cvtps_epi32(BitCast<__m256>(x)));
+#else
+  return BitCast<Vi>(_mm_cvtps_epi32(BitCast<__m128>(x)));
+#endif
+}
+
+// exp of kLanes floats, within 1-2 ulp (Cephes' expf): exp(x) = 2^n * exp(r), n = rint(x log2 e),
 // r = x - n ln 2 in two parts, exp(r) by a degree-6 polynomial. x <= -104 gives 0 (below half the
 // smallest subnormal), NaN stays NaN; the rare lanes in (-104, -87.3) (subnormal results) and
 // above 88 (near overflow) take std::exp.
@@ -25,9 +34,8 @@ TF_KLD_INLINE Vf ExpF(Vf x) {
   const Vf lo = Splat(-87.3365479f), hi = Splat(88.0f);
   Vf xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
-  const Vf fx = Madd(xc, Splat(1.44269504088896341f), Splat(0.5f));
-  Vf n = __builtin_convertvector(__builtin_convertvector(fx, Vi), Vf);  // truncation
-  n = n > fx ? n - Splat(1.0f) : n;                                      // floor
+  const Vi ni = RoundToInt(xc * Splat(1.44269504088896341f));
+  const Vf n = __builtin_convertvector(ni, Vf);
   Vf r = Madd(n, Splat(-0.693359375f), xc);
   r = Madd(n, Splat(2.12194440e-4f), r);
   Vf y = Splat(1.9875691500E-4f);
@@ -37,7 +45,7 @@ TF_KLD_INLINE Vf ExpF(Vf x) {
   y = Madd(y, r, Splat(1.6666665459E-1f));
   y = Madd(y, r, Splat(5.0000001201E-1f));
   y = Madd(y, r * r, r) + Splat(1.0f);
-  const Vf scale = BitCast<Vf>((__builtin_convertvector(n, Vi) + 127) << 23);
+  const Vf scale = BitCast<Vf>((ni + 127) << 23);
   Vf e = y * scale;
   e = x <= Splat(-104.0f) ? Splat(0.0f) : e;
   e = x != x ? x : e;
@@ -61,50 +69,74 @@ TF_KLD_INLINE double Lane(Vd lo, Vd hi, int i) {
   return i < kLanes / 2 ? lo[i] : hi[i - kLanes / 2];
 }
 
-// The per-lane state of a row piece, kLanes elements a step.
+// The per-lane state of a row piece, kLanes elements a step. The sums run in float for
+// kFlushSteps steps (at most that many terms per lane, so a few float ulps), then go into double.
+// NaN and +inf logits need no test: they make a sum NaN (exp(NaN), or inf - inf at a +inf maximum),
+// masked or not, and Finish turns a NaN sum into a NaN row.
+constexpr int kFlushSteps = 8;
+
 struct KlLanes {
   Vf max_a = Splat(-INFINITY), max_b = Splat(-INFINITY);
+  Vf fsum_a = {}, fcross = {}, fsum_b = {};
   Vd sum_a0 = {}, sum_a1 = {}, cross0 = {}, cross1 = {}, sum_b0 = {}, sum_b1 = {};
-  Vi nan = {}, infinite = {};
+  Vi infinite = {};
+  int steps = 0;
 
   TF_KLD_INLINE void Step(Vf a, Vf b) {
-    const Vf minus_inf = Splat(-INFINITY), plus_inf = Splat(INFINITY), zero = Splat(0.0f);
-    nan |= (a != a) | (b != b) | (a == plus_inf) | (b == plus_inf);
+    const Vf minus_inf = Splat(-INFINITY), zero = Splat(0.0f);
     const Vi masked_a = a == minus_inf, masked_b = b == minus_inf;
     infinite |= masked_b & ~masked_a;
     const Vi up_a = a > max_a, up_b = b > max_b;
-    if (AnyLane(up_a)) {  // rare after a row's first elements
+    if (__builtin_expect(AnyLane(up_a | up_b), 0)) Raise(a, b, up_a, up_b);
+    // Masked classes: exp 0, and no 0 * inf in the cross term.
+    const Vf ea = masked_a ? zero : ExpF(a - max_a);
+    const Vf eb = masked_b ? zero : ExpF(b - max_b);
+    fsum_a += ea;
+    fcross += (masked_a | masked_b) ? zero : ea * (a - b);
+    fsum_b += eb;
+    if (++steps == kFlushSteps) Flush();
+  }
+
+  // New running maxima: the sums so far rescaled to them (rare after a row's first elements).
+  __attribute__((noinline)) void Raise(Vf a, Vf b, Vi up_a, Vi up_b) {
+    if (AnyLane(up_a)) {
       const Vf m = up_a ? a : max_a;
+      const Vf s = up_a ? ExpF(max_a - m) : Splat(1.0f);
       Vd s0, s1;
-      Widen(up_a ? ExpF(max_a - m) : Splat(1.0f), &s0, &s1);
+      Widen(s, &s0, &s1);
+      fsum_a *= s, fcross *= s;
       sum_a0 *= s0, sum_a1 *= s1, cross0 *= s0, cross1 *= s1;
       max_a = m;
     }
     if (AnyLane(up_b)) {
       const Vf m = up_b ? b : max_b;
+      const Vf s = up_b ? ExpF(max_b - m) : Splat(1.0f);
       Vd s0, s1;
-      Widen(up_b ? ExpF(max_b - m) : Splat(1.0f), &s0, &s1);
+      Widen(s, &s0, &s1);
+      fsum_b *= s;
       sum_b0 *= s0, sum_b1 *= s1;
       max_b = m;
     }
-    // Masked classes: exp 0, and no 0 * inf in the cross term.
-    const Vf ea = masked_a ? zero : ExpF(a - max_a);
-    const Vf eb = masked_b ? zero : ExpF(b - max_b);
-    const Vf cross = (masked_a | masked_b) ? zero : ea * (a - b);
-    Accumulate(ea, &sum_a0, &sum_a1);
-    Accumulate(cross, &cross0, &cross1);
-    Accumulate(eb, &sum_b0, &sum_b1);
+  }
+
+  TF_KLD_INLINE void Flush() {
+    Accumulate(fsum_a, &sum_a0, &sum_a1);
+    Accumulate(fcross, &cross0, &cross1);
+    Accumulate(fsum_b, &sum_b0, &sum_b1);
+    fsum_a = fcross = fsum_b = Splat(0.0f);
+    steps = 0;
   }
 
   // The lanes merged in lane order.
-  distill::KlPartial Reduce() const {
+  distill::KlPartial Reduce() {
+    Flush();
     distill::KlPartial r;
     for (int i = 0; i < kLanes; ++i) {
       distill::KlPartial lane;
       lane.max_a = max_a[i], lane.max_b = max_b[i];
       lane.sum_a = Lane(sum_a0, sum_a1, i), lane.cross = Lane(cross0, cross1, i);
       lane.sum_b = Lane(sum_b0, sum_b1, i);
-      lane.nan = nan[i] != 0, lane.infinite = infinite[i] != 0;
+      lane.infinite = infinite[i] != 0;
       r = distill::Merge(r, lane);
     }
     return r;
