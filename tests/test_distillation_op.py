@@ -21,6 +21,8 @@ from tf_kld import ops as kld_ops
 
 KL_OP = "TfKld>KlDivergenceWithLogits"
 KL_GRAD_OP = "TfKld>KlDivergenceWithLogitsGrad"
+JSD_OP = "TfKld>GeneralizedJsdWithLogits"
+JSD_GRAD_OP = "TfKld>GeneralizedJsdWithLogitsGrad"
 IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tf_kld.__file__)))
 
 
@@ -65,10 +67,16 @@ def test_paths_run_the_expected_ops(impl):
     types = [op for op, _ in ran]
     assert (KL_OP in types) == (impl == "custom"), types
     assert ("LogSoftmax" in types) == (impl == "reference"), types
+    for beta, op in ((0.0, KL_OP), (0.3, JSD_OP), (1.0, KL_OP)):  # the ends are KL divergences
+        with U.record_eager_ops() as ran:
+            tf_kld.generalized_jsd_with_logits(t, s, beta, 2.0)
+        types = [o for o, _ in ran]
+        assert (op in types) == (impl == "custom") and (JSD_OP in types) == (op == JSD_OP and impl == "custom"), types
 
 
+@pytest.mark.parametrize("beta", [None, 0.3])
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16, tf.float64], ids=lambda d: d.name)
-def test_chunked_wide_rows(impl, dtype, rng):
+def test_chunked_wide_rows(impl, dtype, beta, rng):
     """Rows wider than the op's chunk (32768): reduced in pieces and merged; still the oracle's
     value, with a masked block, huge logits and a -inf row maximum change across chunks."""
     t = D.logits(rng, (2, 70001), np.float64, 4.0)
@@ -77,24 +85,24 @@ def test_chunked_wide_rows(impl, dtype, rng):
     t[1, 69000] = 60.0      # the maximum appears in the last chunk
     s[1, 100] = 50.0
     t16, s16 = tf.cast(t, dtype), tf.cast(s, dtype)
-    got = tf_kld.kl_divergence_with_logits(t16, s16, 1.5)
+    got = D.loss_fn(beta)(t16, s16, 1.5)
     tn, sn = (tf.cast(x, tf.float64).numpy() for x in (t16, s16))
-    D.assert_loss(got, D.oracle(tn, sn, None, 1.5), tn, sn, 1.5, dtype)
+    D.assert_loss(got, D.oracle(tn, sn, beta, 1.5), tn, sn, 1.5, dtype)
 
 
+@pytest.mark.parametrize("beta", [None, 0.3])
 @pytest.mark.parametrize("wrt", ["t", "p", "both"])
-def test_gradient_computes_only_what_is_needed(require_custom, wrt, rng):
+def test_gradient_computes_only_what_is_needed(require_custom, wrt, beta, rng):
     """One Grad op per backward pass; an input nobody differentiates is not computed (eager)."""
     t, s = D.logits(rng, (3, 9), np.float64), D.logits(rng, (3, 9), np.float64)
     weights = rng.normal(size=(3,))
     names = ("t", "p") if wrt == "both" else (wrt,)
     with U.record_eager_ops() as ran:
-        _, got = D._grads(lambda a, b: tf_kld.kl_divergence_with_logits(a, b, 2.0), t, s, weights,
-                          wrt=names)
-    grads = [attrs for op, attrs in ran if op == KL_GRAD_OP]
+        _, got = D._grads(lambda a, b: D.loss_fn(beta)(a, b, 2.0), t, s, weights, wrt=names)
+    grads = [attrs for op, attrs in ran if op == (KL_GRAD_OP if beta is None else JSD_GRAD_OP)]
     assert len(grads) == 1
     assert grads[0]["need_y_true"] == ("t" in names) and grads[0]["need_y_pred"] == ("p" in names)
-    want_t, want_p = D.oracle_grads(t, s, weights, None, 2.0)
+    want_t, want_p = D.oracle_grads(t, s, weights, beta, 2.0)
     for name, g in zip(names, got):
         D.assert_grad(g, want_t if name == "t" else want_p, weights, 2.0, f"d/d{name}")
 
@@ -130,12 +138,14 @@ for shape in [(3, 100003), (257, 515), (64, 8)]:
     for dtype in (tf.float32, tf.bfloat16):
         t = tf.cast(rng.normal(size=shape) * 4, dtype)
         s = tf.cast(rng.normal(size=shape) * 4, dtype)
-        with tf.GradientTape() as tape:
-            tape.watch([t, s])
-            loss = tf_kld.kl_divergence_with_logits(t, s, 2.0)
-        dt, ds = tape.gradient(loss, [t, s])
-        key = f"{shape}-{dtype.name}"
-        out[key] = [tf.cast(x, tf.float32).numpy().tobytes().hex() for x in (loss, dt, ds)]
+        for name, fn in (("kl", lambda a, b: tf_kld.kl_divergence_with_logits(a, b, 2.0)),
+                         ("jsd", lambda a, b: tf_kld.generalized_jsd_with_logits(a, b, 0.3, 2.0))):
+            with tf.GradientTape() as tape:
+                tape.watch([t, s])
+                loss = fn(t, s)
+            dt, ds = tape.gradient(loss, [t, s])
+            key = f"{name}-{shape}-{dtype.name}"
+            out[key] = [tf.cast(x, tf.float32).numpy().tobytes().hex() for x in (loss, dt, ds)]
 print("RESULT " + json.dumps(out))
 """
 
@@ -193,8 +203,21 @@ def test_op_checks_its_inputs(require_custom):
             tf.TensorSpec([None, 3]), tf.TensorSpec([None, 4]))
 
 
+def test_jsd_op_checks_beta(require_custom):
+    t = tf.zeros((2, 3))
+    for beta in (0.0, 1.0, -0.5, math.nan):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="beta must be in"):
+            kld_ops._module.tf_kld_generalized_jsd_with_logits(t, t, beta=beta, beta_f64=repr(beta))
+    loss, stats = kld_ops._module.tf_kld_generalized_jsd_with_logits(t, t, beta=0.5)
+    assert stats.shape == (2, 6)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="stats must have shape"):
+        kld_ops._module.tf_kld_generalized_jsd_with_logits_grad(loss, t, t, tf.zeros((2, 5), tf.float64))
+
+
 def test_float64_temperature_is_exact(require_custom, rng):
     """A float64 temperature that float32 cannot hold (0.1) reaches the op exactly."""
     t, s = D.logits(rng, (3, 6), np.float64, 0.3), D.logits(rng, (3, 6), np.float64, 0.3)
     got = tf_kld.kl_divergence_with_logits(t, s, 0.1).numpy()
     np.testing.assert_allclose(got, D.oracle(t, s, None, 0.1), rtol=1e-12)
+    got = tf_kld.generalized_jsd_with_logits(t, s, 0.1, 0.1).numpy()  # beta too
+    np.testing.assert_allclose(got, D.oracle(t, s, 0.1, 0.1), rtol=1e-12)

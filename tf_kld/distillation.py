@@ -3,8 +3,9 @@ softmaxes of two sets of logits at a temperature, computed in log-space.
 
 The semantics live in `tf_kld.reference` (the composites); this module validates the arguments,
 converts the inputs as `tf_kld.kl_divergence` does and dispatches through the same implementation
-switch (`tf_kld.implementation`) as the rest of tf_kld: the KL divergence runs the fused op
-`TfKld>KlDivergenceWithLogits` (one pass per row, a fused one-pass gradient) outside XLA.
+switch (`tf_kld.implementation`) as the rest of tf_kld: the fused ops
+`TfKld>KlDivergenceWithLogits` (one pass per row) and `TfKld>GeneralizedJsdWithLogits` (two, the
+second in cache), each with a fused one-pass gradient, outside XLA.
 """
 
 from tf_kld import ops
@@ -89,5 +90,6 @@ def generalized_jsd_with_logits(y_true, y_pred, beta=0.5, temperature=1.0):
     if beta in (0.0, 1.0) and _use_custom_op():  # the KL divergence, one way or the other
         y_true, y_pred = (y_true, y_pred) if beta == 0.0 else (y_pred, y_true)
         return ops.custom_kl_divergence_with_logits(y_true, y_pred, temperature)
-    # No fused JSD op yet: otherwise both implementations run the composite.
+    if _use_custom_op():
+        return ops.custom_generalized_jsd_with_logits(y_true, y_pred, beta, temperature)
     return reference.jsd_with_logits_composite(y_true, y_pred, beta, temperature)

@@ -75,6 +75,24 @@ inline double Finish(const KlPartial& s, double* stats) {
   return kl;
 }
 
+// Generalized JSD (0 < beta < 1): a first pass as KL's gives each row's maxima and log-sums; a
+// second pass sums sum_p = sum p (lp - lm) and sum_q = sum q (lq - lm), with
+// lm = log(beta p + (1 - beta) q) by log-sum-exp. JSD = beta sum_p + (1 - beta) sum_q.
+// Stats: [max_a, log sum_a, max_b, log sum_b, KL(p || m), KL(q || m)].
+constexpr int kJsdStats = 6;
+
+struct JsdParams {
+  double temperature, beta, log_beta, log1m_beta;  // log(beta), log1p(-beta)
+};
+
+// The row's JSD; stats[kJsdStats] filled from the row's first-pass state (its first four entries
+// already set by the caller) and second-pass sums.
+inline double FinishJsd(double beta, double sum_p, double sum_q, double* stats) {
+  stats[4] = sum_p, stats[5] = sum_q;
+  if (stats[0] == -INFINITY || stats[2] == -INFINITY) return std::numeric_limits<double>::quiet_NaN();
+  return beta * sum_p + (1.0 - beta) * sum_q;
+}
+
 struct Kernels {
   const char* isa;
   // The state of n contiguous elements of one row (y_true, y_pred of `type`), divided by temperature.
@@ -85,6 +103,15 @@ struct Kernels {
   void (*kl_gradient)(Type type, const void* grad, const void* y_true, const void* y_pred,
                       const double* stats, void* d_true, void* d_pred, int64_t begin, int64_t end,
                       int64_t cols, double temperature);
+  // The second JSD pass over n contiguous elements of one row, given its first four stats:
+  // adds to sums[0] = sum p (lp - lm) and sums[1] = sum q (lq - lm).
+  void (*jsd_sums)(Type type, const void* y_true, const void* y_pred, int64_t n,
+                   const JsdParams& params, const double* stats, double* sums);
+  // JSD gradients as kl_gradient, from kJsdStats stats per row:
+  // d_true = g beta / T p ((lp - lm) - KL(p || m)), d_pred = g (1 - beta) / T q ((lq - lm) - KL(q || m)).
+  void (*jsd_gradient)(Type type, const void* grad, const void* y_true, const void* y_pred,
+                       const double* stats, void* d_true, void* d_pred, int64_t begin, int64_t end,
+                       int64_t cols, const JsdParams& params);
   // exp of n floats with the core's vectorised exp (for tests of its accuracy).
   void (*exp)(const float* x, float* out, int64_t n);
 };

@@ -280,6 +280,194 @@ void KlGradientD(const void* grad, const void* y_true, const void* y_pred, const
   }
 }
 
+// log1p of kLanes floats in [0, 1]: log(u) * s / (u - 1) with u = 1 + s rounded, exact to a
+// few ulps even where 1 + s loses s's low bits (the classic correction).
+TF_KLD_INLINE Vf Log1pUnit(Vf s) {
+  const Vf u = s + Splat(1.0f);
+  const Vf d = u - Splat(1.0f);
+  return d == Splat(0.0f) ? s : Log<true>(u) * (s / d);
+}
+
+// One element group's lp, lq and lm = log(beta p + (1 - beta) q) (-inf where p = q = 0).
+struct JsdLogs {
+  Vf max_a, log_a, max_b, log_b, log_beta, log1m_beta, temperature;
+  bool scaled;
+
+  JsdLogs(const double* stats, const distill::JsdParams& params)
+      : max_a(Splat(static_cast<float>(stats[0]))), log_a(Splat(static_cast<float>(stats[1]))),
+        max_b(Splat(static_cast<float>(stats[2]))), log_b(Splat(static_cast<float>(stats[3]))),
+        log_beta(Splat(static_cast<float>(params.log_beta))),
+        log1m_beta(Splat(static_cast<float>(params.log1m_beta))),
+        temperature(Splat(static_cast<float>(params.temperature))),
+        scaled(static_cast<float>(params.temperature) != 1.0f) {}
+
+  TF_KLD_INLINE void Compute(Vf a, Vf b, Vf* lp, Vf* lq, Vf* lm, Vi* masked_a, Vi* masked_b) const {
+    if (scaled) a = a / temperature, b = b / temperature;
+    const Vf minus_inf = Splat(-INFINITY);
+    *masked_a = a == minus_inf, *masked_b = b == minus_inf;
+    *lp = (a - max_a) - log_a, *lq = (b - max_b) - log_b;
+    const Vf x1 = *lp + log_beta, x2 = *lq + log1m_beta;
+    const Vi first = x1 >= x2;
+    const Vf hi = first ? x1 : x2, lo = first ? x2 : x1;
+    const Vf mixed = hi + Log1pUnit(ExpF(lo - hi));
+    *lm = (*masked_a & *masked_b) ? minus_inf : (lo == minus_inf ? hi : mixed);
+  }
+};
+
+template <typename E>
+void JsdSumsF(const void* y_true, const void* y_pred, int64_t n, const distill::JsdParams& params,
+              const double* stats, double* sums) {
+  const auto* t = static_cast<const typename E::Storage*>(y_true);
+  const auto* p = static_cast<const typename E::Storage*>(y_pred);
+  const JsdLogs logs(stats, params);
+  const Vf zero = Splat(0.0f);
+  Vf fp = zero, fq = zero;
+  Vd p0 = {}, p1 = {}, q0 = {}, q1 = {};
+  int steps = 0;
+  auto step = [&](Vf a, Vf b) {
+    Vf lp, lq, lm;
+    Vi ma, mb;
+    logs.Compute(a, b, &lp, &lq, &lm, &ma, &mb);
+    fp += ma ? zero : ExpF(lp) * (lp - lm);
+    fq += mb ? zero : ExpF(lq) * (lq - lm);
+    if (++steps == kFlushSteps) {
+      Accumulate(fp, &p0, &p1), Accumulate(fq, &q0, &q1);
+      fp = fq = zero, steps = 0;
+    }
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    Prefetch(t + i), Prefetch(p + i);
+    step(E::Load(t + i), E::Load(p + i));
+  }
+  if (i < n) step(LoadPadded<E>(t + i, n - i, -INFINITY), LoadPadded<E>(p + i, n - i, -INFINITY));
+  Accumulate(fp, &p0, &p1), Accumulate(fq, &q0, &q1);
+  sums[0] += SumLanes(p0 + p1);
+  sums[1] += SumLanes(q0 + q1);
+}
+
+TF_KLD_INLINE double LogMixD(double lp, double lq, const distill::JsdParams& params) {
+  const double x1 = lp + params.log_beta, x2 = lq + params.log1m_beta;
+  if (x1 == -INFINITY && x2 == -INFINITY) return -INFINITY;
+  const double hi = x1 >= x2 ? x1 : x2, lo = x1 >= x2 ? x2 : x1;
+  return hi + std::log1p(std::exp(lo - hi));
+}
+
+void JsdSumsD(const void* y_true, const void* y_pred, int64_t n, const distill::JsdParams& params,
+              const double* stats, double* sums) {
+  const auto* t = static_cast<const double*>(y_true);
+  const auto* p = static_cast<const double*>(y_pred);
+  const double temperature = params.temperature;
+  double sp = 0.0, sq = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double a = temperature != 1.0 ? t[i] / temperature : t[i];
+    const double b = temperature != 1.0 ? p[i] / temperature : p[i];
+    const double lp = (a - stats[0]) - stats[1], lq = (b - stats[2]) - stats[3];
+    const double lm = LogMixD(lp, lq, params);
+    if (a != -INFINITY) sp += std::exp(lp) * (lp - lm);
+    if (b != -INFINITY) sq += std::exp(lq) * (lq - lm);
+  }
+  sums[0] += sp, sums[1] += sq;
+}
+
+template <typename E>
+void JsdGradientF(const void* grad, const void* y_true, const void* y_pred, const double* stats,
+                  void* d_true, void* d_pred, int64_t begin, int64_t end, int64_t cols,
+                  const distill::JsdParams& params) {
+  using S = typename E::Storage;
+  const auto* g = static_cast<const S*>(grad);
+  const auto* t = static_cast<const S*>(y_true);
+  const auto* p = static_cast<const S*>(y_pred);
+  auto* dt = static_cast<S*>(d_true);
+  auto* dp = static_cast<S*>(d_pred);
+  const float temperature = static_cast<float>(params.temperature);
+  const Vf zero = Splat(0.0f);
+  int64_t i = begin;
+  for (int64_t row = begin / cols; i < end; ++row) {
+    const int64_t stop = (row + 1) * cols < end ? (row + 1) * cols : end;
+    const double* st = stats + row * distill::kJsdStats;
+    const JsdLogs logs(st, params);
+    const float gt = E::ToFloat(g[row]) / temperature;
+    const Vf gp = Splat(gt * static_cast<float>(params.beta));
+    const Vf gq = Splat(gt * static_cast<float>(1.0 - params.beta));
+    const Vf kl_p = Splat(static_cast<float>(st[4])), kl_q = Splat(static_cast<float>(st[5]));
+    auto compute = [&](Vf a, Vf b, Vf* vt, Vf* vp) {
+      Vf lp, lq, lm;
+      Vi ma, mb;
+      logs.Compute(a, b, &lp, &lq, &lm, &ma, &mb);
+      *vt = ma ? zero : gp * (ExpF(lp) * ((lp - lm) - kl_p));
+      *vp = mb ? zero : gq * (ExpF(lq) * ((lq - lm) - kl_q));
+    };
+    Vf vt, vp;
+    for (; i + kLanes <= stop; i += kLanes) {
+      Prefetch(t + i), Prefetch(p + i);
+      compute(E::Load(t + i), E::Load(p + i), &vt, &vp);
+      if (dt != nullptr) E::Store(dt + i, vt);
+      if (dp != nullptr) E::Store(dp + i, vp);
+    }
+    if (i < stop) {
+      const int64_t n = stop - i;
+      compute(LoadPadded<E>(t + i, n, 0.0f), LoadPadded<E>(p + i, n, 0.0f), &vt, &vp);
+      for (int64_t j = 0; j < n; ++j) {
+        if (dt != nullptr) dt[i + j] = E::FromFloat(vt[j]);
+        if (dp != nullptr) dp[i + j] = E::FromFloat(vp[j]);
+      }
+      i = stop;
+    }
+  }
+}
+
+void JsdGradientD(const void* grad, const void* y_true, const void* y_pred, const double* stats,
+                  void* d_true, void* d_pred, int64_t begin, int64_t end, int64_t cols,
+                  const distill::JsdParams& params) {
+  const auto* g = static_cast<const double*>(grad);
+  const auto* t = static_cast<const double*>(y_true);
+  const auto* p = static_cast<const double*>(y_pred);
+  auto* dt = static_cast<double*>(d_true);
+  auto* dp = static_cast<double*>(d_pred);
+  const double temperature = params.temperature;
+  int64_t i = begin;
+  for (int64_t row = begin / cols; i < end; ++row) {
+    const int64_t stop = (row + 1) * cols < end ? (row + 1) * cols : end;
+    const double* s = stats + row * distill::kJsdStats;
+    const double gt = g[row] / temperature;
+    for (; i < stop; ++i) {
+      const double a = temperature != 1.0 ? t[i] / temperature : t[i];
+      const double b = temperature != 1.0 ? p[i] / temperature : p[i];
+      const double lp = (a - s[0]) - s[1], lq = (b - s[2]) - s[3];
+      const double lm = LogMixD(lp, lq, params);
+      if (dt != nullptr) {
+        dt[i] = a == -INFINITY ? 0.0 : gt * params.beta * (std::exp(lp) * ((lp - lm) - s[4]));
+      }
+      if (dp != nullptr) {
+        dp[i] = b == -INFINITY ? 0.0 : gt * (1.0 - params.beta) * (std::exp(lq) * ((lq - lm) - s[5]));
+      }
+    }
+  }
+}
+
+void DistillJsdSums(Type type, const void* t, const void* p, int64_t n,
+                    const distill::JsdParams& params, const double* stats, double* sums) {
+  switch (type) {
+    case Type::kHalf: return JsdSumsF<HalfT>(t, p, n, params, stats, sums);
+    case Type::kBfloat16: return JsdSumsF<Bfloat16T>(t, p, n, params, stats, sums);
+    case Type::kFloat: return JsdSumsF<FloatT>(t, p, n, params, stats, sums);
+    case Type::kDouble: return JsdSumsD(t, p, n, params, stats, sums);
+  }
+}
+
+void DistillJsdGradient(Type type, const void* g, const void* t, const void* p, const double* stats,
+                        void* dt, void* dp, int64_t begin, int64_t end, int64_t cols,
+                        const distill::JsdParams& params) {
+  switch (type) {
+    case Type::kHalf: return JsdGradientF<HalfT>(g, t, p, stats, dt, dp, begin, end, cols, params);
+    case Type::kBfloat16:
+      return JsdGradientF<Bfloat16T>(g, t, p, stats, dt, dp, begin, end, cols, params);
+    case Type::kFloat: return JsdGradientF<FloatT>(g, t, p, stats, dt, dp, begin, end, cols, params);
+    case Type::kDouble: return JsdGradientD(g, t, p, stats, dt, dp, begin, end, cols, params);
+  }
+}
+
 distill::KlPartial DistillKlPartial(Type type, const void* t, const void* p, int64_t n,
                                     double temperature) {
   const float tf = static_cast<float>(temperature);
@@ -319,8 +507,9 @@ void DistillExp(const float* x, float* out, int64_t n) {
 namespace distill {
 
 const Kernels& TF_KLD_KERNELS_FN() {
-  static const Kernels kernels = {TF_KLD_ISA_NAME, &cpu::DistillKlPartial, &cpu::DistillKlGradient,
-                                  &cpu::DistillExp};
+  static const Kernels kernels = {TF_KLD_ISA_NAME,         &cpu::DistillKlPartial,
+                                  &cpu::DistillKlGradient, &cpu::DistillJsdSums,
+                                  &cpu::DistillJsdGradient, &cpu::DistillExp};
   return kernels;
 }
 

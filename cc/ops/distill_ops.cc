@@ -10,7 +10,8 @@ using tensorflow::shape_inference::DimensionHandle;
 using tensorflow::shape_inference::InferenceContext;
 using tensorflow::shape_inference::ShapeHandle;
 
-constexpr int kStats = 5;  // distill::kStats
+constexpr int kKlStats = 5;   // distill::kStats
+constexpr int kJsdStats = 6;  // distill::kJsdStats
 
 // y_true (input first) and y_pred (first + 1): one shape of rank >= 1, into *merged and, without
 // its last axis, *rows.
@@ -29,6 +30,7 @@ absl::Status MergeLogits(InferenceContext* c, int first, ShapeHandle* merged, Sh
   return c->Subshape(*merged, 0, -1, rows);
 }
 
+template <int kStats>
 absl::Status ForwardShape(InferenceContext* c) {
   ShapeHandle merged, rows, stats;
   TF_RETURN_IF_ERROR(MergeLogits(c, 0, &merged, &rows));
@@ -38,6 +40,7 @@ absl::Status ForwardShape(InferenceContext* c) {
   return absl::OkStatus();
 }
 
+template <int kStats>
 absl::Status GradShape(InferenceContext* c) {
   ShapeHandle merged, rows, unused, stats;
   TF_RETURN_IF_ERROR(MergeLogits(c, 1, &merged, &rows));
@@ -70,7 +73,7 @@ REGISTER_OP("TfKld>KlDivergenceWithLogits")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("temperature: float = 1.0")
     .Attr("temperature_f64: string = ''")
-    .SetShapeFn(ForwardShape)
+    .SetShapeFn(ForwardShape<kKlStats>)
     .Doc(R"doc(
 KL(softmax(y_true / T) || softmax(y_pred / T)) over the last axis, in log-space, one pass over
 each row. A class with y_true = -inf contributes 0; y_pred = -inf where y_true is not gives +inf;
@@ -96,11 +99,52 @@ REGISTER_OP("TfKld>KlDivergenceWithLogitsGrad")
     .Attr("temperature_f64: string = ''")
     .Attr("need_y_true: bool = true")
     .Attr("need_y_pred: bool = true")
-    .SetShapeFn(GradShape)
+    .SetShapeFn(GradShape<kKlStats>)
     .Doc(R"doc(
 Gradients of TfKld>KlDivergenceWithLogits in one pass from its stats:
 d_y_pred = grad / T * (q - p), d_y_true = grad / T * p * ((log p - log q) - KL) (0 where p = 0).
 An output not needed (need_y_true / need_y_pred false) is not computed and has shape [0].
+)doc");
+
+REGISTER_OP("TfKld>GeneralizedJsdWithLogits")
+    .Input("y_true: T")
+    .Input("y_pred: T")
+    .Output("loss: T")
+    .Output("stats: double")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("temperature: float = 1.0")
+    .Attr("temperature_f64: string = ''")
+    .Attr("beta: float = 0.5")
+    .Attr("beta_f64: string = ''")
+    .SetShapeFn(ForwardShape<kJsdStats>)
+    .Doc(R"doc(
+Generalized Jensen-Shannon divergence beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q,
+of p = softmax(y_true / T) and q = softmax(y_pred / T) over the last axis, for 0 < beta < 1
+(tf_kld routes beta 0 and 1 to TfKld>KlDivergenceWithLogits). Two passes over each row, the second in
+cache; log m by log-sum-exp.
+
+stats: per row [max_a, log sum exp(a - max_a), max_b, log sum exp(b - max_b), KL(p || m), KL(q || m)].
+beta_f64: beta as decimal text, exact (used when not empty).
+)doc");
+
+REGISTER_OP("TfKld>GeneralizedJsdWithLogitsGrad")
+    .Input("grad: T")
+    .Input("y_true: T")
+    .Input("y_pred: T")
+    .Input("stats: double")
+    .Output("d_y_true: T")
+    .Output("d_y_pred: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("temperature: float = 1.0")
+    .Attr("temperature_f64: string = ''")
+    .Attr("beta: float = 0.5")
+    .Attr("beta_f64: string = ''")
+    .Attr("need_y_true: bool = true")
+    .Attr("need_y_pred: bool = true")
+    .SetShapeFn(GradShape<kJsdStats>)
+    .Doc(R"doc(
+Gradients of TfKld>GeneralizedJsdWithLogits in one pass from its stats:
+d_y_true = grad beta / T p ((lp - lm) - KL(p || m)), d_y_pred = grad (1 - beta) / T q ((lq - lm) - KL(q || m)).
 )doc");
 
 }  // namespace tf_kld
