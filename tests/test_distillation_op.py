@@ -221,3 +221,16 @@ def test_float64_temperature_is_exact(require_custom, rng):
     np.testing.assert_allclose(got, D.oracle(t, s, None, 0.1), rtol=1e-12)
     got = tf_kld.generalized_jsd_with_logits(t, s, 0.1, 0.1).numpy()  # beta too
     np.testing.assert_allclose(got, D.oracle(t, s, 0.1, 0.1), rtol=1e-12)
+
+
+def test_xla_graphs_get_the_composite(impl):
+    """The ops do not lower themselves to XLA yet: under jit_compile every implementation traces
+    the log-softmax composite (so jit_compile works wherever tf_kld can see XLA at trace time)."""
+    spec = tf.TensorSpec([None, 7], tf.float32)
+    for fn in (lambda a, b: tf_kld.kl_divergence_with_logits(a, b, 2.0),
+               lambda a, b: tf_kld.generalized_jsd_with_logits(a, b, 0.3, 2.0)):
+        jitted = tf.function(fn, jit_compile=True).get_concrete_function(spec, spec)
+        types = U.graph_op_types(jitted)
+        assert not {KL_OP, JSD_OP} & types and "LogSoftmax" in types, types
+        plain = U.graph_op_types(tf.function(fn).get_concrete_function(spec, spec))
+        assert bool({KL_OP, JSD_OP} & plain) == (impl == "custom"), plain

@@ -16,7 +16,9 @@ def _use_custom_op():
     """The fused op when the switch asks for it and the loaded library has this family's ops.
 
     The ops do not lower themselves to XLA yet, so inside XLA (jit_compile, TPU) the composite runs
-    even under implementation("custom")."""
+    even under implementation("custom"). A tf.function traced outside XLA and then called from a
+    jit-compiled one keeps its fused op and cannot compile (as for any op without an XLA kernel).
+    """
     return ops.use_custom_op() and ops.distillation_ops_loaded() and not ops.in_xla_context()
 
 

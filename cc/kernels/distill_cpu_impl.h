@@ -65,9 +65,6 @@ TF_KLD_INLINE void Widen(Vf v, Vd* lo, Vd* hi) {
   *lo = zero0, *hi = zero1;
 }
 
-TF_KLD_INLINE double Lane(Vd lo, Vd hi, int i) {
-  return i < kLanes / 2 ? lo[i] : hi[i - kLanes / 2];
-}
 
 // The per-lane state of a row piece, kLanes elements a step. The sums run in float for
 // kFlushSteps steps (at most that many terms per lane, so a few float ulps), then go into double.
@@ -127,18 +124,22 @@ struct KlLanes {
     steps = 0;
   }
 
-  // The lanes merged in lane order.
+  // The lanes merged: each lane's sums rescaled to the largest maximum by one vector exp (not a
+  // Merge per lane: narrow rows would pay several scalar exps per element).
   distill::KlPartial Reduce() {
     Flush();
     distill::KlPartial r;
-    for (int i = 0; i < kLanes; ++i) {
-      distill::KlPartial lane;
-      lane.max_a = max_a[i], lane.max_b = max_b[i];
-      lane.sum_a = Lane(sum_a0, sum_a1, i), lane.cross = Lane(cross0, cross1, i);
-      lane.sum_b = Lane(sum_b0, sum_b1, i);
-      lane.infinite = infinite[i] != 0;
-      r = distill::Merge(r, lane);
-    }
+    float ma = max_a[0], mb = max_b[0];
+    for (int i = 1; i < kLanes; ++i) ma = max_a[i] > ma ? max_a[i] : ma, mb = max_b[i] > mb ? max_b[i] : mb;
+    const Vf top_a = Splat(ma), top_b = Splat(mb);
+    Vd a0, a1, b0, b1;
+    Widen(max_a == top_a ? Splat(1.0f) : ExpF(max_a - top_a), &a0, &a1);
+    Widen(max_b == top_b ? Splat(1.0f) : ExpF(max_b - top_b), &b0, &b1);
+    r.max_a = ma, r.max_b = mb;
+    r.sum_a = SumLanes(sum_a0 * a0 + sum_a1 * a1);
+    r.cross = SumLanes(cross0 * a0 + cross1 * a1);
+    r.sum_b = SumLanes(sum_b0 * b0 + sum_b1 * b1);
+    r.infinite = AnyLane(infinite);
     return r;
   }
 };
