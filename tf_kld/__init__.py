@@ -15,8 +15,13 @@ import sys as _sys
 
 from tf_kld import aliases as _aliases
 from tf_kld import reference
+from tf_kld.distillation import generalized_jsd_with_logits
+from tf_kld.distillation import kl_divergence_with_logits
 from tf_kld.gpu import gpu_info
+from tf_kld.keras_objects import GeneralizedJSDWithLogits
 from tf_kld.keras_objects import KLDivergence
+from tf_kld.keras_objects import KLDivergenceWithLogits
+from tf_kld.keras_objects import LogitsDistillation
 from tf_kld.linear import linear_distillation_loss
 from tf_kld.ops import custom_op_loaded
 from tf_kld.ops import current_implementation
@@ -33,13 +38,18 @@ _aliases.install(_sys.modules[__name__])
 __version__ = "0.1.0"
 
 __all__ = [
+    "GeneralizedJSDWithLogits",
     "KLD",
     "KLDivergence",
-    "custom_op_loaded",
+    "KLDivergenceWithLogits",
+    "LogitsDistillation",
     "current_implementation",
+    "custom_op_loaded",
+    "generalized_jsd_with_logits",
     "gpu_info",
     "implementation",
     "kl_divergence",
+    "kl_divergence_with_logits",
     "kld",
     "kullback_leibler_divergence",
     "linear_distillation_loss",

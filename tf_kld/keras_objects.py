@@ -10,8 +10,11 @@ Keras serialisation under the package "tf_kld" (`tf_kld>KLDivergence`,
 """
 
 import keras
+import keras.distillation  # noqa: F401  (a lazily loaded submodule in some Keras versions)
 
+from tf_kld import distillation
 from tf_kld import ops
+from tf_kld import reference
 
 _register = keras.saving.register_keras_serializable
 
@@ -105,3 +108,115 @@ class KLDivergenceMetric(keras.metrics.KLDivergence):
         # As above: Keras's MeanMetricWrapper around tf_kld's function instead of Keras's.
         super(keras.metrics.KLDivergence, self).__init__(
             fn=ops.kl_divergence, name=name, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The distillation family: losses between two sets of logits.
+
+_register(package="tf_kld")(distillation.kl_divergence_with_logits)
+_register(package="tf_kld")(distillation.generalized_jsd_with_logits)
+
+
+@_register(package="tf_kld")
+class KLDivergenceWithLogits(keras.losses.Loss):
+    """KL divergence between the softmaxes of two sets of logits at a temperature, as a Keras Loss.
+
+    Per sample `tf_kld.kl_divergence_with_logits(y_true, y_pred, temperature)` =
+    `KL(softmax(y_true / T) || softmax(y_pred / T))` over the last axis, in log-space (no clipping),
+    then reduced as Keras reduces (sample_weight and masks as for any Keras Loss). No `T**2` factor.
+
+    >>> loss = tf_kld.KLDivergenceWithLogits(temperature=2.0)
+    >>> loss([[1., 2., 3.]], [[3., 2., 1.]]).numpy()
+    0.3201567
+
+    Args:
+      temperature: A Python number > 0 dividing both sets of logits.
+      reduction: `"sum_over_batch_size"` (default), `"sum"`, `"mean"`, `"mean_with_sample_weight"`
+        or `None`, as in Keras.
+      name: Name of the loss instance. Defaults to "kl_divergence_with_logits".
+      dtype: The dtype of the loss's computations; `None` means `keras.backend.floatx()`.
+    """
+
+    def __init__(self, temperature=1.0, reduction="sum_over_batch_size",
+                 name="kl_divergence_with_logits", dtype=None):
+        self.temperature = reference.check_temperature(temperature, type(self).__name__)
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+
+    def call(self, y_true, y_pred):
+        return distillation.kl_divergence_with_logits(y_true, y_pred, self.temperature)
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature, "dtype": self.dtype}
+
+
+@_register(package="tf_kld")
+class GeneralizedJSDWithLogits(keras.losses.Loss):
+    """Generalized Jensen-Shannon divergence of the softmaxes of two sets of logits, a Keras Loss.
+
+    Per sample `tf_kld.generalized_jsd_with_logits(y_true, y_pred, beta, temperature)`:
+    `beta * KL(p || m) + (1 - beta) * KL(q || m)` with `m = beta * p + (1 - beta) * q`, except
+    `beta == 0` is `KL(p || q)` and `beta == 1` is `KL(q || p)` (TRL's convention).
+
+    Args:
+      beta: A Python number in [0, 1], the weight of the teacher's distribution in the mixture.
+      temperature: A Python number > 0 dividing both sets of logits.
+      reduction: As `KLDivergenceWithLogits`.
+      name: Name of the loss instance. Defaults to "generalized_jsd_with_logits".
+      dtype: The dtype of the loss's computations; `None` means `keras.backend.floatx()`.
+    """
+
+    def __init__(self, beta=0.5, temperature=1.0, reduction="sum_over_batch_size",
+                 name="generalized_jsd_with_logits", dtype=None):
+        self.beta = reference.check_beta(beta, type(self).__name__)
+        self.temperature = reference.check_temperature(temperature, type(self).__name__)
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+
+    def call(self, y_true, y_pred):
+        return distillation.generalized_jsd_with_logits(y_true, y_pred, self.beta, self.temperature)
+
+    def get_config(self):
+        return {**super().get_config(), "beta": self.beta, "temperature": self.temperature,
+                "dtype": self.dtype}
+
+
+@_register(package="tf_kld")
+class LogitsDistillation(keras.distillation.LogitsDistillation):
+    """`keras.distillation.LogitsDistillation` computing with the fused log-space KL divergence.
+
+    `compute_loss(teacher_logits, student_logits)` is
+    `T**2 * mean(tf_kld.kl_divergence_with_logits(teacher_logits, student_logits, T))` (summed over
+    the outputs of a multi-output model), the value of Keras's
+    `LogitsDistillation(temperature=T, loss=keras.losses.KLDivergence())` wherever every softmax
+    probability is at least 1e-7. Below that Keras clips both probabilities to
+    `[keras.backend.epsilon(), 1]` (1e-7), which changes its value (common with vocabularies of
+    100k+ classes, where most probabilities are tiny) and zeroes its gradient there; this class
+    computes the exact divergence, with no clipping.
+
+    >>> distiller = keras.distillation.Distiller(
+    ...     teacher=teacher, student=student, distillation_losses=tf_kld.LogitsDistillation())
+
+    Args:
+      temperature: A Python number > 0 dividing both sets of logits. Defaults to 3.0.
+    """
+
+    def __init__(self, temperature=3.0):
+        temperature = reference.check_temperature(temperature, type(self).__name__)
+        super().__init__(temperature=temperature, loss="kl_divergence")
+
+    def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
+        del kwargs
+        t = self.temperature
+
+        def one(teacher, student):
+            loss = distillation.kl_divergence_with_logits(teacher, student, t)
+            return keras.ops.mean(loss) * (t * t)
+
+        losses = keras.tree.flatten(keras.tree.map_structure(one, teacher_outputs, student_outputs))
+        return losses[0] if len(losses) == 1 else keras.ops.sum(keras.ops.stack(losses))
+
+    def get_config(self):
+        return {"temperature": self.temperature}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

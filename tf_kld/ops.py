@@ -393,3 +393,114 @@ def kl_divergence(y_true, y_pred):
     if use_custom_op():
         return custom_kl_divergence(y_true, y_pred)
     return reference.composite(y_true, y_pred, reference.epsilon(y_pred.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# The distillation family (tf_kld.distillation)
+
+
+KL_LOGITS_OP = "TfKld>KlDivergenceWithLogits"
+KL_LOGITS_GRAD_OP = "TfKld>KlDivergenceWithLogitsGrad"
+JSD_LOGITS_OP = "TfKld>GeneralizedJsdWithLogits"
+JSD_LOGITS_GRAD_OP = "TfKld>GeneralizedJsdWithLogitsGrad"
+_KL_LOGITS_ATTRS = ("temperature", "temperature_f64")
+_JSD_LOGITS_ATTRS = _KL_LOGITS_ATTRS + ("beta", "beta_f64")
+
+
+def distillation_ops_loaded():
+    """True when the loaded library has the fused distillation ops."""
+    return _module is not None and hasattr(_module, "tf_kld_generalized_jsd_with_logits")
+
+
+def _temperature_attrs(temperature, dtype):
+    # A TF "float" attr is 32-bit; float64 carries the exact double as text as well.
+    return {"temperature": temperature,
+            "temperature_f64": repr(float(temperature)) if dtype == tf.float64 else ""}
+
+
+def _text_attr(op, name):
+    value = op.get_attr(name)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _op_number(op, name):
+    """The exact value of a float attr carried with its `_f64` text (when set)."""
+    text = _text_attr(op, name + "_f64")
+    return float(text) if text else op.get_attr(name)
+
+
+def custom_kl_divergence_with_logits(y_true, y_pred, temperature):
+    """The fused op on prepared tensors (same dtype, broadcastable shapes)."""
+    y_true, y_pred = _broadcast(y_true, y_pred)
+    loss, _ = _module.tf_kld_kl_divergence_with_logits(
+        y_true, y_pred, **_temperature_attrs(temperature, y_pred.dtype))
+    return loss
+
+
+def custom_generalized_jsd_with_logits(y_true, y_pred, beta, temperature):
+    """The fused JSD op (0 < beta < 1) on prepared tensors (same dtype, broadcastable shapes)."""
+    y_true, y_pred = _broadcast(y_true, y_pred)
+    # beta always travels exactly: log(beta) and log1p(-beta) are taken from it in double.
+    loss, _ = _module.tf_kld_generalized_jsd_with_logits(
+        y_true, y_pred, beta=beta, beta_f64=repr(float(beta)),
+        **_temperature_attrs(temperature, y_pred.dtype))
+    return loss
+
+
+def _fused_grad(op, grad, grad_op, attr_names):
+    """Both gradients in one pass from the forward's per-row stats; an input nobody differentiates
+    (eager tapes, and tapes in tf.function, say which) is not computed."""
+    y_true, y_pred = op.inputs
+    skip = getattr(op, "skip_input_indices", None) or ()
+    need_true, need_pred = 0 not in skip, 1 not in skip
+    if not (need_true or need_pred):
+        return None, None
+    d_true, d_pred = grad_op(grad, y_true, y_pred, op.outputs[1], need_y_true=need_true,
+                             need_y_pred=need_pred, **{n: op.get_attr(n) for n in attr_names})
+    return (d_true if need_true else None), (d_pred if need_pred else None)
+
+
+@tf.RegisterGradient(KL_LOGITS_OP)
+def _kl_logits_grad(op, grad, unused_stats_grad):
+    del unused_stats_grad  # the stats are an implementation detail, not differentiable outputs
+    return _fused_grad(op, grad, _module.tf_kld_kl_divergence_with_logits_grad, _KL_LOGITS_ATTRS)
+
+
+@tf.RegisterGradient(JSD_LOGITS_OP)
+def _jsd_logits_grad(op, grad, unused_stats_grad):
+    del unused_stats_grad
+    return _fused_grad(op, grad, _module.tf_kld_generalized_jsd_with_logits_grad, _JSD_LOGITS_ATTRS)
+
+
+def _second_order(op, d_true_grad, d_pred_grad, composite):
+    """Second order, in TF ops: the first-order gradient rebuilt by autodiff of the composite
+    (exact: it is the same function of grad, y_true and y_pred), then differentiated."""
+    grad, y_true, y_pred, _ = op.inputs
+    wanted = [(op.get_attr("need_y_true"), d_true_grad, 0), (op.get_attr("need_y_pred"), d_pred_grad, 1)]
+    with tf.GradientTape(persistent=True) as outer:
+        outer.watch([grad, y_true, y_pred])
+        with tf.GradientTape() as inner:
+            inner.watch([y_true, y_pred])
+            total = tf.reduce_sum(composite(y_true, y_pred) * grad)
+        firsts = inner.gradient(total, [y_true, y_pred])
+        picked = [(firsts[i], d) for need, d, i in wanted if need and d is not None]
+    if not picked:
+        return None, None, None, None
+    d_grad, d_y_true, d_y_pred = outer.gradient(
+        [f for f, _ in picked], [grad, y_true, y_pred], output_gradients=[d for _, d in picked],
+        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return d_grad, d_y_true, d_y_pred, None
+
+
+@tf.RegisterGradient(KL_LOGITS_GRAD_OP)
+def _kl_logits_grad_grad(op, d_true_grad, d_pred_grad):
+    temperature = _op_number(op, "temperature")
+    return _second_order(op, d_true_grad, d_pred_grad,
+                         lambda t, p: reference.kl_with_logits_composite(t, p, temperature))
+
+
+@tf.RegisterGradient(JSD_LOGITS_GRAD_OP)
+def _jsd_logits_grad_grad(op, d_true_grad, d_pred_grad):
+    temperature, beta = _op_number(op, "temperature"), _op_number(op, "beta")
+    return _second_order(op, d_true_grad, d_pred_grad,
+                         lambda t, p: reference.jsd_with_logits_composite(t, p, beta, temperature))

@@ -16,6 +16,8 @@ y_pred=[0, 1] gives inf in float16 Keras and 15.94 here) and rounding error grow
 The custom op and its gradients are checked against this module; the XLA/TPU path runs it.
 """
 
+import math
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -48,7 +50,7 @@ def _dtype_name(x):
     return type(x).__name__
 
 
-def prepare(y_true, y_pred):
+def prepare(y_true, y_pred, fn="kl_divergence"):
     """Converts the inputs as Keras does: y_pred to a tensor, y_true cast to y_pred's dtype.
 
     Raises:
@@ -60,13 +62,13 @@ def prepare(y_true, y_pred):
         y_pred = tf.convert_to_tensor(y_pred)
     except (TypeError, ValueError) as err:
         error = TypeError if isinstance(err, TypeError) else ValueError
-        raise error(f"kl_divergence: y_pred cannot be converted to a tensor: {err} y_pred must "
+        raise error(f"{fn}: y_pred cannot be converted to a tensor: {err} y_pred must "
                     f"be a floating-point tensor or array (float16, bfloat16, float32 or "
                     f"float64).") from err
     dtype = y_pred.dtype
     if not dtype.is_floating:
         raise TypeError(
-            f"kl_divergence: y_pred must be a floating-point tensor (float16, bfloat16, float32 or "
+            f"{fn}: y_pred must be a floating-point tensor (float16, bfloat16, float32 or "
             f"float64), got y_pred dtype {dtype.name} (y_true dtype {_dtype_name(y_true)}). Cast it "
             f"first, e.g. tf.cast(y_pred, tf.float32).")
     if isinstance(y_true, (tf.Tensor, tf.Variable)) or hasattr(y_true, "dtype") and isinstance(
@@ -80,20 +82,20 @@ def prepare(y_true, y_pred):
                 y_true = tf.convert_to_tensor(y_true)
             except (TypeError, ValueError) as err:
                 raise TypeError(
-                    f"kl_divergence: y_true cannot be cast to y_pred.dtype ({dtype.name}): {err}"
+                    f"{fn}: y_true cannot be cast to y_pred.dtype ({dtype.name}): {err}"
                 ) from err
     if not (y_true.dtype.is_floating or y_true.dtype.is_integer or y_true.dtype == tf.bool):
         raise TypeError(
-            f"kl_divergence: y_true cannot be cast to y_pred.dtype: y_true has dtype "
+            f"{fn}: y_true cannot be cast to y_pred.dtype: y_true has dtype "
             f"{y_true.dtype.name}, y_pred has dtype {dtype.name}. y_true must be numeric "
             f"(floating, integer or bool).")
     if y_true.dtype != dtype:
         y_true = tf.cast(y_true, dtype)
-    _check_static_shapes(y_true.shape, y_pred.shape)
+    _check_static_shapes(y_true.shape, y_pred.shape, fn)
     return y_true, y_pred
 
 
-def _check_static_shapes(true_shape, pred_shape):
+def _check_static_shapes(true_shape, pred_shape, fn):
     """Raises what TensorFlow's ops would (ValueError in graphs, InvalidArgumentError eagerly) for
     shapes known not to broadcast or to broadcast to rank 0, with a message naming both inputs."""
     if true_shape == pred_shape and true_shape.rank:  # equal shapes of rank >= 1: the common case
@@ -106,7 +108,7 @@ def _check_static_shapes(true_shape, pred_shape):
                    "missing)")
     if problem is None:
         return
-    message = (f"kl_divergence: y_true and y_pred {problem}, got y_true shape {true_shape} and "
+    message = (f"{fn}: y_true and y_pred {problem}, got y_true shape {true_shape} and "
                f"y_pred shape {pred_shape}.")
     if tf.executing_eagerly():
         raise tf.errors.InvalidArgumentError(None, None, message)
@@ -127,3 +129,136 @@ def kl_divergence(y_true, y_pred):
     """Kullback-Leibler divergence, pure TensorFlow: `sum(y_true * log(y_true / y_pred), axis=-1)`."""
     y_true, y_pred = prepare(y_true, y_pred)
     return composite(y_true, y_pred, epsilon(y_pred.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# The distillation family: divergences between the softmaxes of two sets of logits.
+#
+# Per row, a = y_true / T and b = y_pred / T, lp = log_softmax(a), lq = log_softmax(b),
+# p = exp(lp), q = exp(lq). Everything is computed in log-space, with no clipping and no epsilon.
+# Conventions (shared by every path): a class with p = 0 exactly (teacher logit -inf) contributes 0;
+# p > 0 with q = 0 gives +inf; NaN propagates; a row of all -inf gives NaN; an empty row gives 0.
+
+
+def check_temperature(temperature, fn):
+    """`temperature` as a Python float, or ValueError/TypeError saying what is wrong with it."""
+    value = _real(temperature, "temperature", fn)
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"{fn}: temperature must be a finite number > 0, got temperature="
+                         f"{temperature!r}.")
+    return value
+
+
+def check_beta(beta, fn):
+    """`beta` as a Python float, or ValueError/TypeError saying what is wrong with it."""
+    value = _real(beta, "beta", fn)
+    if not 0.0 <= value <= 1.0:  # False for NaN
+        raise ValueError(f"{fn}: beta must be a number in [0, 1], got beta={beta!r}.")
+    return value
+
+
+def _real(value, name, fn):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)):
+        # Tensors would make the argument checks (and the op's attributes) depend on run time.
+        raise TypeError(f"{fn}: {name} must be a Python or NumPy real number, got {name}="
+                        f"{value!r} of type {type(value).__name__}.")
+    return float(value)
+
+
+def broadcast(y_true, y_pred):
+    """Both broadcast to their common shape (the same tensors when the static shapes agree).
+
+    The softmax runs over the broadcast last axis, so it must come before the log-softmax."""
+    if y_true.shape.is_fully_defined() and y_pred.shape.is_fully_defined():
+        if y_true.shape == y_pred.shape:
+            return y_true, y_pred
+        shape = tf.broadcast_static_shape(y_true.shape, y_pred.shape)
+    else:
+        shape = tf.broadcast_dynamic_shape(tf.shape(y_true), tf.shape(y_pred))
+    return tf.broadcast_to(y_true, shape), tf.broadcast_to(y_pred, shape)
+
+
+def _log_softmax(x, temperature):
+    if temperature != 1.0:
+        x = x / tf.constant(temperature, x.dtype)
+    # Subtracts the row max: huge logits stay finite; -inf classes get lp = -inf, an all -inf row NaN.
+    return tf.nn.log_softmax(x, axis=-1)
+
+
+def _kl_terms(lp, lq):
+    """sum(p * (lp - lq)) over the last axis, with the conventions above.
+
+    Double `where`: a masked class's unselected product would otherwise send 0 * inf = NaN into
+    the gradient; here every masked class gets an exact 0 gradient."""
+    minus_inf = tf.constant(-math.inf, lp.dtype)
+    # p > 0 but q = 0: +inf even where p underflows to 0 while lp is finite (exp(-1e4) > 0).
+    infinite = tf.logical_and(tf.equal(lq, minus_inf), tf.greater(lp, minus_inf))
+    use = tf.logical_and(tf.not_equal(lp, minus_inf), tf.logical_not(infinite))  # NaN is used
+    zero = tf.zeros_like(lp)
+    diff = tf.where(use, lp - lq, zero)
+    term = tf.where(use, tf.exp(lp) * diff,
+                    tf.where(infinite, tf.constant(math.inf, lp.dtype), zero))
+    return tf.reduce_sum(term, axis=-1)
+
+
+def _log_mixture(lp, lq, beta):
+    """log(beta * p + (1 - beta) * q) elementwise by log-sum-exp, for 0 < beta < 1."""
+    x1 = lp + tf.constant(math.log(beta), lp.dtype)
+    x2 = lq + tf.constant(math.log1p(-beta), lq.dtype)
+    minus_inf = tf.constant(-math.inf, lp.dtype)
+    # Where both are -inf the mixture is 0: keep -inf inf out of the arithmetic (and its gradient).
+    empty = tf.logical_and(tf.equal(x1, minus_inf), tf.equal(x2, minus_inf))
+    zero = tf.zeros_like(x1)
+    x1s, x2s = tf.where(empty, zero, x1), tf.where(empty, zero, x2)
+    # hi + log1p(the smaller exp), the larger term's expm1(0) = 0 keeping it exact; hi is a
+    # constant to autodiff (lm does not depend on it), so the gradient is the mixture's weights
+    # even at ties, where max/min/abs would send it all to one side.
+    hi = tf.stop_gradient(tf.maximum(x1s, x2s))
+    first = x1s >= x2s
+    s = tf.where(first, tf.math.expm1(x1s - hi) + tf.exp(x2s - hi),
+                 tf.exp(x1s - hi) + tf.math.expm1(x2s - hi))
+    lm = hi + tf.math.log1p(s)
+    return tf.where(empty, tf.fill(tf.shape(lm), minus_inf), lm)
+
+
+def kl_with_logits_composite(y_true, y_pred, temperature):
+    """KL(softmax(y_true / T) || softmax(y_pred / T)) on prepared tensors of one floating dtype."""
+    dtype = y_pred.dtype
+    work = compute_dtype(dtype)
+    y_true, y_pred = broadcast(tf.cast(y_true, work), tf.cast(y_pred, work))
+    loss = _kl_terms(_log_softmax(y_true, temperature), _log_softmax(y_pred, temperature))
+    return tf.cast(loss, dtype)
+
+
+def jsd_with_logits_composite(y_true, y_pred, beta, temperature):
+    """Generalized JSD of the two softmaxes (TRL's convention at beta 0 and 1), prepared tensors."""
+    dtype = y_pred.dtype
+    work = compute_dtype(dtype)
+    y_true, y_pred = broadcast(tf.cast(y_true, work), tf.cast(y_pred, work))
+    lp = _log_softmax(y_true, temperature)
+    lq = _log_softmax(y_pred, temperature)
+    if beta == 0.0:
+        loss = _kl_terms(lp, lq)
+    elif beta == 1.0:
+        loss = _kl_terms(lq, lp)
+    else:
+        lm = _log_mixture(lp, lq, beta)
+        loss = (tf.constant(beta, work) * _kl_terms(lp, lm)
+                + tf.constant(1.0 - beta, work) * _kl_terms(lq, lm))
+    return tf.cast(loss, dtype)
+
+
+def kl_divergence_with_logits(y_true, y_pred, temperature=1.0):
+    """KL(softmax(y_true / T) || softmax(y_pred / T)) over the last axis, pure TensorFlow."""
+    temperature = check_temperature(temperature, "kl_divergence_with_logits")
+    y_true, y_pred = prepare(y_true, y_pred, "kl_divergence_with_logits")
+    return kl_with_logits_composite(y_true, y_pred, temperature)
+
+
+def generalized_jsd_with_logits(y_true, y_pred, beta=0.5, temperature=1.0):
+    """Generalized Jensen-Shannon divergence of softmax(y_true / T) and softmax(y_pred / T)."""
+    beta = check_beta(beta, "generalized_jsd_with_logits")
+    temperature = check_temperature(temperature, "generalized_jsd_with_logits")
+    y_true, y_pred = prepare(y_true, y_pred, "generalized_jsd_with_logits")
+    return jsd_with_logits_composite(y_true, y_pred, beta, temperature)

@@ -24,6 +24,8 @@ SOURCES = [
     "cc/kernels/kld_kernels.cc",
     "cc/kernels/kld_cpu_generic.cc",
     "cc/kernels/kld_gpu_gate.cc",  # the GPU kernels' driver gate; in CPU builds for gpu_info()
+    "cc/ops/distill_ops.cc",  # the distillation family; its core is in the kld_cpu_* objects
+    "cc/kernels/distill_kernels.cc",
 ]
 AVX2_SOURCES = ["cc/kernels/kld_cpu_avx2.cc"]
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]

@@ -3,3 +3,4 @@
 #define TF_KLD_ISA_NAMESPACE isa_avx2
 #define TF_KLD_KERNELS_FN Avx2Kernels
 #include "cc/kernels/kld_cpu_impl.h"
+#include "cc/kernels/distill_cpu_impl.h"  // the distillation family's core, same ISA

@@ -3,6 +3,7 @@
 #define TF_KLD_ISA_NAMESPACE isa_generic
 #define TF_KLD_KERNELS_FN GenericKernels
 #include "cc/kernels/kld_cpu_impl.h"
+#include "cc/kernels/distill_cpu_impl.h"  // the distillation family's core, same ISA
 
 #include <cstdlib>
 #include <cstring>
@@ -31,6 +32,16 @@ const Kernels& Cpu() {
 }
 
 }  // namespace cpu
+
+namespace distill {
+
+const Kernels& Cpu() {
+  static const Kernels& kernels =
+      std::strcmp(cpu::Cpu().isa, "avx2") == 0 ? Avx2Kernels() : GenericKernels();
+  return kernels;
+}
+
+}  // namespace distill
 }  // namespace tf_kld
 
 // The kernel build in use ("avx2" or "generic"), for tf_kld's diagnostics (read with ctypes).

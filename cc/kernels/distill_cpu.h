@@ -1,0 +1,128 @@
+// The distillation family's CPU core interface: divergences between the softmaxes of two rows of
+// logits, plain loops over contiguous memory, no TensorFlow.
+//
+// The core (distill_cpu_impl.h) is compiled into the same per-ISA objects as the KL core
+// (kld_cpu_generic.cc, kld_cpu_avx2.cc), sharing their SIMD helpers; Cpu() follows the KL core's
+// choice of ISA.
+//
+// KL(p || q) of one row, one pass (see shared/DISTILLATION_NOTES.md): with a = y_true / T,
+// b = y_pred / T, running maxima max_a, max_b, sum_a = sum exp(a - max_a),
+// sum_b = sum exp(b - max_b), cross = sum exp(a - max_a) * (a - b); partials of pieces of a row
+// merge by rescaling to the larger maximum, and
+//   KL = cross / sum_a - (max_a + log sum_a) + (max_b + log sum_b).
+#ifndef TF_KLD_CC_KERNELS_DISTILL_CPU_H_
+#define TF_KLD_CC_KERNELS_DISTILL_CPU_H_
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "cc/kernels/kld_cpu.h"
+
+namespace tf_kld {
+namespace distill {
+
+using cpu::Type;
+
+// The per-row statistics the forward op outputs and the gradient reads, as doubles:
+// [max_a, log sum_a, max_b, log sum_b, KL]. lp = (a - max_a) - log sum_a keeps a - max_a exact
+// for huge logits, where rounding lse_a to float would not.
+constexpr int kStats = 5;
+
+// The running state of one row, or of a piece of it.
+struct KlPartial {
+  double max_a = -std::numeric_limits<double>::infinity();
+  double sum_a = 0.0;
+  double cross = 0.0;
+  double max_b = -std::numeric_limits<double>::infinity();
+  double sum_b = 0.0;
+  bool nan = false;       // a NaN or +inf logit in either row: the row's KL is NaN
+  bool infinite = false;  // a class with p > 0 and q = 0 (student -inf, teacher not): +inf
+};
+
+// Scale of a sum taken at maximum m to the maximum m_new >= m (1 when equal, -inf included).
+inline double Rescale(double m, double m_new) { return m == m_new ? 1.0 : std::exp(m - m_new); }
+
+// x followed by y (the order fixed by the caller: results never depend on the thread count).
+inline KlPartial Merge(const KlPartial& x, const KlPartial& y) {
+  KlPartial r;
+  r.max_a = x.max_a > y.max_a ? x.max_a : y.max_a;
+  r.max_b = x.max_b > y.max_b ? x.max_b : y.max_b;
+  const double xa = Rescale(x.max_a, r.max_a), ya = Rescale(y.max_a, r.max_a);
+  const double xb = Rescale(x.max_b, r.max_b), yb = Rescale(y.max_b, r.max_b);
+  r.sum_a = x.sum_a * xa + y.sum_a * ya;
+  r.cross = x.cross * xa + y.cross * ya;
+  r.sum_b = x.sum_b * xb + y.sum_b * yb;
+  r.nan = x.nan || y.nan;
+  r.infinite = x.infinite || y.infinite;
+  return r;
+}
+
+// The row's KL and statistics (stats[kStats]) from its whole-row state; cols > 0.
+inline double Finish(const KlPartial& s, double* stats) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double log_a = std::log(s.sum_a), log_b = std::log(s.sum_b);
+  double kl;
+  if (s.nan || s.max_a == -INFINITY || s.max_b == -INFINITY || std::isnan(s.sum_a) ||
+      std::isnan(s.sum_b) || std::isnan(s.cross)) {
+    kl = nan;  // NaN or +inf logits (they make a sum NaN), or a row of all -inf
+  } else if (s.infinite) {
+    kl = std::numeric_limits<double>::infinity();
+  } else {
+    kl = s.cross / s.sum_a - (s.max_a - s.max_b) - (log_a - log_b);
+  }
+  stats[0] = s.max_a, stats[1] = log_a, stats[2] = s.max_b, stats[3] = log_b, stats[4] = kl;
+  return kl;
+}
+
+// Generalized JSD (0 < beta < 1): a first pass as KL's gives each row's maxima and log-sums; a
+// second pass sums sum_p = sum p (lp - lm) and sum_q = sum q (lq - lm), with
+// lm = log(beta p + (1 - beta) q) by log-sum-exp. JSD = beta sum_p + (1 - beta) sum_q.
+// Stats: [max_a, log sum_a, max_b, log sum_b, KL(p || m), KL(q || m)].
+constexpr int kJsdStats = 6;
+
+struct JsdParams {
+  double temperature, beta, log_beta, log1m_beta;  // log(beta), log1p(-beta)
+};
+
+// The row's JSD; stats[kJsdStats] filled from the row's first-pass state (its first four entries
+// already set by the caller) and second-pass sums.
+inline double FinishJsd(double beta, double sum_p, double sum_q, double* stats) {
+  stats[4] = sum_p, stats[5] = sum_q;
+  if (stats[0] == -INFINITY || stats[2] == -INFINITY) return std::numeric_limits<double>::quiet_NaN();
+  return beta * sum_p + (1.0 - beta) * sum_q;
+}
+
+struct Kernels {
+  const char* isa;
+  // The state of n contiguous elements of one row (y_true, y_pred of `type`), divided by temperature.
+  KlPartial (*kl_partial)(Type type, const void* y_true, const void* y_pred, int64_t n,
+                          double temperature);
+  // d/dy_true and/or d/dy_pred (nullptr: not wanted) for flat elements [begin, end) of
+  // [*, cols] inputs, from each row's upstream gradient and stats.
+  void (*kl_gradient)(Type type, const void* grad, const void* y_true, const void* y_pred,
+                      const double* stats, void* d_true, void* d_pred, int64_t begin, int64_t end,
+                      int64_t cols, double temperature);
+  // The second JSD pass over n contiguous elements of one row, given its first four stats:
+  // adds to sums[0] = sum p (lp - lm) and sums[1] = sum q (lq - lm).
+  void (*jsd_sums)(Type type, const void* y_true, const void* y_pred, int64_t n,
+                   const JsdParams& params, const double* stats, double* sums);
+  // JSD gradients as kl_gradient, from kJsdStats stats per row:
+  // d_true = g beta / T p ((lp - lm) - KL(p || m)), d_pred = g (1 - beta) / T q ((lq - lm) - KL(q || m)).
+  void (*jsd_gradient)(Type type, const void* grad, const void* y_true, const void* y_pred,
+                       const double* stats, void* d_true, void* d_pred, int64_t begin, int64_t end,
+                       int64_t cols, const JsdParams& params);
+  // exp of n floats with the core's vectorised exp (for tests of its accuracy).
+  void (*exp)(const float* x, float* out, int64_t n);
+};
+
+const Kernels& GenericKernels();
+const Kernels& Avx2Kernels();  // only call when the CPU has AVX2, FMA and F16C
+
+// The kernels of the ISA the KL core chose (cpu::Cpu()).
+const Kernels& Cpu();
+
+}  // namespace distill
+}  // namespace tf_kld
+
+#endif  // TF_KLD_CC_KERNELS_DISTILL_CPU_H_

@@ -1,0 +1,521 @@
+// The distillation family's CPU core (see distill_cpu.h), compiled once per ISA: included by
+// kld_cpu_generic.cc and kld_cpu_avx2.cc right after kld_cpu_impl.h, whose SIMD helpers (vector
+// types, 16-bit loads and stores, Madd, Accumulate) it uses from the same anonymous namespace.
+// Its table getter is distill::TF_KLD_KERNELS_FN (GenericKernels / Avx2Kernels).
+//
+// Arithmetic per element: one division by T (skipped at T = 1), two vectorised exps, and a
+// rescaling exp only when a lane's running maximum grows; one log per row. float16/bfloat16/float32
+// compute in float32 and accumulate the three sums in double; float64 is scalar, std::exp.
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "cc/kernels/distill_cpu.h"
+
+namespace tf_kld {
+namespace cpu {
+namespace TF_KLD_ISA_NAMESPACE {  // as kld_cpu_impl.h: no symbol shared between ISA objects
+namespace {
+
+// Each lane rounded to the nearest integer (ties to even: the default rounding mode).
+TF_KLD_INLINE Vi RoundToInt(Vf x) {
+#if defined(__AVX__)
+  return BitCast<Vi>(_mm256_cvtps_epi32(BitCast<__m256>(x)));
+#else
+  return BitCast<Vi>(_mm_cvtps_epi32(BitCast<__m128>(x)));
+#endif
+}
+
+// exp of kLanes floats, within 1-2 ulp (Cephes' expf): exp(x) = 2^n * exp(r), n = rint(x log2 e),
+// r = x - n ln 2 in two parts, exp(r) by a degree-6 polynomial. x <= -104 gives 0 (below half the
+// smallest subnormal), NaN stays NaN; the rare lanes in (-104, -87.3) (subnormal results) and
+// above 88 (near overflow) take std::exp.
+TF_KLD_INLINE Vf ExpF(Vf x) {
+  const Vf lo = Splat(-87.3365479f), hi = Splat(88.0f);
+  Vf xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const Vi ni = RoundToInt(xc * Splat(1.44269504088896341f));
+  const Vf n = __builtin_convertvector(ni, Vf);
+  Vf r = Madd(n, Splat(-0.693359375f), xc);
+  r = Madd(n, Splat(2.12194440e-4f), r);
+  Vf y = Splat(1.9875691500E-4f);
+  y = Madd(y, r, Splat(1.3981999507E-3f));
+  y = Madd(y, r, Splat(8.3334519073E-3f));
+  y = Madd(y, r, Splat(4.1665795894E-2f));
+  y = Madd(y, r, Splat(1.6666665459E-1f));
+  y = Madd(y, r, Splat(5.0000001201E-1f));
+  y = Madd(y, r * r, r) + Splat(1.0f);
+  const Vf scale = BitCast<Vf>((ni + 127) << 23);
+  Vf e = y * scale;
+  e = x <= Splat(-104.0f) ? Splat(0.0f) : e;
+  e = x != x ? x : e;
+  const Vi rare = ((x > Splat(-104.0f)) & (x < lo)) | (x > hi);
+  if (__builtin_expect(AnyLane(rare), 0)) {
+    for (int i = 0; i < kLanes; ++i) {
+      if (rare[i]) e[i] = expf(x[i]);  // libm's C name: no inline std:: symbol
+    }
+  }
+  return e;
+}
+
+// A float vector as doubles in the lane split Accumulate uses: lanes [0, kLanes/2) and the rest.
+TF_KLD_INLINE void Widen(Vf v, Vd* lo, Vd* hi) {
+  Vd zero0 = {}, zero1 = {};
+  Accumulate(v, &zero0, &zero1);
+  *lo = zero0, *hi = zero1;
+}
+
+
+// The per-lane state of a row piece, kLanes elements a step. The sums run in float for
+// kFlushSteps steps (at most that many terms per lane, so a few float ulps), then go into double.
+// NaN and +inf logits need no test: they make a sum NaN (exp(NaN), or inf - inf at a +inf maximum),
+// masked or not, and Finish turns a NaN sum into a NaN row.
+constexpr int kFlushSteps = 8;
+
+struct KlLanes {
+  Vf max_a = Splat(-INFINITY), max_b = Splat(-INFINITY);
+  Vf fsum_a = {}, fcross = {}, fsum_b = {};
+  Vd sum_a0 = {}, sum_a1 = {}, cross0 = {}, cross1 = {}, sum_b0 = {}, sum_b1 = {};
+  Vi infinite = {};
+  int steps = 0;
+
+  TF_KLD_INLINE void Step(Vf a, Vf b) {
+    const Vf minus_inf = Splat(-INFINITY), zero = Splat(0.0f);
+    const Vi masked_a = a == minus_inf, masked_b = b == minus_inf;
+    infinite |= masked_b & ~masked_a;
+    const Vi up_a = a > max_a, up_b = b > max_b;
+    if (__builtin_expect(AnyLane(up_a | up_b), 0)) Raise(a, b, up_a, up_b);
+    // Masked classes: exp 0, and no 0 * inf in the cross term.
+    const Vf ea = masked_a ? zero : ExpF(a - max_a);
+    const Vf eb = masked_b ? zero : ExpF(b - max_b);
+    fsum_a += ea;
+    fcross += (masked_a | masked_b) ? zero : ea * (a - b);
+    fsum_b += eb;
+    if (++steps == kFlushSteps) Flush();
+  }
+
+  // New running maxima: the sums so far rescaled to them (rare after a row's first elements).
+  __attribute__((noinline)) void Raise(Vf a, Vf b, Vi up_a, Vi up_b) {
+    if (AnyLane(up_a)) {
+      const Vf m = up_a ? a : max_a;
+      const Vf s = up_a ? ExpF(max_a - m) : Splat(1.0f);
+      Vd s0, s1;
+      Widen(s, &s0, &s1);
+      fsum_a *= s, fcross *= s;
+      sum_a0 *= s0, sum_a1 *= s1, cross0 *= s0, cross1 *= s1;
+      max_a = m;
+    }
+    if (AnyLane(up_b)) {
+      const Vf m = up_b ? b : max_b;
+      const Vf s = up_b ? ExpF(max_b - m) : Splat(1.0f);
+      Vd s0, s1;
+      Widen(s, &s0, &s1);
+      fsum_b *= s;
+      sum_b0 *= s0, sum_b1 *= s1;
+      max_b = m;
+    }
+  }
+
+  TF_KLD_INLINE void Flush() {
+    Accumulate(fsum_a, &sum_a0, &sum_a1);
+    Accumulate(fcross, &cross0, &cross1);
+    Accumulate(fsum_b, &sum_b0, &sum_b1);
+    fsum_a = fcross = fsum_b = Splat(0.0f);
+    steps = 0;
+  }
+
+  // The lanes merged: each lane's sums rescaled to the largest maximum by one vector exp (not a
+  // Merge per lane: narrow rows would pay several scalar exps per element).
+  distill::KlPartial Reduce() {
+    Flush();
+    distill::KlPartial r;
+    float ma = max_a[0], mb = max_b[0];
+    for (int i = 1; i < kLanes; ++i) ma = max_a[i] > ma ? max_a[i] : ma, mb = max_b[i] > mb ? max_b[i] : mb;
+    const Vf top_a = Splat(ma), top_b = Splat(mb);
+    Vd a0, a1, b0, b1;
+    Widen(max_a == top_a ? Splat(1.0f) : ExpF(max_a - top_a), &a0, &a1);
+    Widen(max_b == top_b ? Splat(1.0f) : ExpF(max_b - top_b), &b0, &b1);
+    r.max_a = ma, r.max_b = mb;
+    r.sum_a = SumLanes(sum_a0 * a0 + sum_a1 * a1);
+    r.cross = SumLanes(cross0 * a0 + cross1 * a1);
+    r.sum_b = SumLanes(sum_b0 * b0 + sum_b1 * b1);
+    r.infinite = AnyLane(infinite);
+    return r;
+  }
+};
+
+// Up to kLanes elements of a row into a vector, the rest padded with -inf (which adds nothing).
+template <typename E>
+TF_KLD_INLINE Vf LoadPadded(const typename E::Storage* x, int64_t n, float pad) {
+  float v[kLanes];
+  for (int i = 0; i < kLanes; ++i) v[i] = i < n ? E::ToFloat(x[i]) : pad;
+  return FloatT::Load(v);
+}
+
+template <typename E>
+distill::KlPartial KlPartialF(const void* y_true, const void* y_pred, int64_t n, float temperature) {
+  const auto* t = static_cast<const typename E::Storage*>(y_true);
+  const auto* p = static_cast<const typename E::Storage*>(y_pred);
+  const Vf tv = Splat(temperature);
+  const bool scaled = temperature != 1.0f;
+  KlLanes s;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    Prefetch(t + i), Prefetch(p + i);
+    const Vf a = E::Load(t + i), b = E::Load(p + i);
+    if (scaled) {
+      s.Step(a / tv, b / tv);
+    } else {
+      s.Step(a, b);
+    }
+  }
+  if (i < n) {
+    s.Step(LoadPadded<E>(t + i, n - i, -INFINITY) / tv, LoadPadded<E>(p + i, n - i, -INFINITY) / tv);
+  }
+  return s.Reduce();
+}
+
+distill::KlPartial KlPartialD(const void* y_true, const void* y_pred, int64_t n, double temperature) {
+  const auto* t = static_cast<const double*>(y_true);
+  const auto* p = static_cast<const double*>(y_pred);
+  distill::KlPartial s;
+  for (int64_t i = 0; i < n; ++i) {
+    const double a = temperature != 1.0 ? t[i] / temperature : t[i];
+    const double b = temperature != 1.0 ? p[i] / temperature : p[i];
+    if (a != a || b != b || a == INFINITY || b == INFINITY) {
+      s.nan = true;
+      continue;
+    }
+    const bool masked_a = a == -INFINITY, masked_b = b == -INFINITY;
+    if (masked_b && !masked_a) s.infinite = true;
+    if (a > s.max_a) {
+      const double scale = std::exp(s.max_a - a);
+      s.sum_a *= scale, s.cross *= scale, s.max_a = a;
+    }
+    if (b > s.max_b) {
+      s.sum_b *= std::exp(s.max_b - b), s.max_b = b;
+    }
+    const double ea = masked_a ? 0.0 : std::exp(a - s.max_a);
+    s.sum_a += ea;
+    s.sum_b += masked_b ? 0.0 : std::exp(b - s.max_b);
+    if (!masked_a && !masked_b) s.cross += ea * (a - b);
+  }
+  return s;
+}
+
+// The gradients of kLanes elements of one row: d_pred = g/T (q - p), d_true = g/T p ((lp - lq) - KL)
+// (0 where p = 0 exactly: a masked teacher class).
+struct KlRowGrad {
+  Vf max_a, log_a, max_b, log_b, kl, g_over_t, temperature;
+  bool scaled;
+
+  KlRowGrad(const double* stats, float g, float t)
+      : max_a(Splat(static_cast<float>(stats[0]))), log_a(Splat(static_cast<float>(stats[1]))),
+        max_b(Splat(static_cast<float>(stats[2]))), log_b(Splat(static_cast<float>(stats[3]))),
+        kl(Splat(static_cast<float>(stats[4]))), g_over_t(Splat(g / t)), temperature(Splat(t)),
+        scaled(t != 1.0f) {}
+
+  TF_KLD_INLINE void Compute(Vf a, Vf b, Vf* d_true, Vf* d_pred) const {
+    if (scaled) a = a / temperature, b = b / temperature;
+    const Vf lp = (a - max_a) - log_a, lq = (b - max_b) - log_b;
+    const Vf p = ExpF(lp), q = ExpF(lq);
+    *d_pred = g_over_t * (q - p);
+    *d_true = a == Splat(-INFINITY) ? Splat(0.0f) : g_over_t * (p * ((lp - lq) - kl));
+  }
+};
+
+template <typename E>
+void KlGradientF(const void* grad, const void* y_true, const void* y_pred, const double* stats,
+                 void* d_true, void* d_pred, int64_t begin, int64_t end, int64_t cols,
+                 float temperature) {
+  using S = typename E::Storage;
+  const auto* g = static_cast<const S*>(grad);
+  const auto* t = static_cast<const S*>(y_true);
+  const auto* p = static_cast<const S*>(y_pred);
+  auto* dt = static_cast<S*>(d_true);
+  auto* dp = static_cast<S*>(d_pred);
+  int64_t i = begin;
+  for (int64_t row = begin / cols; i < end; ++row) {
+    const int64_t stop = (row + 1) * cols < end ? (row + 1) * cols : end;
+    const KlRowGrad rg(stats + row * distill::kStats, E::ToFloat(g[row]), temperature);
+    Vf vt, vp;
+    for (; i + kLanes <= stop; i += kLanes) {
+      Prefetch(t + i), Prefetch(p + i);
+      rg.Compute(E::Load(t + i), E::Load(p + i), &vt, &vp);
+      if (dt != nullptr) E::Store(dt + i, vt);
+      if (dp != nullptr) E::Store(dp + i, vp);
+    }
+    if (i < stop) {  // each element's value depends only on itself and its row: padding is free
+      const int64_t n = stop - i;
+      rg.Compute(LoadPadded<E>(t + i, n, 0.0f), LoadPadded<E>(p + i, n, 0.0f), &vt, &vp);
+      for (int64_t j = 0; j < n; ++j) {
+        if (dt != nullptr) dt[i + j] = E::FromFloat(vt[j]);
+        if (dp != nullptr) dp[i + j] = E::FromFloat(vp[j]);
+      }
+      i = stop;
+    }
+  }
+}
+
+void KlGradientD(const void* grad, const void* y_true, const void* y_pred, const double* stats,
+                 void* d_true, void* d_pred, int64_t begin, int64_t end, int64_t cols,
+                 double temperature) {
+  const auto* g = static_cast<const double*>(grad);
+  const auto* t = static_cast<const double*>(y_true);
+  const auto* p = static_cast<const double*>(y_pred);
+  auto* dt = static_cast<double*>(d_true);
+  auto* dp = static_cast<double*>(d_pred);
+  int64_t i = begin;
+  for (int64_t row = begin / cols; i < end; ++row) {
+    const int64_t stop = (row + 1) * cols < end ? (row + 1) * cols : end;
+    const double* s = stats + row * distill::kStats;
+    const double gt = g[row] / temperature;
+    for (; i < stop; ++i) {
+      const double a = temperature != 1.0 ? t[i] / temperature : t[i];
+      const double b = temperature != 1.0 ? p[i] / temperature : p[i];
+      const double lp = (a - s[0]) - s[1], lq = (b - s[2]) - s[3];
+      const double pe = std::exp(lp), qe = std::exp(lq);
+      if (dp != nullptr) dp[i] = gt * (qe - pe);
+      if (dt != nullptr) dt[i] = a == -INFINITY ? 0.0 : gt * (pe * ((lp - lq) - s[4]));
+    }
+  }
+}
+
+// log1p of kLanes floats in [0, 1]: log(u) * s / (u - 1) with u = 1 + s rounded, exact to a
+// few ulps even where 1 + s loses s's low bits (the classic correction).
+TF_KLD_INLINE Vf Log1pUnit(Vf s) {
+  const Vf u = s + Splat(1.0f);
+  const Vf d = u - Splat(1.0f);
+  return d == Splat(0.0f) ? s : Log<true>(u) * (s / d);
+}
+
+// One element group's lp, lq and lm = log(beta p + (1 - beta) q) (-inf where p = q = 0).
+struct JsdLogs {
+  Vf max_a, log_a, max_b, log_b, log_beta, log1m_beta, temperature;
+  bool scaled;
+
+  JsdLogs(const double* stats, const distill::JsdParams& params)
+      : max_a(Splat(static_cast<float>(stats[0]))), log_a(Splat(static_cast<float>(stats[1]))),
+        max_b(Splat(static_cast<float>(stats[2]))), log_b(Splat(static_cast<float>(stats[3]))),
+        log_beta(Splat(static_cast<float>(params.log_beta))),
+        log1m_beta(Splat(static_cast<float>(params.log1m_beta))),
+        temperature(Splat(static_cast<float>(params.temperature))),
+        scaled(static_cast<float>(params.temperature) != 1.0f) {}
+
+  TF_KLD_INLINE void Compute(Vf a, Vf b, Vf* lp, Vf* lq, Vf* lm, Vi* masked_a, Vi* masked_b) const {
+    if (scaled) a = a / temperature, b = b / temperature;
+    const Vf minus_inf = Splat(-INFINITY);
+    *masked_a = a == minus_inf, *masked_b = b == minus_inf;
+    *lp = (a - max_a) - log_a, *lq = (b - max_b) - log_b;
+    const Vf x1 = *lp + log_beta, x2 = *lq + log1m_beta;
+    const Vi first = x1 >= x2;
+    const Vf hi = first ? x1 : x2, lo = first ? x2 : x1;
+    const Vf mixed = hi + Log1pUnit(ExpF(lo - hi));
+    *lm = (*masked_a & *masked_b) ? minus_inf : (lo == minus_inf ? hi : mixed);
+  }
+};
+
+template <typename E>
+void JsdSumsF(const void* y_true, const void* y_pred, int64_t n, const distill::JsdParams& params,
+              const double* stats, double* sums) {
+  const auto* t = static_cast<const typename E::Storage*>(y_true);
+  const auto* p = static_cast<const typename E::Storage*>(y_pred);
+  const JsdLogs logs(stats, params);
+  const Vf zero = Splat(0.0f);
+  Vf fp = zero, fq = zero;
+  Vd p0 = {}, p1 = {}, q0 = {}, q1 = {};
+  int steps = 0;
+  auto step = [&](Vf a, Vf b) {
+    Vf lp, lq, lm;
+    Vi ma, mb;
+    logs.Compute(a, b, &lp, &lq, &lm, &ma, &mb);
+    fp += ma ? zero : ExpF(lp) * (lp - lm);
+    fq += mb ? zero : ExpF(lq) * (lq - lm);
+    if (++steps == kFlushSteps) {
+      Accumulate(fp, &p0, &p1), Accumulate(fq, &q0, &q1);
+      fp = fq = zero, steps = 0;
+    }
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    Prefetch(t + i), Prefetch(p + i);
+    step(E::Load(t + i), E::Load(p + i));
+  }
+  if (i < n) step(LoadPadded<E>(t + i, n - i, -INFINITY), LoadPadded<E>(p + i, n - i, -INFINITY));
+  Accumulate(fp, &p0, &p1), Accumulate(fq, &q0, &q1);
+  sums[0] += SumLanes(p0 + p1);
+  sums[1] += SumLanes(q0 + q1);
+}
+
+TF_KLD_INLINE double LogMixD(double lp, double lq, const distill::JsdParams& params) {
+  const double x1 = lp + params.log_beta, x2 = lq + params.log1m_beta;
+  if (x1 == -INFINITY && x2 == -INFINITY) return -INFINITY;
+  const double hi = x1 >= x2 ? x1 : x2, lo = x1 >= x2 ? x2 : x1;
+  return hi + std::log1p(std::exp(lo - hi));
+}
+
+void JsdSumsD(const void* y_true, const void* y_pred, int64_t n, const distill::JsdParams& params,
+              const double* stats, double* sums) {
+  const auto* t = static_cast<const double*>(y_true);
+  const auto* p = static_cast<const double*>(y_pred);
+  const double temperature = params.temperature;
+  double sp = 0.0, sq = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double a = temperature != 1.0 ? t[i] / temperature : t[i];
+    const double b = temperature != 1.0 ? p[i] / temperature : p[i];
+    const double lp = (a - stats[0]) - stats[1], lq = (b - stats[2]) - stats[3];
+    const double lm = LogMixD(lp, lq, params);
+    if (a != -INFINITY) sp += std::exp(lp) * (lp - lm);
+    if (b != -INFINITY) sq += std::exp(lq) * (lq - lm);
+  }
+  sums[0] += sp, sums[1] += sq;
+}
+
+template <typename E>
+void JsdGradientF(const void* grad, const void* y_true, const void* y_pred, const double* stats,
+                  void* d_true, void* d_pred, int64_t begin, int64_t end, int64_t cols,
+                  const distill::JsdParams& params) {
+  using S = typename E::Storage;
+  const auto* g = static_cast<const S*>(grad);
+  const auto* t = static_cast<const S*>(y_true);
+  const auto* p = static_cast<const S*>(y_pred);
+  auto* dt = static_cast<S*>(d_true);
+  auto* dp = static_cast<S*>(d_pred);
+  const float temperature = static_cast<float>(params.temperature);
+  const Vf zero = Splat(0.0f);
+  int64_t i = begin;
+  for (int64_t row = begin / cols; i < end; ++row) {
+    const int64_t stop = (row + 1) * cols < end ? (row + 1) * cols : end;
+    const double* st = stats + row * distill::kJsdStats;
+    const JsdLogs logs(st, params);
+    const float gt = E::ToFloat(g[row]) / temperature;
+    const Vf gp = Splat(gt * static_cast<float>(params.beta));
+    const Vf gq = Splat(gt * static_cast<float>(1.0 - params.beta));
+    const Vf kl_p = Splat(static_cast<float>(st[4])), kl_q = Splat(static_cast<float>(st[5]));
+    auto compute = [&](Vf a, Vf b, Vf* vt, Vf* vp) {
+      Vf lp, lq, lm;
+      Vi ma, mb;
+      logs.Compute(a, b, &lp, &lq, &lm, &ma, &mb);
+      *vt = ma ? zero : gp * (ExpF(lp) * ((lp - lm) - kl_p));
+      *vp = mb ? zero : gq * (ExpF(lq) * ((lq - lm) - kl_q));
+    };
+    Vf vt, vp;
+    for (; i + kLanes <= stop; i += kLanes) {
+      Prefetch(t + i), Prefetch(p + i);
+      compute(E::Load(t + i), E::Load(p + i), &vt, &vp);
+      if (dt != nullptr) E::Store(dt + i, vt);
+      if (dp != nullptr) E::Store(dp + i, vp);
+    }
+    if (i < stop) {
+      const int64_t n = stop - i;
+      compute(LoadPadded<E>(t + i, n, 0.0f), LoadPadded<E>(p + i, n, 0.0f), &vt, &vp);
+      for (int64_t j = 0; j < n; ++j) {
+        if (dt != nullptr) dt[i + j] = E::FromFloat(vt[j]);
+        if (dp != nullptr) dp[i + j] = E::FromFloat(vp[j]);
+      }
+      i = stop;
+    }
+  }
+}
+
+void JsdGradientD(const void* grad, const void* y_true, const void* y_pred, const double* stats,
+                  void* d_true, void* d_pred, int64_t begin, int64_t end, int64_t cols,
+                  const distill::JsdParams& params) {
+  const auto* g = static_cast<const double*>(grad);
+  const auto* t = static_cast<const double*>(y_true);
+  const auto* p = static_cast<const double*>(y_pred);
+  auto* dt = static_cast<double*>(d_true);
+  auto* dp = static_cast<double*>(d_pred);
+  const double temperature = params.temperature;
+  int64_t i = begin;
+  for (int64_t row = begin / cols; i < end; ++row) {
+    const int64_t stop = (row + 1) * cols < end ? (row + 1) * cols : end;
+    const double* s = stats + row * distill::kJsdStats;
+    const double gt = g[row] / temperature;
+    for (; i < stop; ++i) {
+      const double a = temperature != 1.0 ? t[i] / temperature : t[i];
+      const double b = temperature != 1.0 ? p[i] / temperature : p[i];
+      const double lp = (a - s[0]) - s[1], lq = (b - s[2]) - s[3];
+      const double lm = LogMixD(lp, lq, params);
+      if (dt != nullptr) {
+        dt[i] = a == -INFINITY ? 0.0 : gt * params.beta * (std::exp(lp) * ((lp - lm) - s[4]));
+      }
+      if (dp != nullptr) {
+        dp[i] = b == -INFINITY ? 0.0 : gt * (1.0 - params.beta) * (std::exp(lq) * ((lq - lm) - s[5]));
+      }
+    }
+  }
+}
+
+void DistillJsdSums(Type type, const void* t, const void* p, int64_t n,
+                    const distill::JsdParams& params, const double* stats, double* sums) {
+  switch (type) {
+    case Type::kHalf: return JsdSumsF<HalfT>(t, p, n, params, stats, sums);
+    case Type::kBfloat16: return JsdSumsF<Bfloat16T>(t, p, n, params, stats, sums);
+    case Type::kFloat: return JsdSumsF<FloatT>(t, p, n, params, stats, sums);
+    case Type::kDouble: return JsdSumsD(t, p, n, params, stats, sums);
+  }
+}
+
+void DistillJsdGradient(Type type, const void* g, const void* t, const void* p, const double* stats,
+                        void* dt, void* dp, int64_t begin, int64_t end, int64_t cols,
+                        const distill::JsdParams& params) {
+  switch (type) {
+    case Type::kHalf: return JsdGradientF<HalfT>(g, t, p, stats, dt, dp, begin, end, cols, params);
+    case Type::kBfloat16:
+      return JsdGradientF<Bfloat16T>(g, t, p, stats, dt, dp, begin, end, cols, params);
+    case Type::kFloat: return JsdGradientF<FloatT>(g, t, p, stats, dt, dp, begin, end, cols, params);
+    case Type::kDouble: return JsdGradientD(g, t, p, stats, dt, dp, begin, end, cols, params);
+  }
+}
+
+distill::KlPartial DistillKlPartial(Type type, const void* t, const void* p, int64_t n,
+                                    double temperature) {
+  const float tf = static_cast<float>(temperature);
+  switch (type) {
+    case Type::kHalf: return KlPartialF<HalfT>(t, p, n, tf);
+    case Type::kBfloat16: return KlPartialF<Bfloat16T>(t, p, n, tf);
+    case Type::kFloat: return KlPartialF<FloatT>(t, p, n, tf);
+    case Type::kDouble: return KlPartialD(t, p, n, temperature);
+  }
+  return {};
+}
+
+void DistillKlGradient(Type type, const void* g, const void* t, const void* p, const double* stats,
+                       void* dt, void* dp, int64_t begin, int64_t end, int64_t cols,
+                       double temperature) {
+  const float tf = static_cast<float>(temperature);
+  switch (type) {
+    case Type::kHalf: return KlGradientF<HalfT>(g, t, p, stats, dt, dp, begin, end, cols, tf);
+    case Type::kBfloat16: return KlGradientF<Bfloat16T>(g, t, p, stats, dt, dp, begin, end, cols, tf);
+    case Type::kFloat: return KlGradientF<FloatT>(g, t, p, stats, dt, dp, begin, end, cols, tf);
+    case Type::kDouble: return KlGradientD(g, t, p, stats, dt, dp, begin, end, cols, temperature);
+  }
+}
+
+void DistillExp(const float* x, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) FloatT::Store(out + i, ExpF(FloatT::Load(x + i)));
+  if (i < n) {
+    const Vf e = ExpF(LoadPadded<FloatT>(x + i, n - i, 0.0f));
+    for (int64_t j = 0; i + j < n; ++j) out[i + j] = e[j];
+  }
+}
+
+}  // namespace
+}  // namespace TF_KLD_ISA_NAMESPACE
+}  // namespace cpu
+
+namespace distill {
+
+const Kernels& TF_KLD_KERNELS_FN() {
+  namespace isa = cpu::TF_KLD_ISA_NAMESPACE;
+  static const Kernels kernels = {TF_KLD_ISA_NAME,          &isa::DistillKlPartial,
+                                  &isa::DistillKlGradient,  &isa::DistillJsdSums,
+                                  &isa::DistillJsdGradient, &isa::DistillExp};
+  return kernels;
+}
+
+}  // namespace distill
+}  // namespace tf_kld

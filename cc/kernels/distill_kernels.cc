@@ -1,0 +1,395 @@
+// CPU OpKernels of the distillation family: TfKld>KlDivergenceWithLogits,
+// TfKld>GeneralizedJsdWithLogits and their fused gradients.
+#define EIGEN_USE_THREADS
+
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cc/kernels/distill_cpu.h"
+#include "cc/kernels/kld_registration.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "unsupported/Eigen/CXX11/Tensor"
+
+namespace tf_kld {
+namespace {
+
+using CPUDevice = Eigen::ThreadPoolDevice;
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+
+template <typename T> struct DistillType;
+template <> struct DistillType<Eigen::half> { static constexpr cpu::Type value = cpu::Type::kHalf; };
+template <> struct DistillType<Eigen::bfloat16> { static constexpr cpu::Type value = cpu::Type::kBfloat16; };
+template <> struct DistillType<float> { static constexpr cpu::Type value = cpu::Type::kFloat; };
+template <> struct DistillType<double> { static constexpr cpu::Type value = cpu::Type::kDouble; };
+
+// Rows wider than this are split into chunks of this many classes, reduced in parallel and merged
+// in chunk order: the split depends only on the shape, so results never depend on thread count.
+constexpr int64_t kChunk = 32768;
+// Rough cycles per element (a division, two exps, conversions), for the thread pool's cost model.
+constexpr double kCyclesPerElement = 12.0;
+
+Eigen::TensorOpCost Cost(int64_t elements, int64_t bytes_in, int64_t bytes_out) {
+  return Eigen::TensorOpCost(static_cast<double>(bytes_in), static_cast<double>(bytes_out),
+                             kCyclesPerElement * static_cast<double>(elements));
+}
+
+// A double carried as a float attr `name` and, exactly, as decimal text in `name`_f64 (a TensorFlow
+// float attr holds 32 bits); the text wins when not empty and `exact` (float64, or always for beta).
+absl::StatusOr<double> ReadDoubleAttr(OpKernelConstruction* ctx, const std::string& name, bool exact) {
+  float v32 = 0.0f;
+  TF_RETURN_IF_ERROR(ctx->GetAttr(name, &v32));
+  std::string v64;
+  TF_RETURN_IF_ERROR(ctx->GetAttr(name + "_f64", &v64));
+  if (!exact || v64.empty()) return v32;
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(v64.c_str(), &end);
+  if (end == v64.c_str() || *end != '\0' || errno != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("attr ", name, "_f64 must be a decimal number, got \"",
+                                                   v64, "\""));
+  }
+  return v;
+}
+
+// The temperature: the float attr, or for float64 the exact double carried as text (a TensorFlow
+// float attr holds 32 bits). Must be finite and > 0 (tf_kld checks it before building the op).
+absl::StatusOr<double> ReadTemperature(OpKernelConstruction* ctx) {
+  tensorflow::DataType type;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("T", &type));
+  double t = 1.0;
+  TF_ASSIGN_OR_RETURN(t, ReadDoubleAttr(ctx, "temperature", type == tensorflow::DT_DOUBLE));
+  if (!(std::isfinite(t) && t > 0.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("temperature must be a finite number > 0, got ", t));
+  }
+  return t;
+}
+
+// The JSD's parameters; beta strictly inside (0, 1) (tf_kld sends the ends to the KL op).
+absl::StatusOr<distill::JsdParams> ReadJsdParams(OpKernelConstruction* ctx) {
+  distill::JsdParams params;
+  TF_ASSIGN_OR_RETURN(params.temperature, ReadTemperature(ctx));
+  TF_ASSIGN_OR_RETURN(params.beta, ReadDoubleAttr(ctx, "beta", true));
+  if (!(params.beta > 0.0 && params.beta < 1.0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "beta must be in (0, 1) for this op, got ", params.beta,
+        " (beta 0 and 1 are KL divergences: use TfKld>KlDivergenceWithLogits)"));
+  }
+  params.log_beta = std::log(params.beta);
+  params.log1m_beta = std::log1p(-params.beta);
+  return params;
+}
+
+absl::Status CheckLogits(const Tensor& y_true, const Tensor& y_pred) {
+  if (y_true.dims() < 1 || y_pred.dims() < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "y_true and y_pred must have rank >= 1 (the loss reduces the last axis), got y_true ",
+        y_true.shape().DebugString(), " and y_pred ", y_pred.shape().DebugString()));
+  }
+  if (y_true.shape() != y_pred.shape()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "y_true and y_pred must have the same shape, got y_true ", y_true.shape().DebugString(),
+        " and y_pred ", y_pred.shape().DebugString(), "; tf_kld broadcasts them before calling the op"));
+  }
+  return absl::OkStatus();
+}
+
+template <typename T>
+T Round(double x) {
+  return static_cast<T>(static_cast<float>(x));  // 16-bit types through float, as the composite
+}
+template <>
+double Round<double>(double x) {
+  return x;
+}
+
+TensorShape RowsShape(const Tensor& x) {
+  TensorShape rows = x.shape();
+  rows.RemoveLastDims(1);
+  return rows;
+}
+
+template <typename T>
+class KlDivergenceWithLogitsOp : public OpKernel {
+ public:
+  explicit KlDivergenceWithLogitsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_VALUE(temperature_, ctx, ReadTemperature(ctx));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& y_true = ctx->input(0);
+    const Tensor& y_pred = ctx->input(1);
+    OP_REQUIRES_OK(ctx, CheckLogits(y_true, y_pred));
+    const TensorShape rows_shape = RowsShape(y_true);
+    TensorShape stats_shape = rows_shape;
+    stats_shape.AddDim(distill::kStats);
+    Tensor* loss_t = nullptr;
+    Tensor* stats_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, rows_shape, &loss_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, stats_shape, &stats_t));
+    const int64_t rows = rows_shape.num_elements();
+    const int64_t cols = y_true.dim_size(y_true.dims() - 1);
+    if (rows == 0) return;
+    T* loss = loss_t->flat<T>().data();
+    double* stats = stats_t->flat<double>().data();
+    if (cols == 0) {  // an empty sum
+      for (int64_t r = 0; r < rows; ++r) loss[r] = T(0);
+      for (int64_t i = 0; i < rows * distill::kStats; ++i) stats[i] = 0.0;
+      return;
+    }
+    const T* t = y_true.flat<T>().data();
+    const T* p = y_pred.flat<T>().data();
+    const distill::Kernels& k = distill::Cpu();
+    constexpr cpu::Type type = DistillType<T>::value;
+    const double temperature = temperature_;
+    const CPUDevice& d = ctx->eigen_device<CPUDevice>();
+    if (cols <= kChunk) {
+      d.parallelFor(rows, Cost(cols, 2 * cols * sizeof(T), sizeof(T) + 8 * distill::kStats),
+                    [&](Eigen::Index begin, Eigen::Index end) {
+                      for (Eigen::Index r = begin; r < end; ++r) {
+                        const distill::KlPartial s =
+                            k.kl_partial(type, t + r * cols, p + r * cols, cols, temperature);
+                        loss[r] = Round<T>(distill::Finish(s, stats + r * distill::kStats));
+                      }
+                    });
+      return;
+    }
+    const int64_t chunks = (cols + kChunk - 1) / kChunk;
+    std::vector<distill::KlPartial> partial(rows * chunks);
+    d.parallelFor(rows * chunks, Cost(kChunk, 2 * kChunk * sizeof(T), sizeof(distill::KlPartial)),
+                  [&](Eigen::Index begin, Eigen::Index end) {
+                    for (Eigen::Index item = begin; item < end; ++item) {
+                      const int64_t start = (item % chunks) * kChunk;
+                      const int64_t offset = (item / chunks) * cols + start;
+                      partial[item] = k.kl_partial(type, t + offset, p + offset,
+                                                   std::min(kChunk, cols - start), temperature);
+                    }
+                  });
+    for (int64_t r = 0; r < rows; ++r) {
+      distill::KlPartial s = partial[r * chunks];
+      for (int64_t c = 1; c < chunks; ++c) s = distill::Merge(s, partial[r * chunks + c]);
+      loss[r] = Round<T>(distill::Finish(s, stats + r * distill::kStats));
+    }
+  }
+
+ private:
+  double temperature_ = 1.0;
+};
+
+// What differs between the families' gradient ops: the stats per row, the parameters, the core call.
+struct KlFamily {
+  static constexpr int kStats = distill::kStats;
+  using Params = double;  // the temperature
+  static absl::StatusOr<Params> Read(OpKernelConstruction* ctx) { return ReadTemperature(ctx); }
+  static void Gradient(cpu::Type type, const void* g, const void* t, const void* p, const double* s,
+                       void* dt, void* dp, int64_t begin, int64_t end, int64_t cols,
+                       const Params& params) {
+    distill::Cpu().kl_gradient(type, g, t, p, s, dt, dp, begin, end, cols, params);
+  }
+};
+
+struct JsdFamily {
+  static constexpr int kStats = distill::kJsdStats;
+  using Params = distill::JsdParams;
+  static absl::StatusOr<Params> Read(OpKernelConstruction* ctx) { return ReadJsdParams(ctx); }
+  static void Gradient(cpu::Type type, const void* g, const void* t, const void* p, const double* s,
+                       void* dt, void* dp, int64_t begin, int64_t end, int64_t cols,
+                       const Params& params) {
+    distill::Cpu().jsd_gradient(type, g, t, p, s, dt, dp, begin, end, cols, params);
+  }
+};
+
+// The fused gradient of either family: d/dy_true and/or d/dy_pred in one pass from the stats.
+template <typename T, typename Family>
+class DistillGradOp : public OpKernel {
+ public:
+  explicit DistillGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_VALUE(params_, ctx, Family::Read(ctx));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("need_y_true", &need_true_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("need_y_pred", &need_pred_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& grad = ctx->input(0);
+    const Tensor& y_true = ctx->input(1);
+    const Tensor& y_pred = ctx->input(2);
+    const Tensor& stats = ctx->input(3);
+    OP_REQUIRES_OK(ctx, CheckLogits(y_true, y_pred));
+    const TensorShape rows_shape = RowsShape(y_true);
+    OP_REQUIRES(ctx, grad.shape() == rows_shape,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "grad must have the loss's shape ", rows_shape.DebugString(), ", got ",
+                    grad.shape().DebugString())));
+    TensorShape stats_shape = rows_shape;
+    stats_shape.AddDim(Family::kStats);
+    OP_REQUIRES(ctx, stats.shape() == stats_shape,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "stats must have shape ", stats_shape.DebugString(),
+                    " (the forward op's second output), got ", stats.shape().DebugString())));
+    Tensor* d_true = nullptr;
+    Tensor* d_pred = nullptr;
+    // Each output may take over the buffer of the input it is the gradient of: every element is
+    // read before its gradient is written.
+    const TensorShape none({0});
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {1}, 0, need_true_ ? y_true.shape() : none, &d_true));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {2}, 1, need_pred_ ? y_pred.shape() : none, &d_pred));
+    const int64_t elements = y_true.NumElements();
+    if (elements == 0 || (!need_true_ && !need_pred_)) return;
+    const int64_t cols = y_true.dim_size(y_true.dims() - 1);
+    const T* g = grad.flat<T>().data();
+    const T* t = y_true.flat<T>().data();
+    const T* p = y_pred.flat<T>().data();
+    const double* s = stats.flat<double>().data();
+    T* dt = need_true_ ? d_true->flat<T>().data() : nullptr;
+    T* dp = need_pred_ ? d_pred->flat<T>().data() : nullptr;
+    const typename Family::Params params = params_;
+    const int outputs = (need_true_ ? 1 : 0) + (need_pred_ ? 1 : 0);
+    // Blocks of whole SIMD vectors, so only a block's last vector can be partial.
+    ctx->eigen_device<CPUDevice>().parallelFor(
+        elements, Cost(1, 2 * sizeof(T), outputs * sizeof(T)),
+        [](Eigen::Index n) { return (n + 63) & ~Eigen::Index{63}; },
+        [&](Eigen::Index begin, Eigen::Index end) {
+          Family::Gradient(DistillType<T>::value, g, t, p, s, dt, dp, begin, end, cols, params);
+        });
+  }
+
+ private:
+  typename Family::Params params_{};
+  bool need_true_ = true;
+  bool need_pred_ = true;
+};
+
+template <typename T>
+class GeneralizedJsdWithLogitsOp : public OpKernel {
+ public:
+  explicit GeneralizedJsdWithLogitsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_VALUE(params_, ctx, ReadJsdParams(ctx));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    constexpr int kS = distill::kJsdStats;
+    const Tensor& y_true = ctx->input(0);
+    const Tensor& y_pred = ctx->input(1);
+    OP_REQUIRES_OK(ctx, CheckLogits(y_true, y_pred));
+    const TensorShape rows_shape = RowsShape(y_true);
+    TensorShape stats_shape = rows_shape;
+    stats_shape.AddDim(kS);
+    Tensor* loss_t = nullptr;
+    Tensor* stats_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, rows_shape, &loss_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, stats_shape, &stats_t));
+    const int64_t rows = rows_shape.num_elements();
+    const int64_t cols = y_true.dim_size(y_true.dims() - 1);
+    if (rows == 0) return;
+    T* loss = loss_t->flat<T>().data();
+    double* stats = stats_t->flat<double>().data();
+    if (cols == 0) {
+      for (int64_t r = 0; r < rows; ++r) loss[r] = T(0);
+      for (int64_t i = 0; i < rows * kS; ++i) stats[i] = 0.0;
+      return;
+    }
+    const T* t = y_true.flat<T>().data();
+    const T* p = y_pred.flat<T>().data();
+    const distill::Kernels& k = distill::Cpu();
+    constexpr cpu::Type type = DistillType<T>::value;
+    const distill::JsdParams params = params_;
+    const CPUDevice& d = ctx->eigen_device<CPUDevice>();
+    // The first pass's state of a row -> its first four stats.
+    auto first_stats = [](const distill::KlPartial& s, double* st) {
+      double kl_stats[distill::kStats];
+      distill::Finish(s, kl_stats);
+      for (int j = 0; j < 4; ++j) st[j] = kl_stats[j];
+    };
+    if (cols <= kChunk) {
+      d.parallelFor(rows, Cost(2 * cols, 2 * cols * sizeof(T), sizeof(T) + 8 * kS),
+                    [&](Eigen::Index begin, Eigen::Index end) {
+                      for (Eigen::Index r = begin; r < end; ++r) {
+                        double* st = stats + r * kS;
+                        first_stats(k.kl_partial(type, t + r * cols, p + r * cols, cols,
+                                                 params.temperature), st);
+                        double sums[2] = {0.0, 0.0};
+                        k.jsd_sums(type, t + r * cols, p + r * cols, cols, params, st, sums);
+                        loss[r] = Round<T>(distill::FinishJsd(params.beta, sums[0], sums[1], st));
+                      }
+                    });
+      return;
+    }
+    const int64_t chunks = (cols + kChunk - 1) / kChunk;
+    std::vector<distill::KlPartial> partial(rows * chunks);
+    d.parallelFor(rows * chunks, Cost(kChunk, 2 * kChunk * sizeof(T), sizeof(distill::KlPartial)),
+                  [&](Eigen::Index begin, Eigen::Index end) {
+                    for (Eigen::Index item = begin; item < end; ++item) {
+                      const int64_t start = (item % chunks) * kChunk;
+                      const int64_t offset = (item / chunks) * cols + start;
+                      partial[item] = k.kl_partial(type, t + offset, p + offset,
+                                                   std::min(kChunk, cols - start), params.temperature);
+                    }
+                  });
+    for (int64_t r = 0; r < rows; ++r) {
+      distill::KlPartial s = partial[r * chunks];
+      for (int64_t c = 1; c < chunks; ++c) s = distill::Merge(s, partial[r * chunks + c]);
+      first_stats(s, stats + r * kS);
+    }
+    std::vector<double> sums(rows * chunks * 2, 0.0);
+    d.parallelFor(rows * chunks, Cost(kChunk, 2 * kChunk * sizeof(T), 16),
+                  [&](Eigen::Index begin, Eigen::Index end) {
+                    for (Eigen::Index item = begin; item < end; ++item) {
+                      const int64_t row = item / chunks, start = (item % chunks) * kChunk;
+                      const int64_t offset = row * cols + start;
+                      k.jsd_sums(type, t + offset, p + offset, std::min(kChunk, cols - start),
+                                 params, stats + row * kS, &sums[2 * item]);
+                    }
+                  });
+    for (int64_t r = 0; r < rows; ++r) {
+      double sp = 0.0, sq = 0.0;
+      for (int64_t c = 0; c < chunks; ++c) sp += sums[2 * (r * chunks + c)], sq += sums[2 * (r * chunks + c) + 1];
+      loss[r] = Round<T>(distill::FinishJsd(params.beta, sp, sq, stats + r * kS));
+    }
+  }
+
+ private:
+  distill::JsdParams params_{};
+};
+
+}  // namespace
+
+#define TF_KLD_REGISTER_DISTILL_CPU(T)                                                         \
+  TF_KLD_REGISTER_KERNEL(                                                                     \
+      Name("TfKld>KlDivergenceWithLogits").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
+      KlDivergenceWithLogitsOp<T>);                                                            \
+  TF_KLD_REGISTER_KERNEL(Name("TfKld>KlDivergenceWithLogitsGrad")                             \
+                              .Device(tensorflow::DEVICE_CPU)                                  \
+                              .TypeConstraint<T>("T"),                                         \
+                          DistillGradOp<T, KlFamily>);                                         \
+  TF_KLD_REGISTER_KERNEL(Name("TfKld>GeneralizedJsdWithLogits")                               \
+                              .Device(tensorflow::DEVICE_CPU)                                  \
+                              .TypeConstraint<T>("T"),                                         \
+                          GeneralizedJsdWithLogitsOp<T>);                                      \
+  TF_KLD_REGISTER_KERNEL(Name("TfKld>GeneralizedJsdWithLogitsGrad")                           \
+                              .Device(tensorflow::DEVICE_CPU)                                  \
+                              .TypeConstraint<T>("T"),                                         \
+                          DistillGradOp<T, JsdFamily>);
+
+TF_KLD_REGISTER_DISTILL_CPU(Eigen::half);
+TF_KLD_REGISTER_DISTILL_CPU(Eigen::bfloat16);
+TF_KLD_REGISTER_DISTILL_CPU(float);
+TF_KLD_REGISTER_DISTILL_CPU(double);
+#undef TF_KLD_REGISTER_DISTILL_CPU
+
+}  // namespace tf_kld
+
+// The distillation core's vectorised exp over n floats (for tests of its accuracy; read with ctypes).
+extern "C" __attribute__((visibility("default"))) void TfKldDistillExp(const float* x, float* out,
+                                                                       int64_t n) {
+  tf_kld::distill::Cpu().exp(x, out, n);
+}
