@@ -230,6 +230,7 @@ def _call(**overrides):
     ({"beta": float("nan")}, ValueError, "beta"),
     ({"chunk_size": 0}, ValueError, "chunk_size"),
     ({"chunk_size": 2.5}, ValueError, "chunk_size"),
+    ({"temperature": "2"}, TypeError, "temperature"),
     ({"student_kernel": tf.zeros([8])}, ValueError, "student_kernel must have rank 2"),
     ({"teacher_kernel": tf.zeros([6, 50, 1])}, ValueError, "teacher_kernel must have rank 2"),
     ({"student_kernel": tf.zeros([9, 50])}, ValueError, "student_hidden's last dimension (8)"),
@@ -292,3 +293,17 @@ def test_never_allocates_rows_by_classes(tmp_path):
     assert out["peak"] <= 0.25 * out["logits_bytes"], (
         f"a fused step took {out['peak'] / 2**20:.0f} MiB; one [rows, classes] float32 tensor is "
         f"{out['logits_bytes'] / 2**20:.0f} MiB")
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_rows_are_generalized_jsd_with_logits(beta, rng):
+    # D_i is tf_kld.generalized_jsd_with_logits(teacher_logits_i, student_logits_i) on either path.
+    x = _problem(rng)
+    s = x["student_hidden"] @ x["student_kernel"] + x["student_bias"]
+    t = x["teacher_hidden"] @ x["teacher_kernel"] + x["teacher_bias"]
+    w = x["sample_weight"]
+    got = _fused({k: tf.constant(v) for k, v in x.items()}, beta=beta, temperature=3.0, chunk_size=9)
+    for impl in ("custom", "reference"):
+        with tf_kld.implementation(impl):
+            d = tf_kld.generalized_jsd_with_logits(t, s, beta=beta, temperature=3.0).numpy()
+        np.testing.assert_allclose(got.numpy(), np.sum(w * d) / np.sum(w), rtol=1e-12, err_msg=impl)

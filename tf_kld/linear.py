@@ -25,6 +25,10 @@ import math
 
 import tensorflow as tf
 
+from tf_kld import reference
+
+_NAME = "linear_distillation_loss"
+
 # Rows per chunk when chunk_size is None: a [chunk, V] float32 buffer of about this many bytes.
 # Several such buffers live at once (both logits, their exponentials, the logit gradient).
 _CHUNK_BYTES = 16 << 20
@@ -38,24 +42,11 @@ def _check_float(x, name):
 
 
 def _check_scalar_args(temperature, beta, chunk_size):
-    try:
-        temperature = float(temperature)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"linear_distillation_loss: temperature must be a finite number > 0, got "
-                         f"{temperature!r}") from err
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"linear_distillation_loss: temperature must be a finite number > 0, got "
-                         f"{temperature!r}")
-    try:
-        beta = float(beta)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"linear_distillation_loss: beta must be in [0, 1], got {beta!r}") from err
-    if not 0.0 <= beta <= 1.0:  # also False for NaN
-        raise ValueError(f"linear_distillation_loss: beta must be in [0, 1], got {beta!r}")
+    temperature = reference.check_temperature(temperature, _NAME)
+    beta = reference.check_beta(beta, _NAME)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
-        raise ValueError(f"linear_distillation_loss: chunk_size must be a positive int or None, got "
-                         f"{chunk_size!r}")
+        raise ValueError(f"{_NAME}: chunk_size must be a positive int or None, got {chunk_size!r}")
     return temperature, beta
 
 
