@@ -11,7 +11,7 @@ and under XLA; (b) the log-softmax composite (tf_kld.reference) under XLA; (c) T
 to a constant); (d) torch's `kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True)` on the
 CPU when PyTorch is installed; and the floor: TensorFlow reading both inputs once. Timing reuses
 bench.py's interleaved medians (every peer sampled round by round, so a slow spell hits all alike).
-Results: bench/results/distill_results.{json,md}.
+Results: bench/out/distill_results.{json,md} (untracked).
 """
 
 import argparse
