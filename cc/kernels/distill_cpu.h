@@ -15,7 +15,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #include "cc/kernels/kld_cpu.h"
 
@@ -31,10 +30,10 @@ constexpr int kStats = 5;
 
 // The running state of one row, or of a piece of it.
 struct KlPartial {
-  double max_a = -std::numeric_limits<double>::infinity();
+  double max_a = -INFINITY;
   double sum_a = 0.0;
   double cross = 0.0;
-  double max_b = -std::numeric_limits<double>::infinity();
+  double max_b = -INFINITY;
   double sum_b = 0.0;
   bool nan = false;       // a NaN or +inf logit in either row: the row's KL is NaN
   bool infinite = false;  // a class with p > 0 and q = 0 (student -inf, teacher not): +inf
@@ -60,14 +59,14 @@ inline KlPartial Merge(const KlPartial& x, const KlPartial& y) {
 
 // The row's KL and statistics (stats[kStats]) from its whole-row state; cols > 0.
 inline double Finish(const KlPartial& s, double* stats) {
-  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double nan = NAN;
   const double log_a = std::log(s.sum_a), log_b = std::log(s.sum_b);
   double kl;
   if (s.nan || s.max_a == -INFINITY || s.max_b == -INFINITY || std::isnan(s.sum_a) ||
       std::isnan(s.sum_b) || std::isnan(s.cross)) {
     kl = nan;  // NaN or +inf logits (they make a sum NaN), or a row of all -inf
   } else if (s.infinite) {
-    kl = std::numeric_limits<double>::infinity();
+    kl = INFINITY;
   } else {
     kl = s.cross / s.sum_a - (s.max_a - s.max_b) - (log_a - log_b);
   }
@@ -89,7 +88,7 @@ struct JsdParams {
 // already set by the caller) and second-pass sums.
 inline double FinishJsd(double beta, double sum_p, double sum_q, double* stats) {
   stats[4] = sum_p, stats[5] = sum_q;
-  if (stats[0] == -INFINITY || stats[2] == -INFINITY) return std::numeric_limits<double>::quiet_NaN();
+  if (stats[0] == -INFINITY || stats[2] == -INFINITY) return NAN;
   return beta * sum_p + (1.0 - beta) * sum_q;
 }
 
@@ -116,11 +115,11 @@ struct Kernels {
   void (*exp)(const float* x, float* out, int64_t n);
 };
 
-const Kernels& GenericKernels();
-const Kernels& Avx2Kernels();  // only call when the CPU has AVX2, FMA and F16C
+TF_KLD_CPU_HIDDEN const Kernels& GenericKernels();
+TF_KLD_CPU_HIDDEN const Kernels& Avx2Kernels();  // only call when the CPU has AVX2, FMA and F16C
 
 // The kernels of the ISA the KL core chose (cpu::Cpu()).
-const Kernels& Cpu();
+TF_KLD_CPU_HIDDEN const Kernels& Cpu();
 
 }  // namespace distill
 }  // namespace tf_kld

@@ -9,7 +9,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #include "cc/kernels/distill_cpu.h"
 
