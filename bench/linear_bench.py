@@ -31,7 +31,7 @@ import tensorflow as tf  # noqa: E402
 
 import tf_kld  # noqa: E402
 
-QUICK = [(1024, 128, 32000), (512, 128, 128256)]
+QUICK = [(512, 128, 128256)]
 FULL = [(2048, 256, 128256), (4096, 512, 32000), (512, 256, 262144)]
 TOO_BIG = (16384, 256, 128256)
 TEMPERATURE = 2.0
