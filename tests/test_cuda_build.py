@@ -141,8 +141,9 @@ def test_gpu_kernels_registered_for_every_dtype(probes, op):
     registered = info["kernels"][op]
     assert sorted(dtype for device, dtype in registered if device == "GPU") == DTYPES, registered
     assert sorted(dtype for device, dtype in registered if device == "CPU") == DTYPES, registered
-    cpu_only = probes["cpu"][0]["kernels"][op]
-    assert all(device == "CPU" for device, _ in cpu_only), cpu_only
+    cpu_only = probes["cpu"][0]["kernels"][op]  # CPU kernels and XLA's compilation kernels, no GPU
+    assert sorted(dtype for device, dtype in cpu_only if device == "CPU") == DTYPES, cpu_only
+    assert not [device for device, _ in cpu_only if device == "GPU"], cpu_only
 
 
 def test_cuda_archs_reported(probes):
