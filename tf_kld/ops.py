@@ -270,17 +270,6 @@ def _needs_broadcast(y_true, y_pred):
     return not (y_true.shape.is_fully_defined() and y_true.shape == y_pred.shape)
 
 
-def _broadcast(y_true, y_pred):
-    """Broadcasts both to a common shape (a no-op, no copy, when the shapes already agree)."""
-    if not _needs_broadcast(y_true, y_pred):
-        return y_true, y_pred
-    if y_true.shape.is_fully_defined() and y_pred.shape.is_fully_defined():
-        shape = tf.broadcast_static_shape(y_true.shape, y_pred.shape)
-    else:
-        shape = tf.broadcast_dynamic_shape(tf.shape(y_true), tf.shape(y_pred))
-    return tf.broadcast_to(y_true, shape), tf.broadcast_to(y_pred, shape)
-
-
 def custom_kl_divergence(y_true, y_pred):
     """The fused op on prepared tensors (same dtype, broadcastable shapes)."""
     dtype = y_pred.dtype
@@ -296,7 +285,7 @@ def custom_kl_divergence(y_true, y_pred):
 
 
 def custom_kl_divergence_in(y_true, y_pred, eps_dtype):
-    y_true, y_pred = _broadcast(y_true, y_pred)
+    y_true, y_pred = reference.broadcast(y_true, y_pred)
     return _module.tf_kld_kl_divergence(y_true, y_pred, **_epsilon_attrs(eps_dtype))
 
 
@@ -431,7 +420,7 @@ def _op_number(op, name):
 
 def custom_kl_divergence_with_logits(y_true, y_pred, temperature):
     """The fused op on prepared tensors (same dtype, broadcastable shapes)."""
-    y_true, y_pred = _broadcast(y_true, y_pred)
+    y_true, y_pred = reference.broadcast(y_true, y_pred)
     loss, _ = _module.tf_kld_kl_divergence_with_logits(
         y_true, y_pred, **_temperature_attrs(temperature, y_pred.dtype))
     return loss
@@ -439,7 +428,7 @@ def custom_kl_divergence_with_logits(y_true, y_pred, temperature):
 
 def custom_generalized_jsd_with_logits(y_true, y_pred, beta, temperature):
     """The fused JSD op (0 < beta < 1) on prepared tensors (same dtype, broadcastable shapes)."""
-    y_true, y_pred = _broadcast(y_true, y_pred)
+    y_true, y_pred = reference.broadcast(y_true, y_pred)
     # beta always travels exactly: log(beta) and log1p(-beta) are taken from it in double.
     loss, _ = _module.tf_kld_generalized_jsd_with_logits(
         y_true, y_pred, beta=beta, beta_f64=repr(float(beta)),
