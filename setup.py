@@ -47,7 +47,7 @@ class BuildOpLibrary(build_ext):
         target = os.path.abspath(self.get_ext_fullpath(ext.name))
         xla = os.environ.get("TF_KLD_XLA", "1") != "0"
         cuda = os.environ.get("TF_KLD_CUDA", "0") not in ("", "0")
-        sources = build_flags.SOURCES + build_flags.AVX2_SOURCES
+        sources = build_flags.SOURCES + list(build_flags.ISA_SOURCES)
         all_sources = sources + build_flags.XLA_SOURCES + (build_flags.CUDA_SOURCES if cuda else [])
         headers = [os.path.join("cc/kernels", f) for f in os.listdir(os.path.join(ROOT, "cc/kernels"))
                    if f.endswith(".h")]
@@ -87,7 +87,7 @@ class BuildOpLibrary(build_ext):
             if not self.force and os.path.exists(obj) and os.path.getmtime(obj) >= max(
                     os.path.getmtime(f) for f in deps):
                 return obj  # up to date
-            extra = build_flags.AVX2_FLAGS if source in build_flags.AVX2_SOURCES else []
+            extra = build_flags.ISA_SOURCES.get(source, [])
             if source in build_flags.XLA_SOURCES:
                 extra = build_flags.xla_compile_flags()
             cmd = cxx + build_flags.compile_flags() + extra + ["-c", source, "-o", obj]
@@ -146,7 +146,7 @@ setup(
     version="0.1.0",
     description="A fused Kullback-Leibler divergence loss op for TensorFlow, with its gradient",
     packages=["tf_kld"],
-    ext_modules=[Extension("tf_kld._kld_ops", sources=build_flags.SOURCES + build_flags.AVX2_SOURCES +
+    ext_modules=[Extension("tf_kld._kld_ops", sources=build_flags.SOURCES + list(build_flags.ISA_SOURCES) +
                            build_flags.XLA_SOURCES + build_flags.CUDA_SOURCES)],
     cmdclass={"build_ext": BuildOpLibrary},
     python_requires=">=3.9",

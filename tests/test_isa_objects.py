@@ -1,8 +1,9 @@
-"""The CPU kernel core's ISA objects share no symbol, so link order can never put AVX2 code into the
-baseline kernels: built unoptimised (-O0, where inline functions are emitted out of line), each
+"""The CPU kernel core's ISA objects share no symbol, so link order can never put AVX2 or AVX-512 code
+into the baseline kernels: built unoptimised (-O0, where inline functions are emitted out of line), each
 object defines only its own table getter (and the generic one the dispatch), and the baseline
-kernels pass the core test with the objects linked in either order. No TensorFlow needed."""
+kernels pass the core test with the objects linked in any order. No TensorFlow needed."""
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -10,12 +11,13 @@ import subprocess
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OBJECTS = ("generic.o", "avx2.o")
+OBJECTS = ("generic.o", "avx2.o", "avx512.o")
 # The only symbols the ISA objects may export (to the rest of the library), by object.
 ALLOWED = {  # each family's table getters (one name per ISA) and the run-time choice
     "generic.o": {"tf_kld::cpu::GenericKernels()", "tf_kld::cpu::Cpu()", "TfKldCpuIsa",
                   "tf_kld::distill::GenericKernels()", "tf_kld::distill::Cpu()"},
     "avx2.o": {"tf_kld::cpu::Avx2Kernels()", "tf_kld::distill::Avx2Kernels()"},
+    "avx512.o": {"tf_kld::cpu::Avx512Kernels()", "tf_kld::distill::Avx512Kernels()"},
 }
 # The exception-handling personality pointer: data, the same in every object, not ISA code.
 HARMLESS = {"DW.ref.__gxx_personality_v0"}
@@ -57,12 +59,13 @@ def test_isa_objects_export_only_their_tables(objects):
                            f"order could pick another ISA's copy: {sorted(extra)}")
 
 
-def test_isa_objects_share_no_symbol(objects):
-    shared = (_exported(objects["generic.o"]) & _exported(objects["avx2.o"])) - HARMLESS
-    assert not shared, f"both ISA objects define {sorted(shared)}: the linker keeps one for both"
+@pytest.mark.parametrize("pair", list(itertools.combinations(OBJECTS, 2)), ids=lambda p: "-".join(p))
+def test_isa_objects_share_no_symbol(objects, pair):
+    shared = (_exported(objects[pair[0]]) & _exported(objects[pair[1]])) - HARMLESS
+    assert not shared, f"{pair} both define {sorted(shared)}: the linker keeps one for both"
 
 
-@pytest.mark.parametrize("order", [("generic.o", "avx2.o"), ("avx2.o", "generic.o")],
+@pytest.mark.parametrize("order", [OBJECTS, OBJECTS[::-1], ("avx2.o", "generic.o", "avx512.o")],
                          ids=lambda o: "-".join(x[:-2] for x in o))
 def test_baseline_kernels_in_either_link_order(objects, order):
     cxx = os.environ.get("CXX", "g++").split()

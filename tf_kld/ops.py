@@ -154,7 +154,8 @@ def xla_lowering_error():
 
 
 def cpu_isa():
-    """The CPU kernel build in use ("avx2" or "generic"), or None without the library."""
+    """The CPU kernel build in use ("avx512", "avx2" or "generic"; TF_KLD_CPU_ISA=avx2 or generic caps
+    it), or None without the library."""
     fn = _library_feature("TfKldCpuIsa")
     if fn is None:
         return None

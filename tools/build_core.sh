@@ -5,7 +5,7 @@
 #
 #   bash tools/build_core.sh OUTPUT MAIN.cc [EXTRA_FLAGS...]     (CXX overrides g++)
 #
-# TF_KLD_CORE_OBJDIR=DIR keeps the objects (generic.o, avx2.o, main.o) in DIR, e.g. for
+# TF_KLD_CORE_OBJDIR=DIR keeps the objects (generic.o, avx2.o, avx512.o, main.o) in DIR, e.g. for
 # tests/test_isa_objects.py, which inspects them and links them in another order.
 set -euo pipefail
 output=$1 main=$2
@@ -17,6 +17,8 @@ read -r -a own_flags <<<"$("$PYTHON" -c 'import sys; sys.path.insert(0, "tools")
 print(" ".join(f for f in b.CXXFLAGS if f != "-fPIC"))')"
 read -r -a avx2_flags <<<"$("$PYTHON" -c 'import sys; sys.path.insert(0, "tools"); import build_flags as b
 print(" ".join(b.AVX2_FLAGS))')"
+read -r -a avx512_flags <<<"$("$PYTHON" -c 'import sys; sys.path.insert(0, "tools"); import build_flags as b
+print(" ".join(b.AVX512_FLAGS))')"
 flags=(-std=c++17 -I. "${own_flags[@]}" "$@")  # later flags win: EXTRA may set -O1
 
 if [[ -n "${TF_KLD_CORE_OBJDIR:-}" ]]; then
@@ -28,6 +30,7 @@ else
 fi
 "${cxx[@]}" "${flags[@]}" -c cc/kernels/kld_cpu_generic.cc -o "$obj/generic.o" &
 "${cxx[@]}" "${flags[@]}" "${avx2_flags[@]}" -c cc/kernels/kld_cpu_avx2.cc -o "$obj/avx2.o" &
+"${cxx[@]}" "${flags[@]}" "${avx512_flags[@]}" -c cc/kernels/kld_cpu_avx512.cc -o "$obj/avx512.o" &
 "${cxx[@]}" "${flags[@]}" -c "$main" -o "$obj/main.o" &
 for job in $(jobs -p); do wait "$job"; done
-"${cxx[@]}" "$@" "$obj/generic.o" "$obj/avx2.o" "$obj/main.o" -o "$output" -lpthread
+"${cxx[@]}" "$@" "$obj/generic.o" "$obj/avx2.o" "$obj/avx512.o" "$obj/main.o" -o "$output" -lpthread

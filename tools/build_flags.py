@@ -17,8 +17,8 @@ import os
 import shutil
 import sys
 
-# Sources of the op library, relative to the repository root. The AVX2 file is the same kernel core
-# compiled for AVX2+FMA+F16C; the library picks it at run time when the CPU has those features.
+# Sources of the op library, relative to the repository root. The ISA files are the same kernel core
+# compiled for AVX2+FMA+F16C and for AVX-512; the library picks the best the CPU has at run time.
 SOURCES = [
     "cc/ops/kld_ops.cc",
     "cc/kernels/kld_kernels.cc",
@@ -27,8 +27,9 @@ SOURCES = [
     "cc/ops/distill_ops.cc",  # the distillation family; its core is in the kld_cpu_* objects
     "cc/kernels/distill_kernels.cc",
 ]
-AVX2_SOURCES = ["cc/kernels/kld_cpu_avx2.cc"]
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+AVX512_FLAGS = AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+ISA_SOURCES = {"cc/kernels/kld_cpu_avx2.cc": AVX2_FLAGS, "cc/kernels/kld_cpu_avx512.cc": AVX512_FLAGS}
 # The XLA lowering (optional: TF_KLD_XLA=0 leaves it out). It needs two more of TF's bundled include
 # dirs and libtensorflow_cc, which holds XLA's op registry; it takes ~90 s to compile.
 XLA_SOURCES = ["cc/kernels/kld_xla.cc"]
@@ -419,6 +420,7 @@ def main(argv=None):
         print(f"tensorflow {tf_version()} at {lib_dir()}")
         print("compile:", " ".join(compile_flags()))
         print("avx2:   ", " ".join(AVX2_FLAGS))
+        print("avx512: ", " ".join(AVX512_FLAGS))
         print("xla:    ", " ".join(xla_compile_flags()))
         print("link:   ", " ".join(link_flags(xla=True)))
         if args.cuda:

@@ -2,8 +2,8 @@
 // logits, plain loops over contiguous memory, no TensorFlow.
 //
 // The core (distill_cpu_impl.h) is compiled into the same per-ISA objects as the KL core
-// (kld_cpu_generic.cc, kld_cpu_avx2.cc), sharing their SIMD helpers; Cpu() follows the KL core's
-// choice of ISA.
+// (kld_cpu_generic.cc, kld_cpu_avx2.cc, kld_cpu_avx512.cc), sharing their SIMD helpers; Cpu()
+// follows the KL core's choice of ISA.
 //
 // KL(p || q) of one row, one pass (see shared/DISTILLATION_NOTES.md): with a = y_true / T,
 // b = y_pred / T, running maxima max_a, max_b, sum_a = sum exp(a - max_a),
@@ -117,6 +117,7 @@ struct Kernels {
 
 TF_KLD_CPU_HIDDEN const Kernels& GenericKernels();
 TF_KLD_CPU_HIDDEN const Kernels& Avx2Kernels();  // only call when the CPU has AVX2, FMA and F16C
+TF_KLD_CPU_HIDDEN const Kernels& Avx512Kernels();  // ... and AVX-512 F, BW, VL and DQ
 
 // The kernels of the ISA the KL core chose (cpu::Cpu()).
 TF_KLD_CPU_HIDDEN const Kernels& Cpu();

@@ -1,7 +1,7 @@
 // The distillation family's CPU core (see distill_cpu.h), compiled once per ISA: included by
-// kld_cpu_generic.cc and kld_cpu_avx2.cc right after kld_cpu_impl.h, whose SIMD helpers (vector
+// kld_cpu_generic.cc, kld_cpu_avx2.cc and kld_cpu_avx512.cc right after kld_cpu_impl.h, whose SIMD helpers (vector
 // types, 16-bit loads and stores, Madd, Accumulate) it uses from the same anonymous namespace.
-// Its table getter is distill::TF_KLD_KERNELS_FN (GenericKernels / Avx2Kernels).
+// Its table getter is distill::TF_KLD_KERNELS_FN (GenericKernels / Avx2Kernels / Avx512Kernels).
 //
 // Arithmetic per element: one division by T (skipped at T = 1), two vectorised exps, and a
 // rescaling exp only when a lane's running maximum grows; one log per row. float16/bfloat16/float32
@@ -19,7 +19,9 @@ namespace {
 
 // Each lane rounded to the nearest integer (ties to even: the default rounding mode).
 TF_KLD_INLINE Vi RoundToInt(Vf x) {
-#if defined(__AVX__)
+#if defined(__AVX512F__)
+  return BitCast<Vi>(_mm512_cvtps_epi32(BitCast<__m512>(x)));
+#elif defined(__AVX__)
   return BitCast<Vi>(_mm256_cvtps_epi32(BitCast<__m256>(x)));
 #else
   return BitCast<Vi>(_mm_cvtps_epi32(BitCast<__m128>(x)));

@@ -1,8 +1,8 @@
 // The CPU kernel core's interface: plain loops over contiguous memory, no TensorFlow.
 //
-// The same core (kld_cpu_impl.h) is compiled twice: for the baseline x86-64 ISA
-// (kld_cpu_generic.cc) and for AVX2+FMA+F16C (kld_cpu_avx2.cc). Each build exports one table;
-// Cpu() picks the best the running CPU supports, once.
+// The same core (kld_cpu_impl.h) is compiled three times: for the baseline x86-64 ISA
+// (kld_cpu_generic.cc), for AVX2+FMA+F16C (kld_cpu_avx2.cc) and for AVX-512 F/BW/VL/DQ
+// (kld_cpu_avx512.cc). Each build exports one table; Cpu() picks the best the CPU supports, once.
 #ifndef TF_KLD_CC_KERNELS_KLD_CPU_H_
 #define TF_KLD_CC_KERNELS_KLD_CPU_H_
 
@@ -30,8 +30,9 @@ struct Kernels {
 
 TF_KLD_CPU_HIDDEN const Kernels& GenericKernels();
 TF_KLD_CPU_HIDDEN const Kernels& Avx2Kernels();  // only call when the CPU has AVX2, FMA and F16C
+TF_KLD_CPU_HIDDEN const Kernels& Avx512Kernels();  // ... and AVX-512 F, BW, VL and DQ
 
-// The kernels for this CPU: AVX2 when available, unless TF_KLD_CPU_ISA=generic.
+// The kernels for this CPU: the widest build it runs, capped by TF_KLD_CPU_ISA=avx2|generic.
 TF_KLD_CPU_HIDDEN const Kernels& Cpu();
 
 }  // namespace cpu

@@ -1,6 +1,6 @@
 // The CPU kernel core, compiled once per ISA (see kld_cpu.h). Include it from exactly one .cc per
-// ISA after defining TF_KLD_ISA_NAME ("generic", "avx2"), TF_KLD_ISA_NAMESPACE (isa_generic,
-// isa_avx2) and TF_KLD_KERNELS_FN (the table getter).
+// ISA after defining TF_KLD_ISA_NAME ("generic", "avx2", "avx512"), TF_KLD_ISA_NAMESPACE
+// (isa_generic, isa_avx2, isa_avx512) and TF_KLD_KERNELS_FN (the table getter).
 //
 // The AVX2 build of a helper must never be linked in place of the baseline one, so nothing here
 // may become a symbol both ISA objects define: everything is in a namespace of its own ISA and has
@@ -8,8 +8,8 @@
 // unoptimised build emits e.g. std::log(float) as a weak symbol in both objects, and the linker
 // keeps one copy): the math goes through LibmLog and NearbyIntF below. tests/test_isa_objects.py
 // checks the symbols of -O0 builds and runs the baseline kernels with the objects linked in both
-// orders. SIMD is written with GCC vector extensions, one register wide: 8 float lanes with AVX,
-// 4 with SSE2.
+// orders. SIMD is written with GCC vector extensions, one register wide: 16 float lanes with
+// AVX-512, 8 with AVX, 4 with SSE2.
 //
 // float32 log: the rational approximation TensorFlow's CPU Log kernel uses (see Log below), with
 // std::log in lanes that hold anything but positive normal numbers (0, Inf, NaN, negatives,
@@ -31,7 +31,9 @@ namespace cpu {
 namespace TF_KLD_ISA_NAMESPACE {
 namespace {
 
-#if defined(__AVX__)
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
 constexpr int kLanes = 8;
 #else
 constexpr int kLanes = 4;
@@ -60,7 +62,9 @@ TF_KLD_INLINE To BitCast(const From& from) {
 TF_KLD_INLINE Vf Splat(float x) { return Vf{} + x; }
 
 TF_KLD_INLINE bool AnyLane(Vi mask) {
-#if defined(__AVX__)
+#if defined(__AVX512F__)
+  return _mm512_test_epi32_mask(BitCast<__m512i>(mask), BitCast<__m512i>(mask)) != 0;
+#elif defined(__AVX__)
   return !_mm256_testz_si256(BitCast<__m256i>(mask), BitCast<__m256i>(mask));
 #else
   return _mm_movemask_epi8(BitCast<__m128i>(mask)) != 0;
@@ -69,7 +73,10 @@ TF_KLD_INLINE bool AnyLane(Vi mask) {
 
 // Adds the float lanes into two double accumulators (low and high half of the lanes).
 TF_KLD_INLINE void Accumulate(Vf terms, Vd* acc0, Vd* acc1) {
-#if defined(__AVX__)
+#if defined(__AVX512F__)  // vcvtps2pd of each half (the intrinsics trip GCC 12's -Wmaybe-uninitialized)
+  *acc0 += __builtin_convertvector(__builtin_shufflevector(terms, terms, 0, 1, 2, 3, 4, 5, 6, 7), Vd);
+  *acc1 += __builtin_convertvector(__builtin_shufflevector(terms, terms, 8, 9, 10, 11, 12, 13, 14, 15), Vd);
+#elif defined(__AVX__)
   const __m256 v = BitCast<__m256>(terms);
   *acc0 += BitCast<Vd>(_mm256_cvtps_pd(_mm256_castps256_ps128(v)));
   *acc1 += BitCast<Vd>(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
@@ -79,9 +86,12 @@ TF_KLD_INLINE void Accumulate(Vf terms, Vd* acc0, Vd* acc1) {
 #endif
 }
 
-// The sum of a row's double lanes, pairwise: (a0 + a1) + (a2 + a3) with AVX, a0 + a1 with SSE2.
+// The sum of a row's double lanes, pairwise: ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+// with AVX-512, (a0 + a1) + (a2 + a3) with AVX, a0 + a1 with SSE2.
 TF_KLD_INLINE double SumLanes(Vd acc) {
-#if defined(__AVX__)
+#if defined(__AVX512F__)
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+#elif defined(__AVX__)
   return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 #else
   return acc[0] + acc[1];
@@ -144,7 +154,9 @@ struct HalfT {
   static float ToFloat(Storage v) { return HalfToFloat(v); }
   static Storage FromFloat(float v) { return FloatToHalf(v); }
   static TF_KLD_INLINE Vf Load(const Storage* p) {
-#if defined(__F16C__)
+#if defined(__AVX512F__)
+    return BitCast<Vf>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__F16C__)
     return BitCast<Vf>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #else
     Vf v;
@@ -153,7 +165,10 @@ struct HalfT {
 #endif
   }
   static TF_KLD_INLINE void Store(Storage* p, Vf v) {
-#if defined(__F16C__)
+#if defined(__AVX512F__)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtps_ph(BitCast<__m512>(v), _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__F16C__)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                      _mm256_cvtps_ph(BitCast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
 #else
@@ -167,9 +182,12 @@ struct Bfloat16T {
   static float ToFloat(Storage v) { return Bfloat16ToFloat(v); }
   static Storage FromFloat(float v) { return FloatToBfloat16(v); }
   // A bfloat16 is the top half of a float: loading puts each into the high 16 bits of a lane
-  // (AVX2: one byte shuffle of the 16 bytes broadcast to both halves of the register).
+  // (AVX-512: widen and shift; AVX2: one byte shuffle of the 16 bytes broadcast to both halves).
   static TF_KLD_INLINE Vf Load(const Storage* p) {
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+    const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return BitCast<Vf>(_mm512_slli_epi32(x, 16));
+#elif defined(__AVX2__)
     const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     const __m256i to_high = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7,
                                              -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
@@ -185,7 +203,9 @@ struct Bfloat16T {
     const Vu rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
     const Vu quiet_nan = (x >> 16) | 0x40u;
     const Vu r = (v != v) ? quiet_nan : rounded;
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(BitCast<__m512i>(r)));
+#elif defined(__AVX2__)
     // Every lane fits 16 bits: pack within each 128-bit half, then take both halves' low 64 bits.
     const __m256i packed = _mm256_packus_epi32(BitCast<__m256i>(r), BitCast<__m256i>(r));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
@@ -223,7 +243,9 @@ TF_KLD_INLINE Vf FixSpecialLanes(Vf fast, Vf x, Vi special) {
 
 // a * b + c, fused (one rounding) where the build has FMA.
 TF_KLD_INLINE Vf Madd(Vf a, Vf b, Vf c) {
-#if defined(__FMA__)
+#if defined(__AVX512F__)
+  return BitCast<Vf>(_mm512_fmadd_ps(BitCast<__m512>(a), BitCast<__m512>(b), BitCast<__m512>(c)));
+#elif defined(__FMA__)
   return BitCast<Vf>(_mm256_fmadd_ps(BitCast<__m256>(a), BitCast<__m256>(b), BitCast<__m256>(c)));
 #else
   return a * b + c;
@@ -258,7 +280,10 @@ TF_KLD_INLINE Vf Log(Vf x) {
 // max(eps, min(1, x)); NaN passes through, as in tf.clip_by_value: minps/maxps return their second
 // operand when either is NaN.
 TF_KLD_INLINE Vf Clip(Vf x, Vf eps) {
-#if defined(__AVX__)
+#if defined(__AVX512F__)
+  return BitCast<Vf>(_mm512_max_ps(BitCast<__m512>(eps),
+                                   _mm512_min_ps(_mm512_set1_ps(1.0f), BitCast<__m512>(x))));
+#elif defined(__AVX__)
   return BitCast<Vf>(_mm256_max_ps(BitCast<__m256>(eps),
                                    _mm256_min_ps(_mm256_set1_ps(1.0f), BitCast<__m256>(x))));
 #else

@@ -485,21 +485,34 @@ bool CpuHasAvx2() {
 #endif
 }
 
+bool CpuHasAvx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  return CpuHasAvx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 int main() {
   std::vector<const Kernels*> tables = {&tf_kld::cpu::GenericKernels()};
   if (CpuHasAvx2()) tables.push_back(&tf_kld::cpu::Avx2Kernels());
+  if (CpuHasAvx512()) tables.push_back(&tf_kld::cpu::Avx512Kernels());
   std::string isas;
   for (const Kernels* k : tables) {
     TestTable(*k);
     isas += std::string(isas.empty() ? "" : ", ") + k->isa;
   }
-  // Cpu() picks AVX2 exactly when the CPU has it (unless TF_KLD_CPU_ISA=generic).
-  const char* forced = std::getenv("TF_KLD_CPU_ISA");
-  const bool generic = forced != nullptr && std::string(forced) == "generic";
-  Check(std::string(tf_kld::cpu::Cpu().isa) == (CpuHasAvx2() && !generic ? "avx2" : "generic"),
-        "Cpu() chose the wrong table");
+  // Cpu() picks the widest build the CPU has, capped by TF_KLD_CPU_ISA=generic|avx2.
+  const char* cap = std::getenv("TF_KLD_CPU_ISA");
+  const std::string capped = cap == nullptr ? "" : cap;
+  const char* want = capped == "generic"                     ? "generic"
+                     : CpuHasAvx512() && capped != "avx2"    ? "avx512"
+                     : CpuHasAvx2()                          ? "avx2"
+                                                             : "generic";
+  Check(std::string(tf_kld::cpu::Cpu().isa) == want, "Cpu() chose the wrong table");
   std::printf("kld_cpu_test: %ld checks, %ld failures; tables: %s\n", g_checks, g_failures, isas.c_str());
   return g_failures == 0 ? 0 : 1;
 }
