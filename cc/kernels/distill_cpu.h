@@ -97,6 +97,12 @@ struct Kernels {
   // The state of n contiguous elements of one row (y_true, y_pred of `type`), divided by temperature.
   KlPartial (*kl_partial)(Type type, const void* y_true, const void* y_pred, int64_t n,
                           double temperature);
+  // The states of `rows` whole rows of cols <= narrow_cols elements (not float64), kLanes rows at a
+  // time across SIMD lanes: narrow rows without per-row overhead. Values as kl_partial's, up to
+  // rounding.
+  void (*kl_partials_narrow)(Type type, const void* y_true, const void* y_pred, int64_t rows,
+                             int64_t cols, double temperature, KlPartial* out);
+  int64_t narrow_cols;
   // d/dy_true and/or d/dy_pred (nullptr: not wanted) for flat elements [begin, end) of
   // [*, cols] inputs, from each row's upstream gradient and stats.
   void (*kl_gradient)(Type type, const void* grad, const void* y_true, const void* y_pred,

@@ -205,11 +205,67 @@ distill::KlPartial KlPartialD(const void* y_true, const void* y_pred, int64_t n,
   return s;
 }
 
+// Narrow rows (cols <= kNarrowCols) go kLanes rows at a time, one row per lane: the rows are
+// transposed into column vectors, so a row's maxima, exps and sums run across rows in SIMD with no
+// per-row lane reduction or padding. Each lane's arithmetic depends only on its own row, so a row's
+// result never depends on the block it falls in. Rows past the end of a block are zeros, ignored.
+constexpr int64_t kNarrowCols = 32;
+
+template <typename E>
+TF_KLD_INLINE void LoadColumns(const typename E::Storage* x, int64_t rows, int64_t cols, Vf* column) {
+  for (int64_t j = 0; j < cols; ++j) column[j] = Splat(0.0f);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) column[j][i] = E::ToFloat(x[i * cols + j]);
+  }
+}
+
+TF_KLD_INLINE double Lane(Vd lo, Vd hi, int i) { return i < kLanes / 2 ? lo[i] : hi[i - kLanes / 2]; }
+
+template <typename E>
+void KlPartialsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int64_t cols,
+                       float temperature, distill::KlPartial* out) {
+  const auto* t = static_cast<const typename E::Storage*>(y_true);
+  const auto* p = static_cast<const typename E::Storage*>(y_pred);
+  const Vf tv = Splat(temperature), minus_inf = Splat(-INFINITY), zero = Splat(0.0f);
+  for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
+    const int64_t n = rows - r0 < kLanes ? rows - r0 : kLanes;
+    Vf a[kNarrowCols], b[kNarrowCols];
+    LoadColumns<E>(t + r0 * cols, n, cols, a);
+    LoadColumns<E>(p + r0 * cols, n, cols, b);
+    Vf max_a = minus_inf, max_b = minus_inf;
+    Vi infinite = {};
+    for (int64_t j = 0; j < cols; ++j) {
+      if (temperature != 1.0f) a[j] = a[j] / tv, b[j] = b[j] / tv;
+      max_a = a[j] > max_a ? a[j] : max_a;  // NaN never raises a maximum: it makes the sums NaN
+      max_b = b[j] > max_b ? b[j] : max_b;
+      infinite |= (b[j] == minus_inf) & (a[j] != minus_inf);
+    }
+    Vd sum_a0 = {}, sum_a1 = {}, cross0 = {}, cross1 = {}, sum_b0 = {}, sum_b1 = {};
+    for (int64_t j = 0; j < cols; ++j) {  // as KlLanes::Step, at the row's final maxima
+      const Vi masked_a = a[j] == minus_inf, masked_b = b[j] == minus_inf;
+      const Vf ea = masked_a ? zero : ExpF(a[j] - max_a);
+      const Vf eb = masked_b ? zero : ExpF(b[j] - max_b);
+      Accumulate(ea, &sum_a0, &sum_a1);
+      Accumulate((masked_a | masked_b) ? zero : ea * (a[j] - b[j]), &cross0, &cross1);
+      Accumulate(eb, &sum_b0, &sum_b1);
+    }
+    for (int i = 0; i < n; ++i) {
+      distill::KlPartial& r = out[r0 + i];
+      r.max_a = max_a[i], r.max_b = max_b[i];
+      r.sum_a = Lane(sum_a0, sum_a1, i), r.cross = Lane(cross0, cross1, i);
+      r.sum_b = Lane(sum_b0, sum_b1, i);
+      r.nan = false, r.infinite = infinite[i] != 0;
+    }
+  }
+}
+
 // The gradients of kLanes elements of one row: d_pred = g/T (q - p), d_true = g/T p ((lp - lq) - KL)
 // (0 where p = 0 exactly: a masked teacher class).
 struct KlRowGrad {
   Vf max_a, log_a, max_b, log_b, kl, g_over_t, temperature;
   bool scaled;
+
+  explicit KlRowGrad(float t) : temperature(Splat(t)), scaled(t != 1.0f) {}  // lanes set by the caller
 
   KlRowGrad(const double* stats, float g, float t)
       : max_a(Splat(static_cast<float>(stats[0]))), log_a(Splat(static_cast<float>(stats[1]))),
@@ -226,6 +282,38 @@ struct KlRowGrad {
   }
 };
 
+// Whole narrow rows [row_begin, row_end), kLanes rows at a time transposed into column vectors (as
+// KlPartialsNarrowF): each element gets exactly the arithmetic of the row-by-row path. Every element
+// of a block is read before any gradient of it is written (an output may share its input's buffer).
+template <typename E>
+void KlGradientNarrowF(const typename E::Storage* g, const typename E::Storage* t,
+                       const typename E::Storage* p, const double* stats, typename E::Storage* dt,
+                       typename E::Storage* dp, int64_t row_begin, int64_t row_end, int64_t cols,
+                       float temperature) {
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kLanes) {
+    const int64_t n = row_end - r0 < kLanes ? row_end - r0 : kLanes;
+    Vf a[kNarrowCols], b[kNarrowCols];
+    LoadColumns<E>(t + r0 * cols, n, cols, a);
+    LoadColumns<E>(p + r0 * cols, n, cols, b);
+    KlRowGrad rg(temperature);
+    rg.max_a = rg.log_a = rg.max_b = rg.log_b = rg.kl = rg.g_over_t = Splat(0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      const double* s = stats + (r0 + i) * distill::kStats;
+      rg.max_a[i] = static_cast<float>(s[0]), rg.log_a[i] = static_cast<float>(s[1]);
+      rg.max_b[i] = static_cast<float>(s[2]), rg.log_b[i] = static_cast<float>(s[3]);
+      rg.kl[i] = static_cast<float>(s[4]), rg.g_over_t[i] = E::ToFloat(g[r0 + i]) / temperature;
+    }
+    for (int64_t j = 0; j < cols; ++j) rg.Compute(a[j], b[j], &a[j], &b[j]);  // a: d_true, b: d_pred
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < cols; ++j) {
+        const int64_t k = (r0 + i) * cols + j;
+        if (dt != nullptr) dt[k] = E::FromFloat(a[j][i]);
+        if (dp != nullptr) dp[k] = E::FromFloat(b[j][i]);
+      }
+    }
+  }
+}
+
 template <typename E>
 void KlGradientF(const void* grad, const void* y_true, const void* y_pred, const double* stats,
                  void* d_true, void* d_pred, int64_t begin, int64_t end, int64_t cols,
@@ -239,6 +327,12 @@ void KlGradientF(const void* grad, const void* y_true, const void* y_pred, const
   int64_t i = begin;
   for (int64_t row = begin / cols; i < end; ++row) {
     const int64_t stop = (row + 1) * cols < end ? (row + 1) * cols : end;
+    if (cols <= kNarrowCols && i == row * cols && stop - i == cols) {  // whole narrow rows
+      const int64_t rows = (end - i) / cols;
+      KlGradientNarrowF<E>(g, t, p, stats, dt, dp, row, row + rows, cols, temperature);
+      row += rows - 1, i += rows * cols;
+      continue;
+    }
     const KlRowGrad rg(stats + row * distill::kStats, E::ToFloat(g[row]), temperature);
     Vf vt, vp;
     for (; i + kLanes <= stop; i += kLanes) {
@@ -483,6 +577,22 @@ distill::KlPartial DistillKlPartial(Type type, const void* t, const void* p, int
   return {};
 }
 
+void DistillKlPartialsNarrow(Type type, const void* t, const void* p, int64_t rows, int64_t cols,
+                             double temperature, distill::KlPartial* out) {
+  const float tf = static_cast<float>(temperature);
+  switch (type) {
+    case Type::kHalf: return KlPartialsNarrowF<HalfT>(t, p, rows, cols, tf, out);
+    case Type::kBfloat16: return KlPartialsNarrowF<Bfloat16T>(t, p, rows, cols, tf, out);
+    case Type::kFloat: return KlPartialsNarrowF<FloatT>(t, p, rows, cols, tf, out);
+    case Type::kDouble:
+      for (int64_t r = 0; r < rows; ++r) {  // not used by the op: float64 rows go one at a time
+        out[r] = KlPartialD(static_cast<const double*>(t) + r * cols,
+                            static_cast<const double*>(p) + r * cols, cols, temperature);
+      }
+      return;
+  }
+}
+
 void DistillKlGradient(Type type, const void* g, const void* t, const void* p, const double* stats,
                        void* dt, void* dp, int64_t begin, int64_t end, int64_t cols,
                        double temperature) {
@@ -513,6 +623,7 @@ namespace distill {
 const Kernels& TF_KLD_KERNELS_FN() {
   namespace isa = cpu::TF_KLD_ISA_NAMESPACE;
   static const Kernels kernels = {TF_KLD_ISA_NAME,          &isa::DistillKlPartial,
+                                  &isa::DistillKlPartialsNarrow, isa::kNarrowCols,
                                   &isa::DistillKlGradient,  &isa::DistillJsdSums,
                                   &isa::DistillJsdGradient, &isa::DistillExp};
   return kernels;

@@ -151,6 +151,22 @@ class KlDivergenceWithLogitsOp : public OpKernel {
     constexpr cpu::Type type = DistillType<T>::value;
     const double temperature = temperature_;
     const CPUDevice& d = ctx->eigen_device<CPUDevice>();
+    if (type != cpu::Type::kDouble && cols <= k.narrow_cols) {  // many rows per SIMD register
+      d.parallelFor(rows, Cost(cols, 2 * cols * sizeof(T), sizeof(T) + 8 * distill::kStats),
+                    [&](Eigen::Index begin, Eigen::Index end) {
+                      constexpr int64_t kBlock = 64;
+                      distill::KlPartial part[kBlock];
+                      for (Eigen::Index r = begin; r < end; r += kBlock) {
+                        const int64_t n = std::min<int64_t>(kBlock, end - r);
+                        k.kl_partials_narrow(type, t + r * cols, p + r * cols, n, cols, temperature,
+                                             part);
+                        for (int64_t i = 0; i < n; ++i) {
+                          loss[r + i] = Round<T>(distill::Finish(part[i], stats + (r + i) * distill::kStats));
+                        }
+                      }
+                    });
+      return;
+    }
     if (cols <= kChunk) {
       d.parallelFor(rows, Cost(cols, 2 * cols * sizeof(T), sizeof(T) + 8 * distill::kStats),
                     [&](Eigen::Index begin, Eigen::Index end) {
