@@ -195,22 +195,26 @@ def _allocate_like(x):
     return x + 1.0  # one new buffer of x's size
 
 
-def memory_child(impl, shape, mode):
-    """In a fresh process: peak resident memory of one call beyond what existed before it, and a
-    calibration made the same way: a TensorFlow call that allocates one buffer of the gradient's
-    size must show up in full, or the allocator keeps freed memory (oneDNN's pooled CPU allocator
-    does) and nothing measured here means anything."""
-    fns, to_inputs = _candidates()[impl]
-    fn = fns[[m[0] for m in MODES].index(mode)]
-    known = tf.zeros(shape, tf.float32)
+def measure_in_child(fn, args, calibration_shape):
+    """A memory child's measurement, printed as one JSON line: peak resident bytes of one call of
+    fn beyond what existed before it, and a calibration made the same way: a TensorFlow call that
+    allocates one float32 buffer of calibration_shape must show up in full, or the allocator keeps
+    freed memory (oneDNN's pooled CPU allocator does) and nothing measured here means anything."""
+    known = tf.zeros(calibration_shape, tf.float32)
     _block(_allocate_like(known))  # warm-up, freed: a pooling allocator keeps it for the next call
     calibration = _peak_extra_bytes(_allocate_like, (known,))
     del known
-    args = to_inputs(*_inputs(shape))
     _block(fn(*args))  # trace/compile outside the measurement; its results are freed here
     print(json.dumps({"peak_extra_bytes": _peak_extra_bytes(fn, args),
-                      "calibration_bytes": 4 * shape[0] * shape[1],
+                      "calibration_bytes": 4 * int(np.prod(calibration_shape)),
                       "calibration_seen_bytes": calibration}))
+
+
+def memory_child(impl, shape, mode):
+    """In a fresh process: the peak extra memory of one call of impl (calibrated by the gradient's size)."""
+    fns, to_inputs = _candidates()[impl]
+    fn = fns[[m[0] for m in MODES].index(mode)]
+    measure_in_child(fn, to_inputs(*_inputs(shape)), shape)
 
 
 # The environment each memory child runs in: glibc maps every large buffer when it is allocated and
@@ -222,15 +226,15 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131
 NOT_MEASURABLE = "not measurable here"
 
 
-def peak_memory(impl, shape, mode):
-    """{"bytes": peak extra bytes or None, "note": how it was measured, or why not}."""
+def peak_memory_in_child(script, child_args):
+    """{"bytes": peak extra bytes or None, "note": how it was measured, or why not}, from
+    `script --memory-child *child_args` run in a fresh process (which calls measure_in_child)."""
     attempts = [({}, "this process's allocator"),
                 ({"TF_ENABLE_ONEDNN_OPTS": "0"}, "TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's allocator "
                                                  "pooled freed memory with oneDNN on)")]
     for extra_env, note in attempts:
         env = dict(os.environ, **MEMORY_ENV, **extra_env)
-        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", impl,
-               f"{shape[0]}x{shape[1]}", mode]
+        cmd = [sys.executable, os.path.abspath(script), "--memory-child", *child_args]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
         if proc.returncode != 0 or not lines:
@@ -244,6 +248,11 @@ def peak_memory(impl, shape, mode):
         f"{NOT_MEASURABLE}: a known {child['calibration_bytes'] / 2**20:.1f} MiB allocation through "
         f"TensorFlow showed as {child['calibration_seen_bytes'] / 2**20:.2f} MiB (the allocator keeps "
         f"freed memory)")}
+
+
+def peak_memory(impl, shape, mode):
+    """{"bytes", "note"} of one call of impl in mode at shape (see peak_memory_in_child)."""
+    return peak_memory_in_child(__file__, [impl, f"{shape[0]}x{shape[1]}", mode])
 
 
 def main(argv=None):

@@ -11,7 +11,9 @@ and under XLA; (b) the log-softmax composite (tf_kld.reference) under XLA; (c) T
 to a constant); (d) torch's `kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True)` on the
 CPU when PyTorch is installed; and the floor: TensorFlow reading both inputs once. Timing reuses
 bench.py's interleaved medians (every peer sampled round by round, so a slow spell hits all alike).
-Results: bench/out/distill_results.{json,md} (untracked).
+Then the peak extra memory of forward+backward (float32, a fresh process per peer, calibrated as
+bench.py's), and every target of the issue, met or missed. Results: bench/out/distill_results.{json,md}
+(untracked).
 """
 
 import argparse
@@ -30,6 +32,8 @@ import tf_kld  # noqa: E402
 
 SHAPES = [(8192, 32000), (1024, 128256), (256, 262144), (65536, 10)]
 QUICK_SHAPES = [(256, 32000), (8192, 10)]
+MEMORY_SHAPE, QUICK_MEMORY_SHAPE = (2048, 32000), (256, 32000)
+NARROW = 10  # rows this narrow (65536 x 10) have their own, lower speed targets
 DTYPES = (tf.float32, tf.bfloat16)
 TEMPERATURE = 2.0
 
@@ -129,13 +133,87 @@ def run(shapes, budget):
     return rows
 
 
-def _markdown(rows):
+def memory_child(peer, shape):
+    """In a fresh process: the peak extra memory of one forward+backward of peer, float32."""
+    rng = np.random.default_rng(0)
+    t, s = (tf.constant(rng.normal(size=shape) * 3.0, tf.float32) for _ in range(2))
+    bench.measure_in_child(tf_peers()[peer][1], (t, s), shape)
+
+
+def measure_memory(shape):
+    out = []
+    for peer in tf_peers():
+        measured = bench.peak_memory_in_child(__file__, [peer, f"{shape[0]}x{shape[1]}"])
+        extra, grad = measured["bytes"], 4 * shape[0] * shape[1]
+        out.append({"shape": f"{shape[0]}x{shape[1]}", "peer": peer, "note": measured["note"],
+                    "peak_extra_mib": None if extra is None else extra / 2**20,
+                    "x_gradient_buffer": None if extra is None else extra / grad})
+        print(f"  peak memory fwd+bwd {shape[0]}x{shape[1]} {peer:32s} " +
+              (f"{extra / 2**20:9.1f} MiB ({extra / grad:.2f}x the gradient)" if extra is not None
+               else measured["note"]), flush=True)
+    return out
+
+
+def targets(rows, memory):
+    """The issue's targets, each {"target", "value", "met"}; a value of None (memory not measurable
+    here) is never met."""
+    ms = {(r["shape"], r["dtype"], r["mode"], r["peer"]): r["ms"] for r in rows}
+    out = []
+
+    def add(target, value, bar):
+        out.append({"target": target, "value": value, "met": value is not None and value >= bar})
+
+    for shape, dtype in dict.fromkeys((r["shape"], r["dtype"]) for r in rows):
+        narrow = int(shape.split("x")[1]) <= NARROW
+        for mode in ("fwd", "fwd+bwd"):
+            ours = ms.get((shape, dtype, mode, "tf_kld"))
+            if ours is None:
+                continue
+            xla = [ms[k] for k in ((shape, dtype, mode, "(a) Keras form, XLA"),
+                                   (shape, dtype, mode, "(b) log-softmax composite, XLA")) if k in ms]
+            bar = 1.5 if narrow else (5.0 if mode == "fwd" else 4.0)
+            add(f"{mode} {shape} {dtype}: >= {bar:g}x the fastest XLA form of (a)/(b)", min(xla) / ours, bar)
+            if not narrow:
+                add(f"{mode} {shape} {dtype}: >= 8x (a) under tf.function",
+                    ms[(shape, dtype, mode, "(a) Keras form, tf.function")] / ours, 8.0)
+            if mode == "fwd+bwd" and not narrow:
+                add(f"{mode} {shape} {dtype}: >= 4x (c) softmax cross-entropy",
+                    ms[(shape, dtype, mode, "(c) softmax cross-entropy")] / ours, 4.0)
+            if mode == "fwd" and (shape, dtype, mode, bench.READ) in ms:
+                add(f"fwd {shape} {dtype}: >= 70% of the read floor (reading both inputs, timed alongside)",
+                    ms[(shape, dtype, mode, bench.READ)] / ours, 0.7)
+        f32, bf16 = ms.get((shape, "float32", "fwd", "tf_kld")), ms.get((shape, "bfloat16", "fwd", "tf_kld"))
+        if dtype == "bfloat16" and f32 and bf16:
+            add(f"fwd {shape} bfloat16: time per element <= float32's (value: float32 / bfloat16)",
+                f32 / bf16, 1.0)
+    for m in memory:
+        if m["peer"] == "tf_kld":
+            ratio = m["x_gradient_buffer"]
+            out.append({"target": f"fwd+bwd {m['shape']} float32: peak extra <= 1.1x one gradient buffer",
+                        "value": ratio, "met": ratio is not None and ratio <= 1.1})
+    return out
+
+
+def _markdown(rows, memory=(), goals=()):
     lines = ["| shape | dtype | mode | peer | ms | peer / tf_kld |", "|---|---|---|---|---|---|"]
     ours = {(r["shape"], r["dtype"], r["mode"]): r["ms"] for r in rows if r["peer"] == "tf_kld"}
     for r in rows:
         base = ours.get((r["shape"], r["dtype"], r["mode"]))
         ratio = f"{r['ms'] / base:.2f}" if base else ""
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['peer']} | {r['ms']:.1f} | {ratio} |")
+    if memory:
+        lines += ["", "| shape | fwd+bwd peer (float32) | peak extra MiB | x gradient buffer | measured with |",
+                  "|---|---|---:|---:|---|"]
+        for m in memory:
+            mib = "-" if m["peak_extra_mib"] is None else f"{m['peak_extra_mib']:.1f}"
+            ratio = "-" if m["x_gradient_buffer"] is None else f"{m['x_gradient_buffer']:.2f}"
+            lines.append(f"| {m['shape']} | {m['peer']} | {mib} | {ratio} | {m['note']} |")
+    if goals:
+        lines += ["", "| target | measured | |", "|---|---:|---|"]
+        for g in goals:
+            verdict = bench.NOT_MEASURABLE if g["value"] is None else ("met" if g["met"] else "missed")
+            value = "-" if g["value"] is None else f"{g['value']:.3f}"
+            lines.append(f"| {g['target']} | {value} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,16 +221,27 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, short budget")
     parser.add_argument("--budget", type=float, default=None, help="seconds of samples per peer")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--out", default=bench.RESULTS, help="directory for distill_results.{json,md}")
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_child:
+        peer, shape = args.memory_child
+        return memory_child(peer, tuple(int(v) for v in shape.split("x")))
     shapes = QUICK_SHAPES if args.quick else SHAPES
     budget = args.budget if args.budget is not None else (0.5 if args.quick else 3.0)
     rows = run(shapes, budget)
-    os.makedirs(bench.RESULTS, exist_ok=True)
-    with open(os.path.join(bench.RESULTS, "distill_results.json"), "w") as f:
-        json.dump({"temperature": TEMPERATURE, "cpu_isa": tf_kld.ops.cpu_isa(), "rows": rows}, f,
-                  indent=1)
-    with open(os.path.join(bench.RESULTS, "distill_results.md"), "w") as f:
-        f.write(_markdown(rows))
+    memory = [] if args.no_memory else measure_memory(QUICK_MEMORY_SHAPE if args.quick else MEMORY_SHAPE)
+    goals = targets(rows, memory)
+    missed = [g["target"] for g in goals if g["met"] is False]
+    print(f"\ndistillation targets: {sum(g['met'] is True for g in goals)} of {len(goals)} met" +
+          "".join(f"\n  missed: {m}" for m in missed), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "distill_results.json"), "w") as f:
+        json.dump({"temperature": TEMPERATURE, "cpu_isa": tf_kld.ops.cpu_isa(), "rows": rows,
+                   "memory": memory, "targets": goals}, f, indent=1)
+    with open(os.path.join(args.out, "distill_results.md"), "w") as f:
+        f.write(_markdown(rows, memory, goals))
     return rows
 
 

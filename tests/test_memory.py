@@ -89,3 +89,16 @@ def test_the_calibration_sees_a_pooling_allocator():
     child = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
     assert child["calibration_bytes"] == GRAD_BYTES
     assert child["calibration_seen_bytes"] < 0.5 * GRAD_BYTES, child
+
+
+def test_distillation_forward_and_gradient_allocate_only_the_gradient(require_custom):
+    # The fused softmax-KL's fwd+bwd, as distill_bench.py measures it: the gradient, the per-row
+    # loss and statistics (5 doubles a row), nothing per element beyond the gradient.
+    shape = (256, 8192)
+    script = os.path.join(os.path.dirname(bench.__file__), "distill_bench.py")
+    measured = bench.peak_memory_in_child(script, ["tf_kld", f"{shape[0]}x{shape[1]}"])
+    assert measured["bytes"] is not None, measured["note"]
+    grad = 4 * shape[0] * shape[1]
+    assert 0.9 * grad <= measured["bytes"] <= 1.1 * grad, (
+        f"fused softmax-KL fwd+bwd took {measured['bytes'] / 2**20:.2f} MiB beyond its inputs; the "
+        f"gradient is {grad / 2**20:.0f} MiB")
