@@ -235,6 +235,33 @@ def test_special_values(impl, dtype, beta):
         assert np.all(np.isnan(got[8:13])) and got[13] == 0
 
 
+@pytest.mark.parametrize("width", [1, 6, 16, 17, 32], ids=lambda w: f"width{w}")
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float16, tf.bfloat16], ids=lambda d: d.name)
+def test_many_narrow_rows(impl, dtype, width, rng):
+    """Rows of up to 32 classes go a SIMD register of rows at a time: 45 rows (not a multiple of any
+    register's rows) with the special rows repeated among random ones, values and both gradients
+    against the oracle, and each row's loss the same bits whichever rows come before it."""
+    special_t, special_p = special_rows(min(width, 6))
+    fill = lambda rows: logits(rng, (rows, width - special_t.shape[1]), np.float64)  # noqa: E731
+    t = np.concatenate([np.hstack([special_t, fill(len(special_t))]), logits(rng, (31, width), np.float64)])
+    p = np.concatenate([np.hstack([special_p, fill(len(special_p))]), logits(rng, (31, width), np.float64)])
+    order = rng.permutation(len(t))
+    t, p = t[order].astype(U.np_dtype(dtype)), p[order].astype(U.np_dtype(dtype))
+    weights = rng.uniform(0.5, 2.0, size=len(t))
+    loss, (dt, dp) = _grads(lambda a, b: tf_kld.kl_divergence_with_logits(a, b, 0.5), t, p, weights)
+    assert_loss(loss, oracle(t, p, None, 0.5, dtype), t, p, 0.5, dtype)
+    finite = np.isfinite(tf.cast(loss, tf.float64).numpy())
+    tn, pn = t.astype(np.float64), p.astype(np.float64)
+    nt, npred = oracle_grads(tn, pn, weights, None, 0.5)
+    to64 = lambda x: tf.cast(x, tf.float64).numpy()[finite]  # noqa: E731
+    rtol = {tf.float32: 1e-5}.get(dtype, 2e-2)
+    assert_grad(to64(dt), nt[finite], weights[finite], 0.5, "d/dy_true", rtol=rtol)
+    assert_grad(to64(dp), npred[finite], weights[finite], 0.5, "d/dy_pred", rtol=rtol)
+    shifted = tf_kld.kl_divergence_with_logits(t[3:], p[3:], 0.5)
+    np.testing.assert_array_equal(tf.cast(shifted, tf.float32).numpy(),
+                                  tf.cast(loss, tf.float32).numpy()[3:])
+
+
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 @pytest.mark.parametrize("dtype", U.LOW_PRECISION, ids=lambda d: d.name)
 def test_low_precision(impl, dtype, temperature, rng):
