@@ -2,8 +2,9 @@
 
 Values and gradients (student hidden states, kernel, bias) against the materialised float64
 composite differentiated by TensorFlow; chunk sizes that do not divide the rows; rows of weight 0;
-3-D hidden states; 16-bit inputs; tf.function, XLA and SavedModel; every bad input; and a memory
-test in a fresh process that fails if a [rows, classes] tensor is ever allocated.
+3-D hidden states; 16-bit inputs; tf.function, XLA and SavedModel (gradients through the reloaded
+function too); every bad input; a memory test in a fresh process that fails if a [rows, classes]
+tensor is ever allocated; MirroredStrategy against one device; and the example's smoke run.
 """
 
 import json
