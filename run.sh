@@ -18,6 +18,7 @@ quiet() {
 }
 quiet "$PYTHON" examples/demo.py
 quiet "$PYTHON" examples/distillation_demo.py
+quiet "$PYTHON" examples/linear_distillation_demo.py
 quiet "$PYTHON" bench/bench.py "$@"
 quiet "$PYTHON" bench/distill_bench.py --quick   # the shapes: bench/distill_bench.py
 quiet "$PYTHON" bench/linear_bench.py            # the shapes: --full

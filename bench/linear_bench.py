@@ -81,24 +81,30 @@ def inputs(shape, dtype):
     return [tf.cast(tf.constant(v, tf.float32), dtype) for v in x]
 
 
-def memory_child(peer, shape, dtype):
-    args = inputs(shape, dtype)
-    fn = peers()[peer]
+def measure_in_child(fn, args, calibration_shape):
+    """In a fresh memory-child process: prints the peak extra bytes of one call of fn (warmed up
+    first) and a calibration made the same way: one TensorFlow allocation of a float32
+    `calibration_shape` must show up in full, or the allocator keeps freed memory."""
     bench._block(fn(*args))  # pylint: disable=protected-access
-    known = tf.zeros(shape[1:], tf.float32)  # the kernel gradient's size
+    known = tf.zeros(calibration_shape, tf.float32)
     bench._block(bench._allocate_like(known))  # pylint: disable=protected-access
     calibration = bench._peak_extra_bytes(bench._allocate_like, (known,))  # pylint: disable=protected-access
     del known
     print(json.dumps({"peak_extra_bytes": bench._peak_extra_bytes(fn, args),  # pylint: disable=protected-access
-                      "calibration_bytes": 4 * shape[1] * shape[2],
+                      "calibration_bytes": 4 * int(np.prod(calibration_shape)),
                       "calibration_seen_bytes": calibration}))
 
 
-def peak(peer, shape, dtype, limit_gib=None):
-    """{"bytes", "note"} as bench.peak_memory, in a fresh process (optionally under a memory limit)."""
+def memory_child(peer, shape, dtype):
+    measure_in_child(peers()[peer], inputs(shape, dtype), shape[1:])  # calibration: the kernel gradient
+
+
+def peak_of_child(cmd, limit_gib=None):
+    """{"bytes", "note"} as bench.peak_memory: what the memory child `cmd` (a command that calls
+    measure_in_child) reports, run in a fresh process with an allocator that returns freed memory
+    (oneDNN's is avoided), optionally under a memory limit; bytes None where it failed or the
+    calibration did not show."""
     env = dict(os.environ, **bench.MEMORY_ENV, TF_ENABLE_ONEDNN_OPTS="0")
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", peer,
-           "x".join(map(str, shape)), dtype]
 
     def limit():
         if limit_gib:
@@ -114,6 +120,12 @@ def peak(peer, shape, dtype, limit_gib=None):
     if child["calibration_seen_bytes"] < 0.9 * child["calibration_bytes"]:
         return {"bytes": None, "note": bench.NOT_MEASURABLE}
     return {"bytes": child["peak_extra_bytes"], "note": "TF_ENABLE_ONEDNN_OPTS=0"}
+
+
+def peak(peer, shape, dtype, limit_gib=None):
+    """{"bytes", "note"} as bench.peak_memory, in a fresh process (optionally under a memory limit)."""
+    return peak_of_child([sys.executable, os.path.abspath(__file__), "--memory-child", peer,
+                          "x".join(map(str, shape)), dtype], limit_gib)
 
 
 def main(argv=None):

@@ -63,6 +63,10 @@ def _check_shapes(hs, ws, ht, wt, bs, bt, sample_weight):
         if x.shape.rank is not None and x.shape.rank < 2:
             raise ValueError(f"linear_distillation_loss: {name} must have rank >= 2 ([..., hidden]), "
                              f"got shape {x.shape}")
+    for x, name in ((bs, "student_bias"), (bt, "teacher_bias")):
+        if x is not None and x.shape.rank is not None and x.shape.rank != 1:
+            raise ValueError(f"linear_distillation_loss: {name} must have shape [classes], got "
+                             f"{x.shape}")
     pairs = [(hs, -1, ws, 0, "student_hidden's last dimension", "student_kernel's first"),
              (ht, -1, wt, 0, "teacher_hidden's last dimension", "teacher_kernel's first"),
              (ws, 1, wt, 1, "student_kernel's classes", "teacher_kernel's classes")]
@@ -77,10 +81,6 @@ def _check_shapes(hs, ws, ht, wt, bs, bt, sample_weight):
         if da is not None and db is not None and da != db:
             raise ValueError(f"linear_distillation_loss: {what_a} ({da}) must equal {what_b} ({db}); "
                              f"shapes {a.shape} and {b.shape}")
-    for x, name in ((bs, "student_bias"), (bt, "teacher_bias")):
-        if x is not None and x.shape.rank is not None and x.shape.rank != 1:
-            raise ValueError(f"linear_distillation_loss: {name} must have shape [classes], got "
-                             f"{x.shape}")
     lead_s, lead_t = hs.shape[:-1], ht.shape[:-1]
     if not lead_s.is_compatible_with(lead_t):
         raise ValueError(f"linear_distillation_loss: student_hidden and teacher_hidden must have the "
@@ -159,7 +159,8 @@ def linear_distillation_loss(student_hidden, student_kernel, teacher_hidden, tea
       beta: float in [0, 1].
       sample_weight: optional weights of the leading shape (or a scalar); rows of weight 0 (e.g.
         padding) contribute nothing.
-      chunk_size: rows per chunk; None picks one from V (a [chunk, V] float32 buffer of ~16 MiB).
+      chunk_size: rows per chunk; None picks one from V (a [chunk, V] float32 buffer of ~16 MiB),
+        no more than the rows where their number is static.
 
     Returns:
       A float32 scalar (float64 for float64 student inputs).
@@ -190,8 +191,9 @@ def linear_distillation_loss(student_hidden, student_kernel, teacher_hidden, tea
     _check_shapes(hs, ws, ht, wt, bs, bt, w)
 
     classes = _dim(ws.shape, 1)
-    if chunk_size is None:
-        chunk_size = auto_chunk_size(classes if classes is not None else 32000)
+    if chunk_size is None:  # capped at the rows where they are static: padding to a chunk is wasted work
+        chunk_size = auto_chunk_size(classes if classes is not None else 32000,
+                                     hs.shape[:-1].num_elements())
     hs2 = tf.reshape(hs, [-1, tf.shape(hs)[-1]])
     ht2 = tf.stop_gradient(tf.reshape(ht, [-1, tf.shape(ht)[-1]]))
     rows = tf.shape(hs2)[0]
@@ -264,7 +266,9 @@ def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
         loss += tf.reduce_sum(tf.where(live, g_c * d, tf.zeros_like(d)))
         ds = tf.where(live[:, tf.newaxis], ds, tf.zeros_like(ds))
         ds_in = tf.cast(ds, ws.dtype)
-        d_w += tf.cast(tf.matmul(h_c, ds_in, transpose_a=True), work)
+        # A dead row's hidden state may hold NaN (padding under XLA): 0 * NaN would reach d_w.
+        h_live = tf.where(live[:, tf.newaxis], h_c, tf.zeros_like(h_c))
+        d_w += tf.cast(tf.matmul(h_live, ds_in, transpose_a=True), work)
         d_b += tf.reduce_sum(ds, axis=0)
         d_h = d_h.write(i, tf.matmul(ds_in, ws, transpose_b=True))
         return i + 1, loss, d_w, d_b, d_h
