@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -226,16 +227,23 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131
 NOT_MEASURABLE = "not measurable here"
 
 
-def peak_memory_in_child(script, child_args):
+def _limit_memory(gib):
+    size = int(gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (size, size))
+
+
+def peak_memory_in_child(script, child_args, limit_gib=None):
     """{"bytes": peak extra bytes or None, "note": how it was measured, or why not}, from
-    `script --memory-child *child_args` run in a fresh process (which calls measure_in_child)."""
+    `script --memory-child *child_args` run in a fresh process (which calls measure_in_child),
+    optionally under an address-space limit of limit_gib."""
     attempts = [({}, "this process's allocator"),
                 ({"TF_ENABLE_ONEDNN_OPTS": "0"}, "TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's allocator "
                                                  "pooled freed memory with oneDNN on)")]
     for extra_env, note in attempts:
         env = dict(os.environ, **MEMORY_ENV, **extra_env)
         cmd = [sys.executable, os.path.abspath(script), "--memory-child", *child_args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False,
+                              preexec_fn=None if limit_gib is None else lambda: _limit_memory(limit_gib))
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
         if proc.returncode != 0 or not lines:
             return {"bytes": None, "note": f"the measurement failed: {proc.stderr.strip()[-300:]}"}

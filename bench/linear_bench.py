@@ -16,8 +16,6 @@ measurement (VmHWM beyond the inputs, oneDNN's pooling allocator avoided).
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -81,51 +79,13 @@ def inputs(shape, dtype):
     return [tf.cast(tf.constant(v, tf.float32), dtype) for v in x]
 
 
-def measure_in_child(fn, args, calibration_shape):
-    """In a fresh memory-child process: prints the peak extra bytes of one call of fn (warmed up
-    first) and a calibration made the same way: one TensorFlow allocation of a float32
-    `calibration_shape` must show up in full, or the allocator keeps freed memory."""
-    bench._block(fn(*args))  # pylint: disable=protected-access
-    known = tf.zeros(calibration_shape, tf.float32)
-    bench._block(bench._allocate_like(known))  # pylint: disable=protected-access
-    calibration = bench._peak_extra_bytes(bench._allocate_like, (known,))  # pylint: disable=protected-access
-    del known
-    print(json.dumps({"peak_extra_bytes": bench._peak_extra_bytes(fn, args),  # pylint: disable=protected-access
-                      "calibration_bytes": 4 * int(np.prod(calibration_shape)),
-                      "calibration_seen_bytes": calibration}))
-
-
 def memory_child(peer, shape, dtype):
-    measure_in_child(peers()[peer], inputs(shape, dtype), shape[1:])  # calibration: the kernel gradient
-
-
-def peak_of_child(cmd, limit_gib=None):
-    """{"bytes", "note"} as bench.peak_memory: what the memory child `cmd` (a command that calls
-    measure_in_child) reports, run in a fresh process with an allocator that returns freed memory
-    (oneDNN's is avoided), optionally under a memory limit; bytes None where it failed or the
-    calibration did not show."""
-    env = dict(os.environ, **bench.MEMORY_ENV, TF_ENABLE_ONEDNN_OPTS="0")
-
-    def limit():
-        if limit_gib:
-            size = int(limit_gib * 2**30)
-            resource.setrlimit(resource.RLIMIT_AS, (size, size))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False,
-                          preexec_fn=limit)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-        return {"bytes": None, "note": f"failed: {last[-200:]}"}
-    child = json.loads(lines[-1])
-    if child["calibration_seen_bytes"] < 0.9 * child["calibration_bytes"]:
-        return {"bytes": None, "note": bench.NOT_MEASURABLE}
-    return {"bytes": child["peak_extra_bytes"], "note": "TF_ENABLE_ONEDNN_OPTS=0"}
+    bench.measure_in_child(peers()[peer], inputs(shape, dtype), shape[1:])  # calibration: the kernel gradient
 
 
 def peak(peer, shape, dtype, limit_gib=None):
     """{"bytes", "note"} as bench.peak_memory, in a fresh process (optionally under a memory limit)."""
-    return peak_of_child([sys.executable, os.path.abspath(__file__), "--memory-child", peer,
-                          "x".join(map(str, shape)), dtype], limit_gib)
+    return bench.peak_memory_in_child(__file__, [peer, "x".join(map(str, shape)), dtype], limit_gib)
 
 
 def main(argv=None):

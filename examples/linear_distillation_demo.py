@@ -22,7 +22,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import linear_bench  # noqa: E402  (the benchmark's fresh-process, calibrated peak-memory measurement)
+import bench  # noqa: E402  (the benchmarks' fresh-process, calibrated peak-memory measurement)
 import tf_kld  # noqa: E402
 
 TEMPERATURE = 2.0
@@ -132,7 +132,7 @@ def memory_child(kind, batch, length, vocab, teacher_hidden, student_hidden):
     rng = np.random.default_rng(0)
     tokens = tf.constant(rng.integers(1, vocab, size=(batch, length)), tf.int32)
     weights = tf.ones([batch, length])
-    linear_bench.measure_in_child(tf.function(distiller.loss_and_gradients), (tokens, weights),
+    bench.measure_in_child(tf.function(distiller.loss_and_gradients), (tokens, weights),
                                   (student_hidden, vocab))  # calibration: the kernel gradient's size
 
 
@@ -140,9 +140,7 @@ def step_memory(config, vocab):
     """{"fused": {"bytes", "note"}, "materialised": ...} of one step at `vocab`, each in a fresh process."""
     args = [str(v) for v in (config["batch"], config["length"], vocab, config["teacher_hidden"],
                              config["student_hidden"])]
-    return {kind: linear_bench.peak_of_child([sys.executable, os.path.abspath(__file__),
-                                              "--memory-child", kind] + args)
-            for kind in ("fused", "materialised")}
+    return {kind: bench.peak_memory_in_child(__file__, [kind] + args) for kind in ("fused", "materialised")}
 
 
 def _mib(peak):
