@@ -60,6 +60,24 @@ TF_KLD_INLINE Vf ExpF(Vf x) {
   return e;
 }
 
+// x / T for logits: nothing at T = 1, a multiplication where 1/T is exact (T a power of two, 2^-125
+// to 2^125: the same bits as the division, a fraction of its cost), else the division.
+struct Divider {
+  enum Mode { kNone, kMultiply, kDivide } mode;
+  Vf t, inv;
+
+  explicit Divider(float temperature) : t(Splat(temperature)), inv(Splat(1.0f / temperature)) {
+    const uint32_t bits = BitCast<uint32_t>(temperature);
+    const uint32_t exponent = bits >> 23;  // sign clear: temperatures are positive
+    mode = temperature == 1.0f                                              ? kNone
+           : (bits & 0x7fffffu) == 0 && exponent >= 2 && exponent <= 252    ? kMultiply
+                                                                            : kDivide;
+  }
+  TF_KLD_INLINE Vf operator()(Vf x) const {
+    return mode == kNone ? x : mode == kMultiply ? x * inv : x / t;
+  }
+};
+
 // A float vector as doubles in the lane split Accumulate uses: lanes [0, kLanes/2) and the rest.
 TF_KLD_INLINE void Widen(Vf v, Vd* lo, Vd* hi) {
   Vd zero0 = {}, zero1 = {};
@@ -158,21 +176,15 @@ template <typename E>
 distill::KlPartial KlPartialF(const void* y_true, const void* y_pred, int64_t n, float temperature) {
   const auto* t = static_cast<const typename E::Storage*>(y_true);
   const auto* p = static_cast<const typename E::Storage*>(y_pred);
-  const Vf tv = Splat(temperature);
-  const bool scaled = temperature != 1.0f;
+  const Divider by_t(temperature);
   KlLanes s;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     Prefetch(t + i), Prefetch(p + i);
-    const Vf a = E::Load(t + i), b = E::Load(p + i);
-    if (scaled) {
-      s.Step(a / tv, b / tv);
-    } else {
-      s.Step(a, b);
-    }
+    s.Step(by_t(E::Load(t + i)), by_t(E::Load(p + i)));
   }
   if (i < n) {
-    s.Step(LoadPadded<E>(t + i, n - i, -INFINITY) / tv, LoadPadded<E>(p + i, n - i, -INFINITY) / tv);
+    s.Step(by_t(LoadPadded<E>(t + i, n - i, -INFINITY)), by_t(LoadPadded<E>(p + i, n - i, -INFINITY)));
   }
   return s.Reduce();
 }
@@ -226,7 +238,8 @@ void KlPartialsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int
                        float temperature, distill::KlPartial* out) {
   const auto* t = static_cast<const typename E::Storage*>(y_true);
   const auto* p = static_cast<const typename E::Storage*>(y_pred);
-  const Vf tv = Splat(temperature), minus_inf = Splat(-INFINITY), zero = Splat(0.0f);
+  const Divider by_t(temperature);
+  const Vf minus_inf = Splat(-INFINITY), zero = Splat(0.0f);
   for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
     const int64_t n = rows - r0 < kLanes ? rows - r0 : kLanes;
     Vf a[kNarrowCols], b[kNarrowCols];
@@ -235,7 +248,7 @@ void KlPartialsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int
     Vf max_a = minus_inf, max_b = minus_inf;
     Vi infinite = {};
     for (int64_t j = 0; j < cols; ++j) {
-      if (temperature != 1.0f) a[j] = a[j] / tv, b[j] = b[j] / tv;
+      a[j] = by_t(a[j]), b[j] = by_t(b[j]);
       max_a = a[j] > max_a ? a[j] : max_a;  // NaN never raises a maximum: it makes the sums NaN
       max_b = b[j] > max_b ? b[j] : max_b;
       infinite |= (b[j] == minus_inf) & (a[j] != minus_inf);
@@ -262,19 +275,18 @@ void KlPartialsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int
 // The gradients of kLanes elements of one row: d_pred = g/T (q - p), d_true = g/T p ((lp - lq) - KL)
 // (0 where p = 0 exactly: a masked teacher class).
 struct KlRowGrad {
-  Vf max_a, log_a, max_b, log_b, kl, g_over_t, temperature;
-  bool scaled;
+  Vf max_a, log_a, max_b, log_b, kl, g_over_t;
+  Divider by_t;
 
-  explicit KlRowGrad(float t) : temperature(Splat(t)), scaled(t != 1.0f) {}  // lanes set by the caller
+  explicit KlRowGrad(float t) : by_t(t) {}  // lanes set by the caller
 
   KlRowGrad(const double* stats, float g, float t)
       : max_a(Splat(static_cast<float>(stats[0]))), log_a(Splat(static_cast<float>(stats[1]))),
         max_b(Splat(static_cast<float>(stats[2]))), log_b(Splat(static_cast<float>(stats[3]))),
-        kl(Splat(static_cast<float>(stats[4]))), g_over_t(Splat(g / t)), temperature(Splat(t)),
-        scaled(t != 1.0f) {}
+        kl(Splat(static_cast<float>(stats[4]))), g_over_t(Splat(g / t)), by_t(t) {}
 
   TF_KLD_INLINE void Compute(Vf a, Vf b, Vf* d_true, Vf* d_pred) const {
-    if (scaled) a = a / temperature, b = b / temperature;
+    a = by_t(a), b = by_t(b);
     const Vf lp = (a - max_a) - log_a, lq = (b - max_b) - log_b;
     const Vf p = ExpF(lp), q = ExpF(lq);
     *d_pred = g_over_t * (q - p);
@@ -387,19 +399,18 @@ TF_KLD_INLINE Vf Log1pUnit(Vf s) {
 
 // One element group's lp, lq and lm = log(beta p + (1 - beta) q) (-inf where p = q = 0).
 struct JsdLogs {
-  Vf max_a, log_a, max_b, log_b, log_beta, log1m_beta, temperature;
-  bool scaled;
+  Vf max_a, log_a, max_b, log_b, log_beta, log1m_beta;
+  Divider by_t;
 
   JsdLogs(const double* stats, const distill::JsdParams& params)
       : max_a(Splat(static_cast<float>(stats[0]))), log_a(Splat(static_cast<float>(stats[1]))),
         max_b(Splat(static_cast<float>(stats[2]))), log_b(Splat(static_cast<float>(stats[3]))),
         log_beta(Splat(static_cast<float>(params.log_beta))),
         log1m_beta(Splat(static_cast<float>(params.log1m_beta))),
-        temperature(Splat(static_cast<float>(params.temperature))),
-        scaled(static_cast<float>(params.temperature) != 1.0f) {}
+        by_t(static_cast<float>(params.temperature)) {}
 
   TF_KLD_INLINE void Compute(Vf a, Vf b, Vf* lp, Vf* lq, Vf* lm, Vi* masked_a, Vi* masked_b) const {
-    if (scaled) a = a / temperature, b = b / temperature;
+    a = by_t(a), b = by_t(b);
     const Vf minus_inf = Splat(-INFINITY);
     *masked_a = a == minus_inf, *masked_b = b == minus_inf;
     *lp = (a - max_a) - log_a, *lq = (b - max_b) - log_b;
