@@ -94,8 +94,8 @@ class BuildOpLibrary(build_ext):
             print(" ".join(cmd), flush=True)
             if source in build_flags.XLA_SOURCES:
                 if subprocess.run(cmd, cwd=ROOT, check=False).returncode != 0:
-                    print("tf_kld: WARNING: the XLA lowering did not compile; building without it "
-                          "(jit_compile then relies on detecting XLA contexts).", flush=True)
+                    print(f"tf_kld: WARNING: the XLA lowering {source} did not compile; building "
+                          "without it (jit_compile then relies on detecting XLA contexts).", flush=True)
                     return None
                 return obj
             subprocess.run(cmd, cwd=ROOT, check=True)
@@ -116,19 +116,21 @@ class BuildOpLibrary(build_ext):
             subprocess.run(cmd, cwd=ROOT, check=True)
             return obj
 
-        # The XLA source first: it takes longest; then nvcc's.
+        # The XLA sources first: they take longest; then nvcc's.
         order = ((build_flags.XLA_SOURCES if xla else []) + (build_flags.CUDA_SOURCES if cuda else []) +
                  sources)
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             objects = list(pool.map(compile_one, order))
-        with_xla = xla and objects[0] is not None
+        # A lowering that failed to compile is left out; the others still link.
+        xla_objects = objects[:len(build_flags.XLA_SOURCES)] if xla else []
+        with_xla = any(obj is not None for obj in xla_objects)
         objects = [obj for obj in objects if obj is not None]
         cmd = cxx + objects + build_flags.link_flags(xla=with_xla) + ["-o", target]
         print(" ".join(cmd), flush=True)
         if os.path.exists(stamp):
             os.remove(stamp)
         subprocess.run(cmd, cwd=ROOT, check=True)
-        if with_xla == xla:  # a build that fell back to no XLA lowering is retried next time
+        if all(obj is not None for obj in xla_objects):  # one that fell back is retried next time
             with open(stamp, "w") as f:
                 f.write(key)
 

@@ -395,6 +395,18 @@ def test_gradients_in_float32_compute(impl, dtype, beta, rng):
     loss, (dt, dp) = _grads(lambda a, b: loss_fn(beta)(a, b, temperature), t, p, weights)
     assert dt.dtype == dp.dtype == dtype
     t64, p64, w64 = (x.astype(np.float64) for x in (t, p, weights))
+    finite = np.isfinite(tf.cast(loss, tf.float64).numpy())  # beta = 1: masked rows are +inf
+    assert finite.sum() >= 3
+    assert_grads_float32_compute((dt, dp), t64, p64, w64, beta, temperature, dtype, finite)
+    if beta != 1.0:
+        assert np.all(tf.cast(dt, tf.float64).numpy()[1, ::3] == 0)  # masked teacher classes
+
+
+def assert_grads_float32_compute(got, t64, p64, w64, beta, temperature, dtype, rows=Ellipsis):
+    """(d/dy_true, d/dy_pred) of inputs t64/p64 (float64 arrays of values `dtype` holds), computed in
+    float32, vs the float64 formulas on `rows`: each term carries a few float32 ulps relative to
+    g/T * (q + p (1 + |lp| + |lq| + |KL|)), plus one ulp of a 16-bit output."""
+    nd = U.np_dtype(dtype)
     nt, npred = oracle_grads(t64, p64, w64, beta, temperature)
     lp, lq = np_log_softmax(t64, temperature), np_log_softmax(p64, temperature)
     kl = np.abs(oracle(t64, p64, beta, temperature))[..., None]
@@ -402,18 +414,14 @@ def test_gradients_in_float32_compute(impl, dtype, beta, rng):
         size = (np.exp(lq) + np.exp(lp) * (1 + np.nan_to_num(np.abs(lp) + np.abs(lq), posinf=0) + kl))
         size = np.maximum(size, np.exp(lq) * (1 + np.nan_to_num(np.abs(lp) + np.abs(lq), posinf=0) + kl))
     scale = np.abs(w64)[..., None] / temperature * (1 + size)
-    finite = np.isfinite(tf.cast(loss, tf.float64).numpy())  # beta = 1: masked rows are +inf
-    assert finite.sum() >= 3
-    for got, want, name in ((dt, nt, "d/dy_true"), (dp, npred, "d/dy_pred")):
-        got = tf.cast(got, tf.float64).numpy()[finite]
-        want = want.astype(nd).astype(np.float64)[finite]  # rounded to the output dtype
-        U._check_special_positions(got, want, name)
-        tol = 8 * U.machine_eps(tf.float32) * scale[finite]
+    for g, want, name in ((got[0], nt, "d/dy_true"), (got[1], npred, "d/dy_pred")):
+        g = tf.cast(g, tf.float64).numpy()[rows]
+        want = want.astype(nd).astype(np.float64)[rows]  # rounded to the output dtype
+        U._check_special_positions(g, want, name)
+        tol = 8 * U.machine_eps(tf.float32) * scale[rows]
         if dtype in U.LOW_PRECISION:
             tol = tol + np.spacing(np.abs(want).astype(nd)).astype(np.float64)
-        U._assert_within(got, want, tol, f"{name} ({dtype.name})")
-    if beta != 1.0:
-        assert np.all(tf.cast(dt, tf.float64).numpy()[1, ::3] == 0)  # masked teacher classes
+        U._assert_within(g, want, tol, f"{name} ({dtype.name})")
 
 
 def test_second_order(impl, rng):

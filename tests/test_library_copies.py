@@ -1,7 +1,7 @@
 """Loading is idempotent and never fatal: a second copy of the op library loads harmlessly (XLA's
 registry used to abort the process), tf_kld's diagnostics use the library it loaded whatever the
-environment or working directory says later, the XLA lowering is registered exactly once per XLA
-backend, for the types that backend compiles, even while another thread builds XLA's kernel table.
+environment or working directory says later, the XLA lowering of every op (the KLD and the
+distillation families) is registered exactly once per XLA backend, for the types that backend compiles, even while another thread builds XLA's kernel table.
 Each case runs in a fresh interpreter: a failure would abort it."""
 
 import json
@@ -17,6 +17,9 @@ import tf_kld
 from tf_kld import ops as kld_ops
 
 IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tf_kld.__file__)))
+ALL_OPS = ("TfKld>KlDivergence", "TfKld>KlDivergenceGrad", "TfKld>KlDivergenceWithLogits",
+           "TfKld>KlDivergenceWithLogitsGrad", "TfKld>GeneralizedJsdWithLogits",
+           "TfKld>GeneralizedJsdWithLogitsGrad")
 
 _PRELUDE = """
     import ctypes, json, os, sys
@@ -24,12 +27,14 @@ _PRELUDE = """
     import tensorflow as tf
     from tensorflow.python.framework import kernels
 
-    FORWARD, GRAD = "TfKld>KlDivergence", "TfKld>KlDivergenceGrad"
+    OPS = ("TfKld>KlDivergence", "TfKld>KlDivergenceGrad", "TfKld>KlDivergenceWithLogits",
+           "TfKld>KlDivergenceWithLogitsGrad", "TfKld>GeneralizedJsdWithLogits",
+           "TfKld>GeneralizedJsdWithLogitsGrad")
 
     def xla_kernels():
-        # {op: {device: [type names]}} of the XLA kernels registered for both ops.
+        # {op: {device: [type names]}} of the XLA kernels registered for every op.
         out = {}
-        for op in (FORWARD, GRAD):
+        for op in OPS:
             for k in kernels.get_registered_kernels_for_op(op).kernel:
                 if "XLA" in k.device_type:
                     types = [tf.as_dtype(t).name for t in k.constraint[0].allowed_values.list.type]
@@ -62,7 +67,33 @@ _PRELUDE = """
         for got in (eager, jit):
             for g, w in zip(got, want):
                 np.testing.assert_allclose(g, w, rtol=1e-6)
+        use_distillation_ops(tf_kld)
         return True
+
+    def use_distillation_ops(tf_kld):
+        # Both distillation losses and their gradients, eagerly and under jit_compile (the lowering).
+        t = tf.constant([[1.0, -2.0, 0.5], [float("-inf"), 3.0, 1.0]])
+        p = tf.constant([[0.0, 1.0, 2.0], [1.0, 2.0, -1.0]])
+        def run(a, b):
+            out = []
+            for loss_fn in (lambda x, y: tf_kld.kl_divergence_with_logits(x, y, 2.0),
+                            lambda x, y: tf_kld.generalized_jsd_with_logits(x, y, 0.3, 2.0)):
+                with tf.GradientTape() as tape:
+                    tape.watch([a, b])
+                    loss = loss_fn(a, b)
+                out += [loss] + tape.gradient(loss, [a, b])
+            return out
+        with tf_kld.implementation("custom"):
+            eager = [x.numpy() for x in run(t, p)]
+            fn = tf.function(run, jit_compile=True)
+            hlo = fn.experimental_get_compiler_ir(t, p)(stage="hlo")
+            assert 'op_type="TfKld>GeneralizedJsdWithLogits"' in hlo, "not the lowering"
+            jit = [x.numpy() for x in fn(t, p)]
+        with tf_kld.implementation("reference"):
+            want = [x.numpy() for x in run(t, p)]
+        for got in (eager, jit):
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
 """
 
 
@@ -104,14 +135,16 @@ def test_copy_loaded_after_import(copy):
         before = xla_kernels()
         tf.load_op_library(sys.argv[1])
         after = xla_kernels()
-        mine = ctypes.CDLL(tf_kld.ops.loaded_library_path()).TfKldXlaBackendsRegistered()
-        theirs = ctypes.CDLL(sys.argv[1]).TfKldXlaBackendsRegistered()
-        print("RESULT " + json.dumps({"before": before, "after": after, "mine": mine, "theirs": theirs,
-                                      "log": log_types(), "works": use_ops(tf_kld)}))
+        counts = {}
+        for name, path in (("mine", tf_kld.ops.loaded_library_path()), ("theirs", sys.argv[1])):
+            lib = ctypes.CDLL(path)
+            counts[name] = [lib.TfKldXlaBackendsRegistered(), lib.TfKldDistillXlaBackendsRegistered()]
+        print("RESULT " + json.dumps({"before": before, "after": after, "log": log_types(),
+                                      "works": use_ops(tf_kld), **counts}))
     """, copy)
     assert out["after"] == out["before"], "the copy registered XLA kernels again"
-    assert out["mine"] >= 1 and out["theirs"] == 0, out
-    for op in ("TfKld>KlDivergence", "TfKld>KlDivergenceGrad"):
+    assert min(out["mine"]) >= 1 and out["theirs"] == [0, 0], out
+    for op in ALL_OPS:
         # One kernel per XLA backend, for the float types that backend compiles (Log's there).
         assert set(out["after"][op]) == set(out["log"]), (out["after"][op], out["log"])
         for device, registrations in out["after"][op].items():
@@ -192,7 +225,7 @@ def test_lowering_registered_once(when):
         print("RESULT " + json.dumps({"kernels": xla_kernels(), "log": log_types(),
                                       "works": use_ops(tf_kld)}))
     """, when)
-    for op in ("TfKld>KlDivergence", "TfKld>KlDivergenceGrad"):
+    for op in ALL_OPS:
         assert set(out["kernels"][op]) == set(out["log"]), (op, out)
         for device, registrations in out["kernels"][op].items():
             assert registrations == [out["log"][device]], (op, device, registrations)

@@ -5,7 +5,8 @@ The semantics live in `tf_kld.reference` (the composites); this module validates
 converts the inputs as `tf_kld.kl_divergence` does and dispatches through the same implementation
 switch (`tf_kld.implementation`) as the rest of tf_kld: the fused ops
 `TfKld>KlDivergenceWithLogits` (one pass per row) and `TfKld>GeneralizedJsdWithLogits` (two, the
-second in cache), each with a fused one-pass gradient, outside XLA.
+second in cache), each with a fused one-pass gradient. The ops lower themselves to XLA
+(cc/kernels/distill_xla.cc); under XLA "auto" still emits the composite, as for `kl_divergence`.
 """
 
 from tf_kld import ops
@@ -15,11 +16,13 @@ from tf_kld import reference
 def _use_custom_op():
     """The fused op when the switch asks for it and the loaded library has this family's ops.
 
-    The ops do not lower themselves to XLA yet, so inside XLA (jit_compile, TPU) the composite runs
-    even under implementation("custom"). A tf.function traced outside XLA and then called from a
-    jit-compiled one keeps its fused op and cannot compile (as for any op without an XLA kernel).
+    Inside XLA (jit_compile, TPU) "auto" has chosen the composite already; "custom" keeps the op,
+    which lowers itself, unless the library was built without that lowering (TF_KLD_XLA=0): then
+    the composite runs, since the op could not compile.
     """
-    return ops.use_custom_op() and ops.distillation_ops_loaded() and not ops.in_xla_context()
+    if not (ops.use_custom_op() and ops.distillation_ops_loaded()):
+        return False
+    return not ops.in_xla_context() or ops.distillation_xla_lowering_available()
 
 
 def kl_divergence_with_logits(y_true, y_pred, temperature=1.0):

@@ -402,6 +402,12 @@ def distillation_ops_loaded():
     return _module is not None and hasattr(_module, "tf_kld_generalized_jsd_with_logits")
 
 
+def distillation_xla_lowering_available():
+    """True when the loaded library lowers the distillation ops to XLA itself."""
+    fn = _library_feature("TfKldDistillHasXlaLowering")
+    return bool(fn and fn())
+
+
 def _temperature_attrs(temperature, dtype):
     # A TF "float" attr is 32-bit; float64 carries the exact double as text as well.
     return {"temperature": temperature,

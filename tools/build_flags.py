@@ -30,9 +30,9 @@ SOURCES = [
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 AVX512_FLAGS = AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 ISA_SOURCES = {"cc/kernels/kld_cpu_avx2.cc": AVX2_FLAGS, "cc/kernels/kld_cpu_avx512.cc": AVX512_FLAGS}
-# The XLA lowering (optional: TF_KLD_XLA=0 leaves it out). It needs two more of TF's bundled include
-# dirs and libtensorflow_cc, which holds XLA's op registry; it takes ~90 s to compile.
-XLA_SOURCES = ["cc/kernels/kld_xla.cc"]
+# The XLA lowerings (optional: TF_KLD_XLA=0 leaves them out). They need two more of TF's bundled
+# include dirs and libtensorflow_cc, which holds XLA's op registry; each takes ~90 s to compile.
+XLA_SOURCES = ["cc/kernels/kld_xla.cc", "cc/kernels/distill_xla.cc"]
 
 # Flags of our own, on top of TensorFlow's. -ffp-contract=off: the compiler never fuses a multiply
 # and an add on its own (the AVX2 log uses FMA explicitly, where it was chosen);

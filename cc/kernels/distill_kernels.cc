@@ -2,12 +2,10 @@
 // TfKld>GeneralizedJsdWithLogits and their fused gradients.
 #define EIGEN_USE_THREADS
 
-#include <cerrno>
 #include <cmath>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
+#include "cc/kernels/distill_attrs.h"
 #include "cc/kernels/distill_cpu.h"
 #include "cc/kernels/kld_registration.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -39,53 +37,6 @@ constexpr double kCyclesPerElement = 12.0;
 Eigen::TensorOpCost Cost(int64_t elements, int64_t bytes_in, int64_t bytes_out) {
   return Eigen::TensorOpCost(static_cast<double>(bytes_in), static_cast<double>(bytes_out),
                              kCyclesPerElement * static_cast<double>(elements));
-}
-
-// A double carried as a float attr `name` and, exactly, as decimal text in `name`_f64 (a TensorFlow
-// float attr holds 32 bits); the text wins when not empty and `exact` (float64, or always for beta).
-absl::StatusOr<double> ReadDoubleAttr(OpKernelConstruction* ctx, const std::string& name, bool exact) {
-  float v32 = 0.0f;
-  TF_RETURN_IF_ERROR(ctx->GetAttr(name, &v32));
-  std::string v64;
-  TF_RETURN_IF_ERROR(ctx->GetAttr(name + "_f64", &v64));
-  if (!exact || v64.empty()) return v32;
-  char* end = nullptr;
-  errno = 0;
-  const double v = std::strtod(v64.c_str(), &end);
-  if (end == v64.c_str() || *end != '\0' || errno != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("attr ", name, "_f64 must be a decimal number, got \"",
-                                                   v64, "\""));
-  }
-  return v;
-}
-
-// The temperature: the float attr, or for float64 the exact double carried as text (a TensorFlow
-// float attr holds 32 bits). Must be finite and > 0 (tf_kld checks it before building the op).
-absl::StatusOr<double> ReadTemperature(OpKernelConstruction* ctx) {
-  tensorflow::DataType type;
-  TF_RETURN_IF_ERROR(ctx->GetAttr("T", &type));
-  double t = 1.0;
-  TF_ASSIGN_OR_RETURN(t, ReadDoubleAttr(ctx, "temperature", type == tensorflow::DT_DOUBLE));
-  if (!(std::isfinite(t) && t > 0.0)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("temperature must be a finite number > 0, got ", t));
-  }
-  return t;
-}
-
-// The JSD's parameters; beta strictly inside (0, 1) (tf_kld sends the ends to the KL op).
-absl::StatusOr<distill::JsdParams> ReadJsdParams(OpKernelConstruction* ctx) {
-  distill::JsdParams params;
-  TF_ASSIGN_OR_RETURN(params.temperature, ReadTemperature(ctx));
-  TF_ASSIGN_OR_RETURN(params.beta, ReadDoubleAttr(ctx, "beta", true));
-  if (!(params.beta > 0.0 && params.beta < 1.0)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "beta must be in (0, 1) for this op, got ", params.beta,
-        " (beta 0 and 1 are KL divergences: use TfKld>KlDivergenceWithLogits)"));
-  }
-  params.log_beta = std::log(params.beta);
-  params.log1m_beta = std::log1p(-params.beta);
-  return params;
 }
 
 absl::Status CheckLogits(const Tensor& y_true, const Tensor& y_pred) {

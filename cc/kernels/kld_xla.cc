@@ -5,25 +5,14 @@
 // loop; float16/bfloat16 compute in float32 as on every other tf_kld path, and float32 rows are
 // summed in float64 as the CPU kernel sums them.
 //
-// Registration: XLA builds its table of compilation kernels once per process, from the
-// REGISTER_XLA_OP entries present then (at the first TensorFlow op, usually before this library
-// loads), and aborts the process (LOG(FATAL)) when a second library registers an op that is there
-// already. So the library never uses REGISTER_XLA_OP: on load it has XLA build its table (a no-op
-// when built already), and from then on, the table being final, registers its kernels for each XLA
-// backend itself, unless a kernel for the op is registered there already (another copy of this
-// library). Check and register happen once per copy (a function-local static); copies do not
-// interleave: each registers from its static initialisers, which the dynamic loader runs under
-// its lock.
-#include <algorithm>
-#include <string>
+// Registration: see xla_registration.h (once per process and backend, at load).
 #include <vector>
 
 #include "cc/kernels/kld.h"
 #include "cc/kernels/kld_attrs.h"
+#include "cc/kernels/xla_registration.h"
 #include "tensorflow/compiler/tf2xla/xla_helpers.h"
 #include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
-#include "tensorflow/compiler/tf2xla/xla_op_registry.h"
-#include "tensorflow/core/framework/kernel_def.pb.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "xla/hlo/builder/xla_builder.h"
 
@@ -141,82 +130,16 @@ class KlDivergenceGradXlaOp : public XlaOpKernel {
 constexpr char kForward[] = "TfKld>KlDivergence";
 constexpr char kGrad[] = "TfKld>KlDivergenceGrad";
 
-template <typename Op>
-tensorflow::OpKernel* Create(OpKernelConstruction* ctx) {
-  return new Op(ctx);
-}
-
-bool HasKernel(const std::string& op, const std::string& device) {
-  const tensorflow::KernelList kernels = tensorflow::GetRegisteredKernelsForOp(op);
-  for (const tensorflow::KernelDef& def : kernels.kernel()) {
-    if (def.device_type() == device) return true;
-  }
-  return false;
-}
-
-// Our types that `backend` compiles: those of XLA's own Log lowering there, which XLA registered
-// for the intersection of Log's types and the backend's.
-std::vector<DataType> BackendTypes(const std::string& backend) {
-  std::vector<DataType> types;
-  const tensorflow::KernelList log = tensorflow::GetRegisteredKernelsForOp("Log");
-  for (const tensorflow::KernelDef& def : log.kernel()) {
-    if (def.device_type() != backend) continue;
-    for (const auto& constraint : def.constraint()) {
-      if (constraint.name() != "T") continue;
-      for (DataType type : {tensorflow::DT_HALF, tensorflow::DT_BFLOAT16, tensorflow::DT_FLOAT,
-                            tensorflow::DT_DOUBLE}) {
-        const auto& allowed = constraint.allowed_values().list().type();
-        if (std::find(allowed.begin(), allowed.end(), type) != allowed.end()) types.push_back(type);
-      }
-    }
-  }
-  return types;
-}
-
-struct Registration {
-  std::vector<std::unique_ptr<tensorflow::kernel_factory::OpKernelRegistrar>> registrars;
-  int backends = 0;  // how many backends this copy registered for
-
-  void Register(const char* op, const std::string& backend, const std::vector<DataType>& types,
-                tensorflow::OpKernel* (*factory)(OpKernelConstruction*)) {
-    auto def = std::make_unique<tensorflow::KernelDef>();
-    def->set_op(op);
-    def->set_device_type(backend);
-    auto* constraint = def->add_constraint();
-    constraint->set_name("T");
-    for (DataType type : types) constraint->mutable_allowed_values()->mutable_list()->add_type(type);
-    // The registrar keeps a pointer to the KernelDef: both live as long as the process.
-    registrars.push_back(std::make_unique<tensorflow::kernel_factory::OpKernelRegistrar>(
-        def.release(), "XlaOpKernel", factory));
-  }
-
-  Registration() {
-    // Some other build registered these ops with REGISTER_XLA_OP: XLA owns them; adding ours
-    // would duplicate its kernels.
-    for (const std::string& op : tensorflow::XlaOpRegistry::GetAllRegisteredOps()) {
-      if (op == kForward || op == kGrad) return;
-    }
-    // From here on XLA's table is final: nothing can register in between or after.
-    tensorflow::XlaOpRegistry::RegisterCompilationKernels();
-    for (const std::string& backend : tensorflow::XlaOpRegistry::BackendNames()) {
-      if (HasKernel(kForward, backend) || HasKernel(kGrad, backend)) continue;  // another copy
-      const std::vector<DataType> types = BackendTypes(backend);
-      if (types.empty()) continue;
-      Register(kForward, backend, types, &Create<KlDivergenceXlaOp>);
-      Register(kGrad, backend, types, &Create<KlDivergenceGradXlaOp>);
-      ++backends;
-    }
-  }
-};
-
 // Once per copy, whichever thread comes first (a function-local static is initialised exactly
 // once; others wait for it).
-const Registration& Registered() {
-  static const Registration* const registration = new Registration();
-  return *registration;
+int Registered() {
+  static const int backends = xla_registration::RegisterXlaKernels(
+      {{kForward, &xla_registration::Create<KlDivergenceXlaOp>},
+       {kGrad, &xla_registration::Create<KlDivergenceGradXlaOp>}});
+  return backends;
 }
 
-const Registration& registered_on_load = Registered();
+[[maybe_unused]] const int registered_on_load = Registered();
 
 }  // namespace
 }  // namespace tf_kld
@@ -226,5 +149,5 @@ extern "C" __attribute__((visibility("default"))) int TfKldHasXlaLowering() { re
 // How many XLA backends this copy of the library registered the lowering for: 0 when another copy
 // had registered it (diagnostics and tests).
 extern "C" __attribute__((visibility("default"))) int TfKldXlaBackendsRegistered() {
-  return tf_kld::Registered().backends;
+  return tf_kld::Registered();
 }

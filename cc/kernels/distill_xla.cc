@@ -1,0 +1,339 @@
+// XLA lowering of the distillation family (TfKld>KlDivergenceWithLogits, TfKld>GeneralizedJsdWithLogits
+// and their gradients), so graphs that hold the ops compile under jit_compile / autoclustering.
+//
+// The HLO is tf_kld.reference's log-softmax composite per element (max subtraction, lp - lq, no
+// clipping, the same -inf/NaN conventions), which XLA fuses; the outputs are the CPU kernels'
+// (loss and per-row stats, so the gradient ops read the same stats either way). float16/bfloat16
+// compute in float32, and float32 row sums accumulate in float64 as in the CPU kernels.
+//
+// Registration: see xla_registration.h (once per process and backend, at load).
+#include <cmath>
+#include <vector>
+
+#include "cc/kernels/distill_attrs.h"
+#include "cc/kernels/distill_cpu.h"
+#include "cc/kernels/xla_registration.h"
+#include "tensorflow/compiler/tf2xla/xla_helpers.h"
+#include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "xla/hlo/builder/xla_builder.h"
+
+namespace tf_kld {
+
+using tensorflow::DataType;
+using tensorflow::OpKernelConstruction;
+using tensorflow::TensorShape;
+using tensorflow::XlaHelpers;
+using tensorflow::XlaOpKernel;
+using tensorflow::XlaOpKernelContext;
+
+namespace {
+
+absl::Status CheckLogits(const TensorShape& t, const TensorShape& p) {
+  if (t.dims() < 1 || p.dims() < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "y_true and y_pred must have rank >= 1 (the loss reduces the last axis), got y_true ",
+        t.DebugString(), " and y_pred ", p.DebugString()));
+  }
+  if (t != p) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "y_true and y_pred must have the same shape, got y_true ", t.DebugString(), " and y_pred ",
+        p.DebugString(), "; tf_kld broadcasts them before calling the op"));
+  }
+  return absl::OkStatus();
+}
+
+// The [rows..., classes] layout of one op's logits, with its types and per-row helpers.
+class Rows {
+ public:
+  // `shape`: the logits' shape; `type`: their dtype; `temperature` divides them.
+  Rows(XlaOpKernelContext* ctx, const TensorShape& shape, DataType type, double temperature)
+      : ctx_(ctx), b_(ctx->builder()), shape_(shape), type_(type), temperature_(temperature) {
+    work_ = (type == tensorflow::DT_HALF || type == tensorflow::DT_BFLOAT16) ? tensorflow::DT_FLOAT
+                                                                            : type;
+    // float32 sums in float64, as the CPU kernels; 16-bit types keep their float32 sum (rounded to
+    // 16 bits at the end).
+    sum_ = type == tensorflow::DT_FLOAT ? tensorflow::DT_DOUBLE : work_;
+    last_ = shape.dims() - 1;
+    for (int i = 0; i < last_; ++i) row_dims_.push_back(i), row_sizes_.push_back(shape.dim_size(i));
+  }
+
+  DataType type() const { return type_; }
+  DataType work() const { return work_; }
+  DataType sum() const { return sum_; }
+  bool empty_rows() const { return shape_.dim_size(last_) == 0; }
+  const std::vector<int64_t>& row_sizes() const { return row_sizes_; }
+
+  xla::XlaOp Literal(DataType type, double v) const { return XlaHelpers::FloatLiteral(b_, type, v); }
+  xla::XlaOp MinusInf() const { return Literal(work_, -INFINITY); }
+  // A [rows..., classes] array of v, in the compute type.
+  xla::XlaOp Full(double v) const { return xla::Broadcast(Literal(work_, v), shape_.dim_sizes()); }
+  xla::XlaOp Zeros() const { return Full(0.0); }
+
+  // The temperature in the compute type. The barrier keeps XLA's simplifier from turning x / T
+  // into x * (1 / T), which rounds differently from the CPU kernels and the composite.
+  xla::XlaOp Temperature() const {
+    return xla::OptimizationBarrier(Literal(work_, temperature_));
+  }
+  // x in the compute type, divided by the temperature.
+  xla::XlaOp Scaled(xla::XlaOp x) const {
+    x = XlaHelpers::ConvertElementType(x, work_);
+    return temperature_ == 1.0 ? x : xla::Div(x, Temperature());
+  }
+  // A per-row value (row shape) broadcast along the classes.
+  xla::XlaOp Expand(xla::XlaOp row) const {
+    return xla::BroadcastInDim(row, shape_.dim_sizes(), row_dims_);
+  }
+  xla::XlaOp Max(xla::XlaOp x) const {
+    return xla::Reduce(x, MinusInf(), *ctx_->GetOrCreateMax(work_), {last_});
+  }
+  // Sum over the classes, in the sum type.
+  xla::XlaOp Sum(xla::XlaOp x) const {
+    return xla::Reduce(XlaHelpers::ConvertElementType(x, sum_), Literal(sum_, 0.0),
+                       *ctx_->GetOrCreateAdd(sum_), {last_});
+  }
+  // A per-row value as a [rows..., 1] float64 column of the stats.
+  xla::XlaOp StatColumn(xla::XlaOp row) const {
+    std::vector<int64_t> sizes = row_sizes_;
+    sizes.push_back(1);
+    return xla::Reshape(XlaHelpers::ConvertElementType(row, tensorflow::DT_DOUBLE), sizes);
+  }
+  xla::XlaOp Stats(const std::vector<xla::XlaOp>& rows) const {
+    std::vector<xla::XlaOp> columns;
+    for (const xla::XlaOp& row : rows) columns.push_back(StatColumn(row));
+    return xla::ConcatInDim(b_, columns, last_);
+  }
+  // Column i of the stats [rows..., k], in the compute type, broadcast along the classes.
+  xla::XlaOp Stat(xla::XlaOp stats, int i) const {
+    const xla::XlaOp column = xla::Reshape(xla::SliceInDim(stats, i, i + 1, 1, last_), row_sizes_);
+    return Expand(XlaHelpers::ConvertElementType(column, work_));
+  }
+  // The outputs of an empty last axis: loss 0 and all-zero stats, as the CPU kernels.
+  void SetEmpty(int stats) const {
+    ctx_->SetOutput(0, xla::Broadcast(XlaHelpers::Zero(b_, type_), row_sizes_));
+    std::vector<int64_t> sizes = row_sizes_;
+    sizes.push_back(stats);
+    ctx_->SetOutput(1, xla::Broadcast(XlaHelpers::Zero(b_, tensorflow::DT_DOUBLE), sizes));
+  }
+
+ private:
+  XlaOpKernelContext* ctx_;
+  xla::XlaBuilder* b_;
+  TensorShape shape_;
+  DataType type_, work_, sum_;
+  double temperature_;
+  int64_t last_;
+  std::vector<int64_t> row_dims_, row_sizes_;
+};
+
+// log_softmax of one set of scaled logits x: the row max, log sum exp(x - max) (sum type) and
+// lp = (x - max) - log sum (compute type). NaN or +inf anywhere, or a row of all -inf, make the
+// row's lp NaN (x - max is NaN there), as in the composite.
+struct LogSoftmax {
+  LogSoftmax(const Rows& r, xla::XlaOp x) {
+    max = r.Max(x);
+    const xla::XlaOp shifted = xla::Sub(x, r.Expand(max));
+    log_sum = xla::Log(r.Sum(xla::Exp(shifted)));
+    lp = xla::Sub(shifted, r.Expand(XlaHelpers::ConvertElementType(log_sum, r.work())));
+  }
+  xla::XlaOp max, log_sum, lp;
+};
+
+// sum(p (lp - lq)) over the classes: 0 where p = 0 (lp = -inf), +inf where p > 0 and q = 0, NaN
+// propagates (reference._kl_terms).
+xla::XlaOp KlSum(const Rows& r, xla::XlaOp lp, xla::XlaOp lq) {
+  const xla::XlaOp minus_inf = r.MinusInf(), zeros = r.Zeros();
+  const xla::XlaOp infinite = xla::And(xla::Eq(lq, minus_inf), xla::Gt(lp, minus_inf));
+  const xla::XlaOp use = xla::And(xla::Ne(lp, minus_inf), xla::Not(infinite));
+  const xla::XlaOp term = xla::Select(use, xla::Mul(xla::Exp(lp), xla::Sub(lp, lq)),
+                                      xla::Select(infinite, r.Full(INFINITY), zeros));
+  return r.Sum(term);
+}
+
+// log(beta p + (1 - beta) q) by log-sum-exp; -inf where p = q = 0 (reference._log_mixture).
+xla::XlaOp LogMixture(const Rows& r, xla::XlaOp lp, xla::XlaOp lq, const distill::JsdParams& params) {
+  const xla::XlaOp minus_inf = r.MinusInf();
+  const xla::XlaOp x1 = xla::Add(lp, r.Literal(r.work(), params.log_beta));
+  const xla::XlaOp x2 = xla::Add(lq, r.Literal(r.work(), params.log1m_beta));
+  const xla::XlaOp first = xla::Ge(x1, x2);  // false at NaN: then lo is the NaN, and lm NaN
+  const xla::XlaOp hi = xla::Select(first, x1, x2), lo = xla::Select(first, x2, x1);
+  const xla::XlaOp lm = xla::Add(hi, xla::Log1p(xla::Exp(xla::Sub(lo, hi))));
+  const xla::XlaOp empty = xla::And(xla::Eq(x1, minus_inf), xla::Eq(x2, minus_inf));
+  return xla::Select(empty, r.Full(-INFINITY), lm);
+}
+
+class KlDivergenceWithLogitsXlaOp : public XlaOpKernel {
+ public:
+  explicit KlDivergenceWithLogitsXlaOp(OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
+    OP_REQUIRES_VALUE(temperature_, ctx, ReadTemperature(ctx));
+  }
+
+  void Compile(XlaOpKernelContext* ctx) override {
+    const TensorShape shape = ctx->InputShape(0);
+    OP_REQUIRES_OK(ctx, CheckLogits(shape, ctx->InputShape(1)));
+    const Rows r(ctx, shape, ctx->input_type(0), temperature_);
+    if (r.empty_rows()) return r.SetEmpty(distill::kStats);
+    const LogSoftmax a(r, r.Scaled(ctx->Input(0))), b(r, r.Scaled(ctx->Input(1)));
+    const xla::XlaOp kl = KlSum(r, a.lp, b.lp);
+    ctx->SetOutput(0, XlaHelpers::ConvertElementType(kl, r.type()));
+    ctx->SetOutput(1, r.Stats({a.max, a.log_sum, b.max, b.log_sum, kl}));
+  }
+
+ private:
+  double temperature_ = 1.0;
+};
+
+class GeneralizedJsdWithLogitsXlaOp : public XlaOpKernel {
+ public:
+  explicit GeneralizedJsdWithLogitsXlaOp(OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
+    OP_REQUIRES_VALUE(params_, ctx, ReadJsdParams(ctx));
+  }
+
+  void Compile(XlaOpKernelContext* ctx) override {
+    const TensorShape shape = ctx->InputShape(0);
+    OP_REQUIRES_OK(ctx, CheckLogits(shape, ctx->InputShape(1)));
+    const Rows r(ctx, shape, ctx->input_type(0), params_.temperature);
+    if (r.empty_rows()) return r.SetEmpty(distill::kJsdStats);
+    const LogSoftmax a(r, r.Scaled(ctx->Input(0))), b(r, r.Scaled(ctx->Input(1)));
+    const xla::XlaOp lm = LogMixture(r, a.lp, b.lp, params_);
+    const xla::XlaOp kl_p = KlSum(r, a.lp, lm), kl_q = KlSum(r, b.lp, lm);  // KL(p || m), KL(q || m)
+    const xla::XlaOp jsd = xla::Add(xla::Mul(r.Literal(r.sum(), params_.beta), kl_p),
+                                    xla::Mul(r.Literal(r.sum(), 1.0 - params_.beta), kl_q));
+    ctx->SetOutput(0, XlaHelpers::ConvertElementType(jsd, r.type()));
+    ctx->SetOutput(1, r.Stats({a.max, a.log_sum, b.max, b.log_sum, kl_p, kl_q}));
+  }
+
+ private:
+  distill::JsdParams params_{};
+};
+
+// What the families' gradient ops share: inputs (grad, y_true, y_pred, stats), the need_* attrs,
+// and the outputs (an unneeded one has shape [0]).
+class DistillGradXlaOp : public XlaOpKernel {
+ public:
+  explicit DistillGradXlaOp(OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("need_y_true", &need_true_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("need_y_pred", &need_pred_));
+  }
+
+  void Compile(XlaOpKernelContext* ctx) override {
+    const TensorShape shape = ctx->InputShape(1);
+    OP_REQUIRES_OK(ctx, CheckLogits(shape, ctx->InputShape(2)));
+    TensorShape rows = shape;
+    rows.RemoveLastDims(1);
+    OP_REQUIRES(ctx, ctx->InputShape(0) == rows,
+                absl::InvalidArgumentError(absl::StrCat("grad must have the loss's shape ",
+                                                        rows.DebugString(), ", got ",
+                                                        ctx->InputShape(0).DebugString())));
+    TensorShape stats = rows;
+    stats.AddDim(Stats());
+    OP_REQUIRES(ctx, ctx->InputShape(3) == stats,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "stats must have shape ", stats.DebugString(),
+                    " (the forward op's second output), got ", ctx->InputShape(3).DebugString())));
+    const Rows r(ctx, shape, ctx->input_type(1), Temperature());
+    const xla::XlaOp a = r.Scaled(ctx->Input(1)), b = r.Scaled(ctx->Input(2));
+    // g / T per row, rounded to the compute type first, as the CPU kernels.
+    const xla::XlaOp gt = xla::Div(XlaHelpers::ConvertElementType(ctx->Input(0), r.work()),
+                                   r.Temperature());
+    const xla::XlaOp s = ctx->Input(3);
+    const xla::XlaOp lp = xla::Sub(xla::Sub(a, r.Stat(s, 0)), r.Stat(s, 1));
+    const xla::XlaOp lq = xla::Sub(xla::Sub(b, r.Stat(s, 2)), r.Stat(s, 3));
+    xla::XlaOp d_true, d_pred;
+    Gradients(r, gt, a, b, lp, lq, s, &d_true, &d_pred);
+    const xla::XlaOp none = xla::Broadcast(XlaHelpers::Zero(ctx->builder(), r.type()), {0});
+    ctx->SetOutput(0, need_true_ ? XlaHelpers::ConvertElementType(d_true, r.type()) : none);
+    ctx->SetOutput(1, need_pred_ ? XlaHelpers::ConvertElementType(d_pred, r.type()) : none);
+  }
+
+ protected:
+  virtual int Stats() const = 0;
+  virtual double Temperature() const = 0;
+  // Both gradients (compute type) from the per-row g / T, the scaled logits, lp, lq and the stats.
+  virtual void Gradients(const Rows& r, xla::XlaOp gt, xla::XlaOp a, xla::XlaOp b, xla::XlaOp lp,
+                         xla::XlaOp lq, xla::XlaOp stats, xla::XlaOp* d_true,
+                         xla::XlaOp* d_pred) const = 0;
+
+ private:
+  bool need_true_ = true;
+  bool need_pred_ = true;
+};
+
+// d_pred = g/T (q - p), d_true = g/T p ((lp - lq) - KL), 0 where p = 0 (teacher logit -inf).
+class KlDivergenceWithLogitsGradXlaOp : public DistillGradXlaOp {
+ public:
+  explicit KlDivergenceWithLogitsGradXlaOp(OpKernelConstruction* ctx) : DistillGradXlaOp(ctx) {
+    OP_REQUIRES_VALUE(temperature_, ctx, ReadTemperature(ctx));
+  }
+
+ protected:
+  int Stats() const override { return distill::kStats; }
+  double Temperature() const override { return temperature_; }
+  void Gradients(const Rows& r, xla::XlaOp gt, xla::XlaOp a, xla::XlaOp /*b*/, xla::XlaOp lp,
+                 xla::XlaOp lq, xla::XlaOp stats, xla::XlaOp* d_true,
+                 xla::XlaOp* d_pred) const override {
+    const xla::XlaOp g = r.Expand(gt);
+    const xla::XlaOp p = xla::Exp(lp), q = xla::Exp(lq);
+    *d_pred = xla::Mul(g, xla::Sub(q, p));
+    const xla::XlaOp value = xla::Mul(g, xla::Mul(p, xla::Sub(xla::Sub(lp, lq), r.Stat(stats, 4))));
+    *d_true = xla::Select(xla::Eq(a, r.MinusInf()), r.Zeros(), value);
+  }
+
+ private:
+  double temperature_ = 1.0;
+};
+
+// d_true = g beta / T p ((lp - lm) - KL(p || m)), d_pred = g (1 - beta) / T q ((lq - lm) - KL(q || m)),
+// each 0 where its own logit is -inf.
+class GeneralizedJsdWithLogitsGradXlaOp : public DistillGradXlaOp {
+ public:
+  explicit GeneralizedJsdWithLogitsGradXlaOp(OpKernelConstruction* ctx) : DistillGradXlaOp(ctx) {
+    OP_REQUIRES_VALUE(params_, ctx, ReadJsdParams(ctx));
+  }
+
+ protected:
+  int Stats() const override { return distill::kJsdStats; }
+  double Temperature() const override { return params_.temperature; }
+  void Gradients(const Rows& r, xla::XlaOp gt, xla::XlaOp a, xla::XlaOp b, xla::XlaOp lp,
+                 xla::XlaOp lq, xla::XlaOp stats, xla::XlaOp* d_true,
+                 xla::XlaOp* d_pred) const override {
+    const xla::XlaOp lm = LogMixture(r, lp, lq, params_);
+    const xla::XlaOp minus_inf = r.MinusInf(), zeros = r.Zeros();
+    auto side = [&](xla::XlaOp x, xla::XlaOp lx, double weight, int kl) {
+      const xla::XlaOp g = r.Expand(xla::Mul(gt, r.Literal(r.work(), weight)));
+      const xla::XlaOp value =
+          xla::Mul(g, xla::Mul(xla::Exp(lx), xla::Sub(xla::Sub(lx, lm), r.Stat(stats, kl))));
+      return xla::Select(xla::Eq(x, minus_inf), zeros, value);
+    };
+    *d_true = side(a, lp, params_.beta, 4);
+    *d_pred = side(b, lq, 1.0 - params_.beta, 5);
+  }
+
+ private:
+  distill::JsdParams params_{};
+};
+
+// Once per copy, whichever thread comes first (a function-local static is initialised exactly
+// once; others wait for it).
+int Registered() {
+  using xla_registration::Create;
+  static const int backends = xla_registration::RegisterXlaKernels(
+      {{"TfKld>KlDivergenceWithLogits", &Create<KlDivergenceWithLogitsXlaOp>},
+       {"TfKld>KlDivergenceWithLogitsGrad", &Create<KlDivergenceWithLogitsGradXlaOp>},
+       {"TfKld>GeneralizedJsdWithLogits", &Create<GeneralizedJsdWithLogitsXlaOp>},
+       {"TfKld>GeneralizedJsdWithLogitsGrad", &Create<GeneralizedJsdWithLogitsGradXlaOp>}});
+  return backends;
+}
+
+[[maybe_unused]] const int registered_on_load = Registered();
+
+}  // namespace
+}  // namespace tf_kld
+
+// Lets tf_kld's loader see (with ctypes) that this library lowers the distillation ops to XLA.
+extern "C" __attribute__((visibility("default"))) int TfKldDistillHasXlaLowering() { return 1; }
+// How many XLA backends this copy registered the distillation lowering for: 0 when another copy
+// had registered it (diagnostics and tests).
+extern "C" __attribute__((visibility("default"))) int TfKldDistillXlaBackendsRegistered() {
+  return tf_kld::Registered();
+}
