@@ -349,8 +349,11 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxBlock)
     ForwardKernel(const T* __restrict__ t, const T* __restrict__ p, T* __restrict__ loss,
                   double* __restrict__ stats, int64_t rows, int64_t cols, int group, Params params) {
-  __shared__ State states[33];
+  // Raw storage: a __shared__ State array would need a dynamic initialiser (State's defaults).
+  static_assert(sizeof(State) % sizeof(double) == 0, "State is stored as doubles");
+  __shared__ double state_words[33 * sizeof(State) / sizeof(double)];
   __shared__ double sums[33];
+  State* states = reinterpret_cast<State*>(state_words);
   const bool in_warp = group <= 32;
   const int per_block = in_warp ? static_cast<int>(blockDim.x) / group : 1;
   const int slot = in_warp ? static_cast<int>(threadIdx.x) / group : 0;
