@@ -7,7 +7,7 @@
 // Semantics and statistics are the CPU core's (distill_cpu.h): a = y_true / T, b = y_pred / T in the
 // compute type (float for float16/bfloat16/float32, double for float64); per row the online state
 // max_a, sum_a = sum exp(a - max_a), cross = sum exp(a - max_a) (a - b), max_b, sum_b, rescaled when
-// a maximum grows; exps in the compute type, the three sums in double. NaN and +inf logits make a
+// a maximum grows; exps in the compute type, the three sums in it for 8 steps, then in double. NaN and +inf logits make a
 // sum NaN (no test needed), masked classes (-inf) add nothing and never 0 * inf.
 //
 // Launch shapes depend on the tensor shape only, and every reduction has a fixed tree (no atomics),
@@ -95,31 +95,47 @@ struct State {
   int infinite = 0;  // a class with p > 0 and q = 0: the row's KL is +inf
 };
 
-// One thread's running state; maxima in the compute type C.
+// One thread's running state; maxima in the compute type C. The sums run in C for kFlushSteps
+// steps (a few ulps of C), then go into double, as the CPU core's lanes: a double add per element
+// would make the kernel compute-bound on GPUs with slow double arithmetic.
+constexpr int kFlushSteps = 8;
+
 template <typename C>
 struct Lane {
   C max_a = -INFINITY, max_b = -INFINITY;
+  C fsum_a = 0, fcross = 0, fsum_b = 0;
   double sum_a = 0.0, cross = 0.0, sum_b = 0.0;
+  int steps = 0;
   int infinite = 0;
 
   TF_KLD_HD void Step(C a, C b) {
     const bool masked_a = a == C(-INFINITY), masked_b = b == C(-INFINITY);
     if (masked_b && !masked_a) infinite = 1;
     if (a > max_a) {  // exp(-inf) = 0 for the first element; +inf makes exp(inf - inf) = NaN below
-      const double s = static_cast<double>(Exp(max_a - a));
-      sum_a *= s, cross *= s, max_a = a;
+      const C s = Exp(max_a - a);
+      fsum_a *= s, fcross *= s, sum_a *= static_cast<double>(s), cross *= static_cast<double>(s);
+      max_a = a;
     }
     if (b > max_b) {
-      sum_b *= static_cast<double>(Exp(max_b - b));
+      const C s = Exp(max_b - b);
+      fsum_b *= s, sum_b *= static_cast<double>(s);
       max_b = b;
     }
     const C ea = masked_a ? C(0) : Exp(a - max_a);
-    sum_a += static_cast<double>(ea);
-    sum_b += masked_b ? 0.0 : static_cast<double>(Exp(b - max_b));
-    if (!masked_a && !masked_b) cross += static_cast<double>(ea * (a - b));
+    fsum_a += ea;
+    fsum_b += masked_b ? C(0) : Exp(b - max_b);
+    if (!masked_a && !masked_b) fcross += ea * (a - b);
+    if (++steps == kFlushSteps) Flush();
   }
 
-  TF_KLD_HD State ToState() const {
+  TF_KLD_HD void Flush() {
+    sum_a += static_cast<double>(fsum_a), cross += static_cast<double>(fcross), sum_b += static_cast<double>(fsum_b);
+    fsum_a = fcross = fsum_b = C(0);
+    steps = 0;
+  }
+
+  TF_KLD_HD State ToState() {
+    Flush();
     State s;
     s.max_a = static_cast<double>(max_a), s.sum_a = sum_a, s.cross = cross;
     s.max_b = static_cast<double>(max_b), s.sum_b = sum_b, s.infinite = infinite;
@@ -181,11 +197,11 @@ struct Logs {
 
 // The second JSD pass's terms of one element: p (lp - lm) and q (lq - lm), 0 at masked classes.
 template <typename C>
-TF_KLD_HD void JsdTerms(const Logs<C>& logs, C a, C b, double* sp, double* sq) {
+TF_KLD_HD void JsdTerms(const Logs<C>& logs, C a, C b, C* sp, C* sq) {
   C lp, lq, lm;
   logs.Compute(a, b, &lp, &lq, &lm);
-  if (a != C(-INFINITY)) *sp += static_cast<double>(Exp(lp) * (lp - lm));
-  if (b != C(-INFINITY)) *sq += static_cast<double>(Exp(lq) * (lq - lm));
+  if (a != C(-INFINITY)) *sp += Exp(lp) * (lp - lm);
+  if (b != C(-INFINITY)) *sq += Exp(lq) * (lq - lm);
 }
 
 template <typename T>
@@ -266,9 +282,16 @@ TF_KLD_HD void RowJsdSums(const T* t, const T* p, int64_t n, int lane, int lanes
   const C temperature = static_cast<C>(params.temperature);
   const bool scaled = temperature != C(1);
   const Logs<C> logs(stats, params);
+  C fp = 0, fq = 0;  // flushed into the double sums every kFlushSteps terms, as Lane's
+  int steps = 0;
   for (int64_t i = lane; i < n; i += lanes) {
-    JsdTerms(logs, Scaled(t[i], temperature, scaled), Scaled(p[i], temperature, scaled), sp, sq);
+    JsdTerms(logs, Scaled(t[i], temperature, scaled), Scaled(p[i], temperature, scaled), &fp, &fq);
+    if (++steps == kFlushSteps) {
+      *sp += static_cast<double>(fp), *sq += static_cast<double>(fq);
+      fp = fq = C(0), steps = 0;
+    }
   }
+  *sp += static_cast<double>(fp), *sq += static_cast<double>(fq);
 }
 
 // The row's loss from its merged state and second-pass sums; fills stats[0 .. kStats or kJsdStats).
