@@ -1,7 +1,7 @@
 """The CUDA build, checked without a GPU: a library built with TF_KLD_CUDA=1 registers GPU kernels of
-both ops for every dtype, links no CUDA runtime, exports no Eigen:: or tf_kld::gpu:: symbols, loads
-on a machine without a GPU, and its CPU kernels give bit-identical results to the CPU-only
-library's. Its driver gate (cc/kernels/kld_gpu_gate.h) is checked by standing in for a machine with
+the KL ops and of the distillation ops (their device code in the fatbinary) for every dtype, links
+no CUDA runtime, exports no Eigen:: or tf_kld::gpu:: symbols, loads on a machine without a GPU, and
+its CPU kernels (both families) give bit-identical results to the CPU-only library's. Its driver gate (cc/kernels/kld_gpu_gate.h) is checked by standing in for a machine with
 GPUs and an old or a new driver (TF_KLD_TEST_DRIVER_VERSION, TF_KLD_TEST_GPU_COUNT), and
 tf_kld.gpu_info() on both builds. With TF_KLD_CUDA_HARNESS_DIR (tools/cuda_ci.sh sets it), the
 harness binaries built by tools/cuda_harness.sh are checked too: the variant linked against
@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(not CUDA_LIBRARY,
                                 reason="TF_KLD_CUDA_LIBRARY is not set (tools/cuda_ci.sh builds one)")
 
 IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tf_kld.__file__)))
-OPS = ("TfKld>KlDivergence", "TfKld>KlDivergenceGrad")
+OPS = ("TfKld>KlDivergence", "TfKld>KlDivergenceGrad", "TfKld>KlDivergenceWithLogits",
+       "TfKld>KlDivergenceWithLogitsGrad", "TfKld>GeneralizedJsdWithLogits", "TfKld>GeneralizedJsdWithLogitsGrad")
 DTYPES = ["bfloat16", "float16", "float32", "float64"]
 
 _PROBE = r"""
@@ -47,7 +48,7 @@ out = {"loaded": tf_kld.custom_op_loaded(), "error": tf_kld.ops.load_error(),
 out["kernels"] = {
     op: sorted([k.device_type, tf.as_dtype(k.constraint[0].allowed_values.list.type[0]).name]
                for k in kernels.get_registered_kernels_for_op(op).kernel)
-    for op in ("TfKld>KlDivergence", "TfKld>KlDivergenceGrad")}
+    for op in sys.argv[2].split(",")}
 try:
     fn = ctypes.CDLL(tf_kld.ops.library_path()).TfKldCudaArchs
     fn.restype = ctypes.c_char_p
@@ -75,6 +76,24 @@ with tf_kld.implementation("custom"), tf.device("/CPU:0"):
             for name, x in (("loss", loss), ("d_true", d_true), ("d_pred", d_pred)):
                 x = tf.cast(x, tf.float64) if dtype == tf.bfloat16 else x
                 results[f"{key}_{name}"] = x.numpy()
+        # The distillation ops (distill_kernels.cc is compiled with GOOGLE_CUDA=1 in the CUDA build):
+        # logits with -inf, NaN and huge values mixed in, one narrow and one chunked width.
+        logit_specials = np.array([-np.inf, np.nan, 1e4, -1e4, 0.0])
+        for shape in [(6, 33), (2, 40000)]:
+            t, p = (np.where(rng.uniform(size=shape) < 0.05, rng.choice(logit_specials, size=shape),
+                             3 * rng.normal(size=shape)) for _ in range(2))
+            yt, yp = tf.constant(t, dtype), tf.constant(p, dtype)
+            for fn_name, fn in (("kl", lambda a, b: tf_kld.kl_divergence_with_logits(a, b, temperature=2.0)),
+                                ("jsd", lambda a, b: tf_kld.generalized_jsd_with_logits(a, b, 0.3, 2.0))):
+                with tf.GradientTape(persistent=True) as tape:
+                    tape.watch([yt, yp])
+                    loss = fn(yt, yp)
+                    total = tf.reduce_sum(loss * tf.cast(tf.range(1, 1 + loss.shape[-1]), dtype))
+                d_true, d_pred = tape.gradient(total, [yt, yp])
+                key = f"{fn_name}_{dtype.name}_{'x'.join(map(str, shape))}"
+                for name, x in (("loss", loss), ("d_true", d_true), ("d_pred", d_pred)):
+                    x = tf.cast(x, tf.float64) if dtype == tf.bfloat16 else x
+                    results[f"{key}_{name}"] = x.numpy()
 np.savez(sys.argv[1], **results)
 print("RESULT " + json.dumps(out))
 """
@@ -84,7 +103,7 @@ def _probe(library, npz, **env_extra):
     env = dict(os.environ, TF_KLD_LIBRARY=library, TF_CPP_MIN_LOG_LEVEL="2", **env_extra)
     env.pop("TF_KLD_IMPL", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [IMPORT_ROOT, env.get("PYTHONPATH")]))
-    return subprocess.Popen([sys.executable, "-c", _PROBE, str(npz)], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", _PROBE, str(npz), ",".join(OPS)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -165,7 +184,7 @@ def test_no_cuda_runtime_linked():
 @pytest.mark.parametrize("name", ["cuda", "cuda_old_driver"])
 def test_cpu_results_bit_identical(probes, name):
     cuda, cpu = probes[name][1], probes["cpu"][1]
-    assert sorted(cuda) == sorted(cpu) and len(cpu) == 4 * 4 * 3
+    assert sorted(cuda) == sorted(cpu) and len(cpu) == 4 * 4 * 3 + 4 * 2 * 2 * 3
     for key in cpu:
         a, b = cpu[key], cuda[key]
         assert a.dtype == b.dtype and a.shape == b.shape, key
@@ -226,7 +245,8 @@ def _exported(library):
 def test_no_eigen_or_gpu_internals_exported():
     symbols = _exported(CUDA_LIBRARY)
     assert "TfKldCudaArchs" in symbols and "TfKldGpuKernelsRegistered" in symbols
-    leaked = [s for s in symbols if s.startswith("Eigen::") or "tf_kld::gpu::" in s]
+    leaked = [s for s in symbols
+              if s.startswith("Eigen::") or "tf_kld::gpu::" in s or "tf_kld::distill_gpu::" in s]
     assert not leaked, leaked[:20]
 
 
@@ -236,6 +256,17 @@ def test_only_exact_math_kernels_compiled_in():
         names = set(re.findall(rb"_ZN6tf_kld3gpu1[34](?:Forward|Gradient)KernelI(?:6__half|13__nv_bfloat16|f|d)"
                                rb"Lb([01])E", f.read()))
     assert names == {b"0"}, names
+
+
+def test_distillation_kernels_in_the_fatbinary(tmp_path):
+    # The device code itself (the .nv_fatbin section, not only the host-side launch stubs): both
+    # kernels of the distillation core for every dtype.
+    fatbin = tmp_path / "fatbin"
+    subprocess.run(["objcopy", "-O", "binary", "--only-section=.nv_fatbin", CUDA_LIBRARY, str(fatbin)],
+                   check=True)
+    names = set(re.findall(rb"_ZN6tf_kld3gpu7distill(13Forward|14Gradient)KernelI(6__half|13__nv_bfloat16|f|d)E",
+                           fatbin.read_bytes()))
+    assert len(names) == 8, sorted(names)
 
 
 HARNESS_DIR = os.environ.get("TF_KLD_CUDA_HARNESS_DIR")

@@ -7,7 +7,8 @@
 #      the checks of each that need no GPU (the float64 reference itself, the Divider, the launch
 #      plans, and a CPU replay of every checked launch); with TF_KLD_CUDA_COMPILER=clang (the clang
 #      build of the library) also the harness's clang variant;
-#   3. tests/test_cuda_build.py on them: GPU kernels registered for both ops and every dtype, the
+#   3. tests/test_cuda_build.py on them: GPU kernels registered for the KL and the distillation ops
+#      and every dtype (the distillation kernels' device code in the fatbinary), the
 #      driver gate (no GPU kernels, one warning, for a stand-in machine with GPUs and an old
 #      driver), tf_kld.gpu_info(), no CUDA runtime linked, no Eigen:: or tf_kld::gpu:: symbols
 #      exported, loads without a GPU, CPU results bit-identical to the CPU-only library's, and the

@@ -1,8 +1,9 @@
-// Standalone CUDA harness for tf_kld's GPU kernels (no TensorFlow): the kernel core
-// cc/kernels/kld_gpu.cu.h checked against a double-precision CPU reference over shapes x dtypes x
-// memory layouts (including empty, 1-wide, odd widths, 131072-wide, 1,000,000-row inputs, NaN and
-// boundary values), then timed: forward and forward+backward, in GB/s against a device-to-device
-// copy measured in the same run.
+// Standalone CUDA harness for tf_kld's GPU kernels (no TensorFlow): the kernel cores
+// cc/kernels/kld_gpu.cu.h and cc/kernels/distill_gpu.cu.h checked against a double-precision CPU
+// reference over shapes x dtypes x memory layouts (including empty, 1-wide, odd widths, 131072-wide,
+// 1,000,000-row inputs, NaN and boundary values; for the distillation kernels widths 1..128256,
+// temperatures 0.5/1/4, betas 0/0.1/0.5/1, -inf/huge/NaN logits), then timed: forward and
+// forward+backward, in GB/s against a device-to-device copy measured in the same run.
 //
 //   bash tools/cuda_harness.sh                    # build with nvcc and run (see that script)
 //   harness [--self-test] [--check] [--bench] [--quick] [--large] [--json FILE] [--csv FILE]
@@ -28,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "cc/kernels/distill_gpu.cu.h"
 #include "cc/kernels/kld_gpu.cu.h"
 
 using tf_kld::gpu::Divider;
@@ -786,6 +788,399 @@ void BenchDtype(Timer* timer, const std::vector<Shape>& shapes, double copy_gbps
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The distillation ops (cc/kernels/distill_gpu.cu.h): KL and generalized JSD of softmaxes of logits
+// at a temperature, against a float64 reference; the launch's tiling and merge tree replayed on the
+// CPU where there is no GPU.
+
+namespace dg = tf_kld::gpu::distill;
+
+// Which divergence a case checks: beta 0 is KL(p || q), beta 1 KL(q || p) (the KL kernel with the
+// inputs swapped), else the JSD kernel.
+struct DistillMode {
+  double beta;
+  bool jsd() const { return beta > 0.0 && beta < 1.0; }
+  bool swapped() const { return beta == 1.0; }
+};
+
+struct DistillRef {
+  double loss = 0.0;
+  std::vector<double> lp, lq, lm;  // per element (finite rows)
+  double kl_p = 0.0, kl_q = 0.0;   // JSD: KL(p || m), KL(q || m)
+  double spread = 1.0;             // the error scale: 1 + the logits' ranges and differences + log n
+};
+
+// The row's loss in float64 from the T-rounded logits x (teacher) and y (student), the conventions
+// of tf_kld.reference: NaN/+inf logits or an all -inf row give NaN, p > 0 with q = 0 gives +inf,
+// masked (p = 0) classes add 0, an empty row gives 0.
+DistillRef DistillReference(const double* x, const double* y, int64_t n, double temperature, double beta) {
+  DistillRef r;
+  if (n == 0) return r;
+  const double inf = std::numeric_limits<double>::infinity();
+  double ma = -inf, mb = -inf, lo_a = inf, lo_b = inf, diff = 0.0;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const double a = x[i] / temperature, b = y[i] / temperature;
+    if (std::isnan(a) || std::isnan(b) || a == inf || b == inf) nan = true;
+    if (a > -inf) ma = std::max(ma, a), lo_a = std::min(lo_a, a);
+    if (b > -inf) mb = std::max(mb, b), lo_b = std::min(lo_b, b);
+    if (a > -inf && b > -inf && std::isfinite(a - b)) diff = std::max(diff, std::fabs(a - b));
+  }
+  if (nan || ma == -inf || mb == -inf) {
+    r.loss = std::nan("");
+    return r;
+  }
+  r.spread = 1.0 + (ma - lo_a) + (mb - lo_b) + diff + std::log(static_cast<double>(n) + 1.0);
+  double za = 0.0, zb = 0.0;
+  for (int64_t i = 0; i < n; ++i) za += std::exp(x[i] / temperature - ma), zb += std::exp(y[i] / temperature - mb);
+  const double log_za = std::log(za), log_zb = std::log(zb);
+  r.lp.resize(n), r.lq.resize(n), r.lm.resize(n);
+  const bool jsd = beta > 0.0 && beta < 1.0;
+  double kl = 0.0, kl_p = 0.0, kl_q = 0.0;
+  bool infinite = false;
+  for (int64_t i = 0; i < n; ++i) {
+    // a - max first: exact for huge logits, where a - (max + log z) would round at |a|'s scale.
+    const double lp = (x[i] / temperature - ma) - log_za, lq = (y[i] / temperature - mb) - log_zb;
+    r.lp[i] = lp, r.lq[i] = lq;
+    const double p = std::exp(lp), q = std::exp(lq);
+    if (lp > -inf && lq == -inf) infinite = true;
+    if (lp > -inf && lq > -inf) kl += p * (lp - lq);
+    if (jsd) {
+      const double x1 = lp + std::log(beta), x2 = lq + std::log1p(-beta);
+      const double hi = std::max(x1, x2), lo = std::min(x1, x2);
+      r.lm[i] = hi == -inf ? -inf : hi + std::log1p(std::exp(lo - hi));
+      if (lp > -inf) kl_p += p * (lp - r.lm[i]);
+      if (lq > -inf) kl_q += q * (lq - r.lm[i]);
+    }
+  }
+  r.kl_p = kl_p, r.kl_q = kl_q;
+  r.loss = jsd ? beta * kl_p + (1.0 - beta) * kl_q : infinite ? inf : kl;
+  return r;
+}
+
+// Logits of one row: kind picks the special values (kind 0: plain).
+void DistillFillRow(std::mt19937_64* rng, int64_t cols, int kind, double* x, double* y) {
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const double inf = std::numeric_limits<double>::infinity();
+  const double scale = kind == 7 ? 30.0 : 3.0, offset = kind == 1 ? 1e4 : 0.0;
+  for (int64_t i = 0; i < cols; ++i) {
+    x[i] = offset + scale * normal(*rng);
+    y[i] = x[i] + normal(*rng);
+  }
+  if (cols == 0) return;
+  const int64_t j = static_cast<int64_t>((*rng)() % static_cast<uint64_t>(cols));
+  switch (kind) {
+    case 2:  // masked teacher classes (p = 0), some masked in the student too
+      for (int64_t i = 0; i < cols; i += 3) {
+        x[i] = -inf;
+        if (i % 2 == 0) y[i] = -inf;
+      }
+      if (cols > 1) x[1] = 2.0;  // never all masked
+      break;
+    case 3: y[j] = -inf; break;             // q = 0 where p > 0: +inf
+    case 4: (j % 2 ? x : y)[j] = std::nan(""); break;
+    case 5: for (int64_t i = 0; i < cols; ++i) x[i] = -inf; break;  // all -inf: NaN
+    case 6: y[j] = inf; break;
+    default: break;
+  }
+}
+
+template <typename T>
+struct DistillCase {
+  int64_t rows, cols;
+  double temperature;
+  DistillMode mode;
+  bool special;
+};
+
+// Replays LaunchForward's tiling on the CPU: the same per-lane loops, merge trees and summation order.
+template <typename T>
+void DistillReplayForward(const dg::Params& params, const T* t, const T* p, T* loss, double* stats, int64_t rows,
+                          int64_t cols) {
+  const int width = params.jsd ? dg::kJsdStats : dg::kStats;
+  if (cols == 0) {
+    for (int64_t r = 0; r < rows; ++r) loss[r] = Traits<T>::FromSum(0.0);
+    for (int64_t i = 0; i < rows * width; ++i) stats[i] = 0.0;
+    return;
+  }
+  const dg::Plan plan = dg::PlanRows(rows, cols);
+  const int lanes = plan.group;
+  auto butterfly = [](std::vector<dg::State>* s, int width_) {
+    for (int offset = 1; offset < width_; offset *= 2) {
+      std::vector<dg::State> next(s->size());
+      for (size_t l = 0; l < s->size(); ++l) {
+        const size_t o = l ^ static_cast<size_t>(offset);
+        next[l] = (l & offset) ? dg::Merge((*s)[o], (*s)[l]) : dg::Merge((*s)[l], (*s)[o]);
+      }
+      *s = next;
+    }
+  };
+  auto butterfly_sum = [](std::vector<double>* s, int width_) {
+    for (int offset = 1; offset < width_; offset *= 2) {
+      std::vector<double> next(s->size());
+      for (size_t l = 0; l < s->size(); ++l) {
+        const size_t o = l ^ static_cast<size_t>(offset);
+        next[l] = (l & offset) ? (*s)[o] + (*s)[l] : (*s)[l] + (*s)[o];
+      }
+      *s = next;
+    }
+  };
+  // A group's lanes reduced as the kernel does: one butterfly (<= 32 lanes) or warps then warp 0.
+  auto reduce_states = [&](std::vector<dg::State> s) {
+    if (lanes <= 32) {
+      butterfly(&s, lanes);
+      return s[0];
+    }
+    std::vector<dg::State> warps(32);
+    for (int w = 0; w < lanes / 32; ++w) {
+      std::vector<dg::State> warp(s.begin() + 32 * w, s.begin() + 32 * (w + 1));
+      butterfly(&warp, 32);
+      warps[w] = warp[0];
+    }
+    butterfly(&warps, 32);
+    return warps[0];
+  };
+  auto reduce_sums = [&](std::vector<double> s) {
+    if (lanes <= 32) {
+      butterfly_sum(&s, lanes);
+      return s[0];
+    }
+    std::vector<double> warps(32, 0.0);
+    for (int w = 0; w < lanes / 32; ++w) {
+      std::vector<double> warp(s.begin() + 32 * w, s.begin() + 32 * (w + 1));
+      butterfly_sum(&warp, 32);
+      warps[w] = warp[0];
+    }
+    butterfly_sum(&warps, 32);
+    return warps[0];
+  };
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* tr = t + row * cols;
+    const T* pr = p + row * cols;
+    std::vector<dg::State> states(lanes);
+    for (int l = 0; l < lanes; ++l) states[l] = dg::RowLane(tr, pr, cols, l, lanes, params).ToState();
+    double st[dg::kJsdStats];
+    double result = dg::Finish(reduce_states(states), st);
+    if (params.jsd) {
+      std::vector<double> sp(lanes, 0.0), sq(lanes, 0.0);
+      for (int l = 0; l < lanes; ++l) dg::RowJsdSums(tr, pr, cols, l, lanes, params, st, &sp[l], &sq[l]);
+      result = dg::FinishJsd(params, reduce_sums(sp), reduce_sums(sq), st);
+    } else {
+      st[4] = result;
+    }
+    loss[row] = Traits<T>::FromSum(result);
+    for (int j = 0; j < width; ++j) stats[row * width + j] = st[j];
+  }
+}
+
+template <typename T>
+void DistillReplayGradient(const dg::Params& params, const T* g, const T* t, const T* p, const double* stats,
+                           T* d_true, T* d_pred, int64_t rows, int64_t cols) {
+  using C = typename Traits<T>::Compute;
+  const int width = params.jsd ? dg::kJsdStats : dg::kStats;
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    const int64_t row = i / cols;
+    const C g_over_t = Traits<T>::ToCompute(g[row]) / static_cast<C>(params.temperature);
+    dg::GradientElement<T>(params, g_over_t, stats + row * width, t[i], p[i], d_true ? d_true + i : nullptr,
+                           d_pred ? d_pred + i : nullptr);
+  }
+}
+
+// |got - ref| within the compute type's error times the row's spread, plus T's rounding of ref.
+template <typename T>
+bool DistillClose(double got, double ref, double error_scale, double* worst) {
+  using Ty = Type<T>;
+  if (std::isnan(ref)) return std::isnan(got);
+  if (std::isinf(ref)) return got == ref;
+  if (!std::isfinite(got)) return false;
+  const double u = std::is_same<T, double>::value ? 0x1p-53 : 0x1p-24;
+  // Results below FLT_MIN (float compute) carry an absolute error of a few subnormal steps.
+  const double tiny = std::is_same<T, double>::value ? 1e-300 : 1e-36;
+  const double tol = 64 * u * error_scale + Ty::kUlp * std::fabs(ref) + std::max(tiny, Ty::kTiny);
+  const double err = std::fabs(got - ref);
+  *worst = std::max(*worst, err / tol);
+  return err <= tol;
+}
+
+template <typename T>
+void DistillCheckCase(bool device, const DistillCase<T>& c, uint64_t seed, double* worst) {
+  const int64_t rows = c.rows, cols = c.cols, n = rows * cols;
+  std::mt19937_64 rng(seed);
+  std::vector<double> x(n), y(n), g(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    DistillFillRow(&rng, cols, c.special ? static_cast<int>(r % 8) : 0, x.data() + r * cols, y.data() + r * cols);
+    g[r] = 0.5 + 0.25 * static_cast<double>(r % 5);
+  }
+  // The T-rounded values, as the kernels see them; beta 1 swaps the inputs.
+  auto round = [](std::vector<double>* v) {
+    for (double& e : *v) e = Type<T>::ToDouble(Type<T>::FromDouble(e));
+  };
+  round(&x), round(&y), round(&g);
+  if (c.mode.swapped()) std::swap(x, y);
+  const dg::Params params =
+      c.mode.jsd() ? dg::JsdParams(c.temperature, c.mode.beta) : dg::KlParams(c.temperature);
+  const int width = params.jsd ? dg::kJsdStats : dg::kStats;
+  Buffer<T> tb(device, n), pb(device, n), gb(device, rows), lb(device, rows), dtb(device, n), dpb(device, n);
+  Buffer<double> sb(device, rows * width);
+  Upload(tb.base, x, device), Upload(pb.base, y, device), Upload(gb.base, g, device);
+  if (device) {
+    CUDA_OK(dg::LaunchForward(nullptr, params, tb.base, pb.base, lb.base, sb.base, rows, cols));
+    CUDA_OK(dg::LaunchGradient(nullptr, params, gb.base, tb.base, pb.base, sb.base, dtb.base, dpb.base, rows, cols));
+    CUDA_OK(cudaDeviceSynchronize());
+  } else {
+    DistillReplayForward(params, tb.base, pb.base, lb.base, sb.base, rows, cols);
+    DistillReplayGradient(params, gb.base, tb.base, pb.base, sb.base, dtb.base, dpb.base, rows, cols);
+  }
+  const std::vector<double> loss = Download(lb.base, rows, device);
+  const std::vector<double> d_true = Download(dtb.base, n, device), d_pred = Download(dpb.base, n, device);
+  const std::string name = std::string(Type<T>::kName) + " " + std::to_string(rows) + "x" + std::to_string(cols) +
+                           " T=" + Format("%g", c.temperature) + " beta=" + Format("%g", c.mode.beta) +
+                           (c.special ? " special" : "");
+  int bad = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const DistillRef ref = DistillReference(x.data() + r * cols, y.data() + r * cols, cols, c.temperature, c.mode.beta);
+    if (!DistillClose<T>(loss[r], ref.loss, ref.spread * (1.0 + std::fabs(ref.loss)), worst) && bad++ < 3) {
+      Expect(false, name + ": loss of row " + std::to_string(r) + " = " + Format("%.9g", loss[r]) + ", reference " +
+                        Format("%.9g", ref.loss));
+    }
+    if (!std::isfinite(ref.loss) || cols == 0) continue;  // gradients of finite rows only
+    const double gt = g[r] / c.temperature, beta = c.mode.beta;
+    auto times = [](double w, double x) { return w == 0.0 ? 0.0 : w * std::fabs(x); };  // 0 at masked classes
+    for (int64_t j = 0; j < cols; ++j) {
+      const double lp = ref.lp[j], lq = ref.lq[j], p = std::exp(lp), q = std::exp(lq);
+      double rt, rp, scale;
+      if (!c.mode.jsd()) {
+        rp = gt * (q - p);
+        rt = p == 0.0 ? 0.0 : gt * p * ((lp - lq) - ref.loss);
+        scale = std::fabs(gt) * ref.spread * (p + q + times(p, lp - lq) + p * std::fabs(ref.loss));
+      } else {
+        const double lm = ref.lm[j];
+        rt = p == 0.0 ? 0.0 : gt * beta * p * ((lp - lm) - ref.kl_p);
+        rp = q == 0.0 ? 0.0 : gt * (1.0 - beta) * q * ((lq - lm) - ref.kl_q);
+        scale = std::fabs(gt) * ref.spread *
+                (p * (1.0 + ref.kl_p) + times(p, lp - lm) + q * (1.0 + ref.kl_q) + times(q, lq - lm));
+      }
+      const int64_t i = r * cols + j;
+      if (!DistillClose<T>(d_true[i], rt, scale, worst) && bad++ < 3) {
+        Expect(false, name + ": d_true[" + std::to_string(r) + "," + std::to_string(j) +
+                          "] = " + Format("%.9g", d_true[i]) + ", reference " + Format("%.9g", rt));
+      }
+      if (!DistillClose<T>(d_pred[i], rp, scale, worst) && bad++ < 3) {
+        Expect(false, name + ": d_pred[" + std::to_string(r) + "," + std::to_string(j) +
+                          "] = " + Format("%.9g", d_pred[i]) + ", reference " + Format("%.9g", rp));
+      }
+    }
+  }
+  if (bad > 3) Expect(false, name + ": " + std::to_string(bad) + " values out of tolerance in all");
+}
+
+template <typename T>
+void DistillCheckDtype(bool device, bool quick) {
+  const int failures_before = failures;
+  double worst = 0.0;
+  int cases = 0;
+  const std::vector<std::pair<int64_t, int64_t>> shapes =
+      quick ? std::vector<std::pair<int64_t, int64_t>>{{9, 1}, {37, 33}, {5, 1000}, {2, 32000}}
+            : std::vector<std::pair<int64_t, int64_t>>{{3, 0},  {9, 1},    {41, 7},   {37, 33},
+                                                       {16, 1000}, {8, 32000}, {2, 128256}};
+  uint64_t seed = 1;
+  for (const auto& [rows, cols] : shapes) {
+    for (double temperature : {0.5, 1.0, 4.0}) {
+      for (double beta : {0.0, 0.1, 0.5, 1.0}) {
+        for (bool special : {false, true}) {
+          DistillCheckCase<T>(device, {rows, cols, temperature, {beta}, special}, seed++, &worst);
+          ++cases;
+        }
+      }
+    }
+  }
+  std::printf("  distill %-8s %3d cases, worst error %.3f of tolerance: %s\n", Type<T>::kName, cases, worst,
+              failures == failures_before ? "ok" : "FAILED");
+}
+
+void DistillRunChecks(bool device, bool quick) {
+  std::printf("distillation kernels, %s against the float64 reference:\n", device ? "GPU" : "CPU replay");
+  DistillCheckDtype<__half>(device, quick);
+  DistillCheckDtype<__nv_bfloat16>(device, quick);
+  DistillCheckDtype<float>(device, quick);
+  DistillCheckDtype<double>(device, quick);
+}
+
+// The reference itself on known values, and the row plans.
+void DistillSelfTest() {
+  const double inf = std::numeric_limits<double>::infinity();
+  {
+    const double x[] = {0.0, std::log(3.0)}, y[] = {0.0, 0.0};  // p = [1/4, 3/4], q = [1/2, 1/2]
+    const double kl = 0.25 * std::log(0.5) + 0.75 * std::log(1.5);
+    Expect(std::fabs(DistillReference(x, y, 2, 1.0, 0.0).loss - kl) < 1e-15, "distill reference: KL");
+    const double m0 = 0.375, m1 = 0.625;
+    const double jsd = 0.5 * (0.25 * std::log(0.25 / m0) + 0.75 * std::log(0.75 / m1)) +
+                       0.5 * (0.5 * std::log(0.5 / m0) + 0.5 * std::log(0.5 / m1));
+    Expect(std::fabs(DistillReference(x, y, 2, 1.0, 0.5).loss - jsd) < 1e-15, "distill reference: JSD");
+    const double xm[] = {-inf, 1.0}, ym[] = {-inf, 5.0};
+    Expect(DistillReference(xm, ym, 2, 1.0, 0.0).loss == 0.0, "distill reference: masked class adds 0");
+    const double yq[] = {0.0, -inf};
+    Expect(DistillReference(x, yq, 2, 1.0, 0.0).loss == inf, "distill reference: q = 0 < p gives inf");
+    const double xa[] = {-inf, -inf};
+    Expect(std::isnan(DistillReference(xa, y, 2, 1.0, 0.0).loss), "distill reference: all -inf is NaN");
+    Expect(DistillReference(x, y, 0, 1.0, 0.0).loss == 0.0, "distill reference: empty row is 0");
+  }
+  for (int64_t cols : {int64_t{1}, int64_t{7}, int64_t{33}, int64_t{1024}, int64_t{1025}, int64_t{32000},
+                       int64_t{262144}}) {
+    for (int64_t rows : {int64_t{1}, int64_t{255}, int64_t{100000000}}) {
+      const dg::Plan plan = dg::PlanRows(rows, cols);
+      const std::string s = "distill plan " + std::to_string(rows) + "x" + std::to_string(cols);
+      Expect(plan.block % 32 == 0 && plan.block <= tf_kld::gpu::kMaxBlock, s + ": block size");
+      Expect((plan.group <= 32 && (plan.group & (plan.group - 1)) == 0 && plan.block % plan.group == 0) ||
+                 plan.group == plan.block,
+             s + ": group");
+      Expect(plan.blocks >= 1 && plan.blocks <= tf_kld::gpu::kMaxBlocks, s + ": grid");
+    }
+  }
+  std::printf("distill self-test (reference, plans): %s\n", failures ? "FAILED" : "ok");
+}
+
+// Forward and forward+backward (student gradient only, as in distillation) of both kernels.
+template <typename T>
+void DistillBenchDtype(Timer* timer, const std::vector<Shape>& shapes, double copy_gbps, int reps,
+                       std::vector<BenchRow>* rows_out) {
+  for (const Shape& shape : shapes) {
+    const int64_t rows = shape.rows, cols = shape.cols, n = rows * cols;
+    const int64_t fill_rows = std::min<int64_t>(rows, 64);
+    std::vector<double> x(fill_rows * cols), y(fill_rows * cols);
+    std::mt19937_64 rng(7);
+    for (int64_t r = 0; r < fill_rows; ++r) DistillFillRow(&rng, cols, 0, x.data() + r * cols, y.data() + r * cols);
+    Buffer<T> tb(true, n), pb(true, n), lb(true, rows), ob(true, n);
+    Buffer<double> sb(true, rows * dg::kJsdStats);
+    for (int64_t r0 = 0; r0 < rows; r0 += fill_rows) {  // tile the generated rows over the tensor
+      const int64_t count = std::min<int64_t>(fill_rows, rows - r0) * cols;
+      Upload(tb.base + r0 * cols, std::vector<double>(x.begin(), x.begin() + count), true);
+      Upload(pb.base + r0 * cols, std::vector<double>(y.begin(), y.begin() + count), true);
+    }
+    for (bool jsd : {false, true}) {
+      const dg::Params params = jsd ? dg::JsdParams(2.0, 0.5) : dg::KlParams(2.0);
+      auto forward = [&] { CUDA_OK(dg::LaunchForward(nullptr, params, tb.base, pb.base, lb.base, sb.base, rows, cols)); };
+      auto both = [&] {
+        forward();
+        CUDA_OK(dg::LaunchGradient(nullptr, params, lb.base, tb.base, pb.base, sb.base, static_cast<T*>(nullptr),
+                                   ob.base, rows, cols));
+      };
+      const double s = sizeof(T);
+      const double fwd_bytes = 2 * n * s + rows * s, bwd_bytes = 3 * n * s + rows * s;
+      const std::string kind = jsd ? "jsd" : "kl_logits";
+      for (auto [mode, ms, bytes] :
+           {std::tuple<std::string, double, double>{kind + " fwd", timer->Median(forward, reps), fwd_bytes},
+            std::tuple<std::string, double, double>{kind + " fwd+bwd", timer->Median(both, reps),
+                                                    fwd_bytes + bwd_bytes}}) {
+        const double gbps = bytes / (ms * 1e-3) / 1e9;
+        rows_out->push_back({Type<T>::kName, mode, shape, ms, gbps, gbps / copy_gbps});
+        std::printf("  %-8s %-18s %9" PRId64 "x%-8" PRId64 " %10.4f ms %9.1f GB/s %6.1f%% of copy\n", Type<T>::kName,
+                    mode.c_str(), rows, cols, ms, gbps, 100 * gbps / copy_gbps);
+      }
+    }
+  }
+}
+
 // What the benchmark records about device 0. cudaDeviceGetAttribute, not cudaGetDeviceProperties:
 // the variant linked against TensorFlow's libcudart.so.12 would bind the latter to CUDA 12's
 // cudaDeviceProp (1008 bytes) while this file is compiled with CUDA 13's (1032, other offsets).
@@ -835,6 +1230,11 @@ void Bench(bool quick, const std::string& json_path, const std::string& csv_path
   // Not the library's default (see kld_gpu.cu.h): measured so the choice can be revisited with data.
   BenchDtype<__half>(&timer, shapes, copy_gbps, reps, true, &rows);
   BenchDtype<__nv_bfloat16>(&timer, shapes, copy_gbps, reps, true, &rows);
+  // The distillation kernels at issue #12's shapes (T = 2, JSD beta = 0.5).
+  std::vector<Shape> distill_shapes = {{8192, 32000}, {1024, 128256}, {256, 262144}, {65536, 10}};
+  if (quick) distill_shapes = {{1024, 128256}, {65536, 10}};
+  DistillBenchDtype<float>(&timer, distill_shapes, copy_gbps, reps, &rows);
+  DistillBenchDtype<__nv_bfloat16>(&timer, distill_shapes, copy_gbps, reps, &rows);
   if (!json_path.empty()) {
     FILE* f = std::fopen(json_path.c_str(), "w");
     if (f == nullptr) {
@@ -917,13 +1317,18 @@ int main(int argc, char** argv) {
   if (self_test) {
     SelfTest();
     RunChecks(/*device=*/false, quick, false);
+    DistillSelfTest();
+    DistillRunChecks(/*device=*/false, quick);
   }
   if ((check || bench) && !gpu) {
     std::printf("no GPU (%s): GPU checks and benchmark skipped\n",
                 probe == cudaSuccess ? "no devices" : cudaGetErrorString(probe));
     return failures ? 1 : (check || bench) ? 3 : 0;
   }
-  if (check) RunChecks(/*device=*/true, quick, large);
+  if (check) {
+    RunChecks(/*device=*/true, quick, large);
+    DistillRunChecks(/*device=*/true, quick);
+  }
   if (bench && failures == 0) Bench(quick, json, csv);
   std::printf("%s\n", failures ? "FAILED" : "all checks passed");
   return failures ? 1 : 0;

@@ -2,6 +2,11 @@
 // TfKld>GeneralizedJsdWithLogits and their fused gradients.
 #define EIGEN_USE_THREADS
 
+#if GOOGLE_CUDA
+#include "cc/kernels/distill_gpu.h"  // first: turns on Eigen's GPU device
+#include "cc/kernels/kld_gpu_gate.h"
+#endif
+
 #include <cmath>
 #include <vector>
 
@@ -327,6 +332,135 @@ class GeneralizedJsdWithLogitsOp : public OpKernel {
  private:
   distill::JsdParams params_{};
 };
+
+#if GOOGLE_CUDA
+// ---- GPU kernels (CUDA builds only; the launchers are in distill_kernels.cu.cc) --------------
+
+using GPUDevice = Eigen::GpuDevice;
+
+absl::Status GpuLaunchStatus(const char* err) {
+  if (err == nullptr) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(
+      "tf_kld: a CUDA kernel launch failed: ", err, ". The library has kernels for CUDA architectures ",
+      TfKldCudaArchs(), " (TF_KLD_CUDA_ARCHS at build time); see tf_kld.gpu_info()"));
+}
+
+// The attrs of either family as the launchers take them.
+template <bool kJsd>
+absl::StatusOr<distill_gpu::Params> ReadGpuParams(OpKernelConstruction* ctx) {
+  distill_gpu::Params params;
+  if (kJsd) {
+    distill::JsdParams jsd;
+    TF_ASSIGN_OR_RETURN(jsd, ReadJsdParams(ctx));
+    params.temperature = jsd.temperature, params.beta = jsd.beta, params.jsd = true;
+  } else {
+    TF_ASSIGN_OR_RETURN(params.temperature, ReadTemperature(ctx));
+  }
+  return params;
+}
+
+// The forward op of either family on the GPU: loss and stats, the same shapes as on the CPU.
+template <typename T, bool kJsd>
+class DistillGpuOp : public OpKernel {
+ public:
+  explicit DistillGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_VALUE(params_, ctx, ReadGpuParams<kJsd>(ctx));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& y_true = ctx->input(0);
+    const Tensor& y_pred = ctx->input(1);
+    OP_REQUIRES_OK(ctx, CheckLogits(y_true, y_pred));
+    const TensorShape rows_shape = RowsShape(y_true);
+    TensorShape stats_shape = rows_shape;
+    stats_shape.AddDim(kJsd ? distill::kJsdStats : distill::kStats);
+    Tensor* loss = nullptr;
+    Tensor* stats = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, rows_shape, &loss));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, stats_shape, &stats));
+    const int64_t rows = rows_shape.num_elements();
+    if (rows == 0) return;
+    OP_REQUIRES_OK(ctx, GpuLaunchStatus(distill_gpu::Launchers<T>::Forward(
+                            ctx->eigen_device<GPUDevice>(), params_, y_true.flat<T>().data(),
+                            y_pred.flat<T>().data(), loss->flat<T>().data(), stats->flat<double>().data(),
+                            rows, y_true.dim_size(y_true.dims() - 1))));
+  }
+
+ private:
+  distill_gpu::Params params_;
+};
+
+// The fused gradient of either family on the GPU, with DistillGradOp's checks.
+template <typename T, bool kJsd>
+class DistillGradGpuOp : public OpKernel {
+ public:
+  explicit DistillGradGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_VALUE(params_, ctx, ReadGpuParams<kJsd>(ctx));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("need_y_true", &need_true_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("need_y_pred", &need_pred_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& grad = ctx->input(0);
+    const Tensor& y_true = ctx->input(1);
+    const Tensor& y_pred = ctx->input(2);
+    const Tensor& stats = ctx->input(3);
+    OP_REQUIRES_OK(ctx, CheckLogits(y_true, y_pred));
+    const TensorShape rows_shape = RowsShape(y_true);
+    OP_REQUIRES(ctx, grad.shape() == rows_shape,
+                absl::InvalidArgumentError(absl::StrCat("grad must have the loss's shape ",
+                                                        rows_shape.DebugString(), ", got ",
+                                                        grad.shape().DebugString())));
+    TensorShape stats_shape = rows_shape;
+    stats_shape.AddDim(kJsd ? distill::kJsdStats : distill::kStats);
+    OP_REQUIRES(ctx, stats.shape() == stats_shape,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "stats must have shape ", stats_shape.DebugString(),
+                    " (the forward op's second output), got ", stats.shape().DebugString())));
+    Tensor* d_true = nullptr;
+    Tensor* d_pred = nullptr;
+    // Each element is read before its gradient is written, by the same thread: outputs may
+    // take over their inputs' buffers.
+    const TensorShape none({0});
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {1}, 0, need_true_ ? y_true.shape() : none, &d_true));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {2}, 1, need_pred_ ? y_pred.shape() : none, &d_pred));
+    if (y_true.NumElements() == 0 || (!need_true_ && !need_pred_)) return;
+    OP_REQUIRES_OK(ctx, GpuLaunchStatus(distill_gpu::Launchers<T>::Gradient(
+                            ctx->eigen_device<GPUDevice>(), params_, grad.flat<T>().data(),
+                            y_true.flat<T>().data(), y_pred.flat<T>().data(), stats.flat<double>().data(),
+                            need_true_ ? d_true->flat<T>().data() : nullptr,
+                            need_pred_ ? d_pred->flat<T>().data() : nullptr, rows_shape.num_elements(),
+                            y_true.dim_size(y_true.dims() - 1))));
+  }
+
+ private:
+  distill_gpu::Params params_;
+  bool need_true_ = true;
+  bool need_pred_ = true;
+};
+
+// Through RegisterKernelOnce (kld_registration.h), where the driver gate allows, as the KL ops'.
+template <typename T>
+void RegisterDistillGpuKernels() {
+  using tensorflow::register_kernel::Name;
+  auto gpu = [](const char* op) { return Name(op).Device(tensorflow::DEVICE_GPU).TypeConstraint<T>("T").Build(); };
+  RegisterKernelOnce<DistillGpuOp<T, false>>(gpu("TfKld>KlDivergenceWithLogits"), "DistillGpuOp");
+  RegisterKernelOnce<DistillGradGpuOp<T, false>>(gpu("TfKld>KlDivergenceWithLogitsGrad"), "DistillGradGpuOp");
+  RegisterKernelOnce<DistillGpuOp<T, true>>(gpu("TfKld>GeneralizedJsdWithLogits"), "DistillGpuOp");
+  RegisterKernelOnce<DistillGradGpuOp<T, true>>(gpu("TfKld>GeneralizedJsdWithLogitsGrad"), "DistillGradGpuOp");
+}
+
+const bool distill_gpu_kernels_registered [[maybe_unused]] = [] {
+  if (!GpuGateAtLoad().register_kernels) return false;
+  RegisterDistillGpuKernels<Eigen::half>();
+  RegisterDistillGpuKernels<Eigen::bfloat16>();
+  RegisterDistillGpuKernels<float>();
+  RegisterDistillGpuKernels<double>();
+  return true;
+}();
+#endif  // GOOGLE_CUDA
 
 }  // namespace
 

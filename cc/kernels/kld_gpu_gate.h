@@ -30,6 +30,10 @@ __attribute__((visibility("hidden"))) int ProbeDriverVersion();
 // GPUs visible to this process without initialising CUDA (/dev/nvidia<N>, or 1 for WSL's /dev/dxg).
 __attribute__((visibility("hidden"))) int ProbeGpuCount();
 
+// GpuGate for this machine and the library's device code, decided once (CUDA builds only: defined
+// in kld_kernels.cc); every family's GPU kernels register only where it says so.
+__attribute__((visibility("hidden"))) const GpuGateDecision& GpuGateAtLoad();
+
 }  // namespace tf_kld
 
 #endif  // TF_KLD_CC_KERNELS_KLD_GPU_GATE_H_

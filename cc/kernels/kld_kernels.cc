@@ -279,14 +279,14 @@ class KlDivergenceGpuOp : public GpuLaunchChecked<KlDivergenceOp<GPUDevice, T>> 
 template <typename T>
 using KlDivergenceGradGpuOp = GpuLaunchChecked<KlDivergenceGradOp<GPUDevice, T>>;
 
-namespace {
-
 // The driver gate, decided once when the library loads (kld_gpu_gate.h).
 const GpuGateDecision& GpuGateAtLoad() {
   static const GpuGateDecision decision =
       GpuGate(ProbeDriverVersion(), ProbeGpuCount(), gpu::NeededDriverVersion());
   return decision;
 }
+
+namespace {
 
 // Through RegisterKernelOnce (kld_registration.h): a second copy of the library adds nothing.
 template <typename T>

@@ -1,0 +1,481 @@
+// The CUDA kernel core of the distillation ops (TfKld>KlDivergenceWithLogits, TfKld>GeneralizedJsd-
+// WithLogits and their gradients). No TensorFlow: distill_kernels.cu.cc (the TensorFlow glue) and
+// the standalone harness bench/cuda/harness.cu both include it, nvcc only. The per-thread work
+// (Step, Merge, JsdTerms, the gradient element) is __host__ __device__ so the harness replays a
+// launch's tiling and reduction tree on the CPU where there is no GPU.
+//
+// Semantics and statistics are the CPU core's (distill_cpu.h): a = y_true / T, b = y_pred / T in the
+// compute type (float for float16/bfloat16/float32, double for float64); per row the online state
+// max_a, sum_a = sum exp(a - max_a), cross = sum exp(a - max_a) (a - b), max_b, sum_b, rescaled when
+// a maximum grows; exps in the compute type, the three sums in it for 8 steps, then in double. NaN and +inf logits make a
+// sum NaN (no test needed), masked classes (-inf) add nothing and never 0 * inf.
+//
+// Launch shapes depend on the tensor shape only, and every reduction has a fixed tree (no atomics),
+// so results are deterministic. Rows of at most kWarpRowCols classes: 1..32 lanes of a warp per row
+// (256-thread blocks); wider rows: one block per row (128..512 threads). JSD's second pass rereads the
+// row (from L2 for the vocabularies of language models).
+#ifndef TF_KLD_CC_KERNELS_DISTILL_GPU_CU_H_
+#define TF_KLD_CC_KERNELS_DISTILL_GPU_CU_H_
+
+#include "cc/kernels/kld_gpu.cu.h"
+
+namespace tf_kld {
+namespace gpu {
+namespace distill {
+
+constexpr int kStats = 5;     // [max_a, log sum_a, max_b, log sum_b, KL]; distill_cpu.h's kStats
+constexpr int kJsdStats = 6;  // [max_a, log sum_a, max_b, log sum_b, KL(p || m), KL(q || m)]
+constexpr int64_t kWarpRowCols = 1024;
+constexpr int kRowBlock = 256;  // threads per block of the narrow-row path and of the gradient
+
+// What a launch computes: KL (jsd false) or the generalized JSD with 0 < beta < 1.
+struct Params {
+  double temperature = 1.0;
+  bool jsd = false;
+  double beta = 0.5, log_beta = 0.0, log1m_beta = 0.0;  // log(beta), log1p(-beta)
+};
+
+inline Params KlParams(double temperature) {
+  Params p;
+  p.temperature = temperature;
+  return p;
+}
+
+inline Params JsdParams(double temperature, double beta) {
+  Params p;
+  p.temperature = temperature;
+  p.jsd = true;
+  p.beta = beta;
+  p.log_beta = std::log(beta);
+  p.log1m_beta = std::log1p(-beta);
+  return p;
+}
+
+// exp, log1p in the compute type (host versions for the replay).
+TF_KLD_HD float Exp(float x) {
+#ifdef __CUDA_ARCH__
+  return expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+TF_KLD_HD double Exp(double x) {
+#ifdef __CUDA_ARCH__
+  return exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+TF_KLD_HD float Log1p(float x) {
+#ifdef __CUDA_ARCH__
+  return log1pf(x);
+#else
+  return std::log1p(x);
+#endif
+}
+TF_KLD_HD double Log1p(double x) {
+#ifdef __CUDA_ARCH__
+  return log1p(x);
+#else
+  return std::log1p(x);
+#endif
+}
+TF_KLD_HD double LogD(double x) {
+#ifdef __CUDA_ARCH__
+  return log(x);
+#else
+  return std::log(x);
+#endif
+}
+TF_KLD_HD bool IsNan(double x) { return x != x; }
+
+// The merged state of a row piece (maxima widened to double), as distill::KlPartial.
+struct State {
+  double max_a = -INFINITY, sum_a = 0.0, cross = 0.0, max_b = -INFINITY, sum_b = 0.0;
+  int infinite = 0;  // a class with p > 0 and q = 0: the row's KL is +inf
+};
+
+// One thread's running state; maxima in the compute type C. The sums run in C for kFlushSteps
+// steps (a few ulps of C), then go into double, as the CPU core's lanes: a double add per element
+// would make the kernel compute-bound on GPUs with slow double arithmetic.
+constexpr int kFlushSteps = 8;
+
+template <typename C>
+struct Lane {
+  C max_a = -INFINITY, max_b = -INFINITY;
+  C fsum_a = 0, fcross = 0, fsum_b = 0;
+  double sum_a = 0.0, cross = 0.0, sum_b = 0.0;
+  int steps = 0;
+  int infinite = 0;
+
+  TF_KLD_HD void Step(C a, C b) {
+    const bool masked_a = a == C(-INFINITY), masked_b = b == C(-INFINITY);
+    if (masked_b && !masked_a) infinite = 1;
+    if (a > max_a) {  // exp(-inf) = 0 for the first element; +inf makes exp(inf - inf) = NaN below
+      const C s = Exp(max_a - a);
+      fsum_a *= s, fcross *= s, sum_a *= static_cast<double>(s), cross *= static_cast<double>(s);
+      max_a = a;
+    }
+    if (b > max_b) {
+      const C s = Exp(max_b - b);
+      fsum_b *= s, sum_b *= static_cast<double>(s);
+      max_b = b;
+    }
+    const C ea = masked_a ? C(0) : Exp(a - max_a);
+    fsum_a += ea;
+    fsum_b += masked_b ? C(0) : Exp(b - max_b);
+    if (!masked_a && !masked_b) fcross += ea * (a - b);
+    if (++steps == kFlushSteps) Flush();
+  }
+
+  TF_KLD_HD void Flush() {
+    sum_a += static_cast<double>(fsum_a), cross += static_cast<double>(fcross), sum_b += static_cast<double>(fsum_b);
+    fsum_a = fcross = fsum_b = C(0);
+    steps = 0;
+  }
+
+  TF_KLD_HD State ToState() {
+    Flush();
+    State s;
+    s.max_a = static_cast<double>(max_a), s.sum_a = sum_a, s.cross = cross;
+    s.max_b = static_cast<double>(max_b), s.sum_b = sum_b, s.infinite = infinite;
+    return s;
+  }
+};
+
+TF_KLD_HD double Rescale(double m, double m_new) { return m == m_new ? 1.0 : Exp(m - m_new); }
+
+// x followed by y; commutative in value (sums of two products), so both lanes of a shuffle pair
+// get the same bits.
+TF_KLD_HD State Merge(const State& x, const State& y) {
+  State r;
+  r.max_a = x.max_a > y.max_a ? x.max_a : y.max_a;
+  r.max_b = x.max_b > y.max_b ? x.max_b : y.max_b;
+  const double xa = Rescale(x.max_a, r.max_a), ya = Rescale(y.max_a, r.max_a);
+  const double xb = Rescale(x.max_b, r.max_b), yb = Rescale(y.max_b, r.max_b);
+  r.sum_a = x.sum_a * xa + y.sum_a * ya;
+  r.cross = x.cross * xa + y.cross * ya;
+  r.sum_b = x.sum_b * xb + y.sum_b * yb;
+  r.infinite = x.infinite | y.infinite;
+  return r;
+}
+
+// The row's KL and stats[0..4] from its whole-row state (cols > 0), as distill::Finish.
+TF_KLD_HD double Finish(const State& s, double* stats) {
+  const double log_a = LogD(s.sum_a), log_b = LogD(s.sum_b);
+  double kl;
+  if (s.max_a == -INFINITY || s.max_b == -INFINITY || IsNan(s.sum_a) || IsNan(s.sum_b) || IsNan(s.cross)) {
+    kl = NAN;
+  } else if (s.infinite) {
+    kl = INFINITY;
+  } else {
+    kl = s.cross / s.sum_a - (s.max_a - s.max_b) - (log_a - log_b);
+  }
+  stats[0] = s.max_a, stats[1] = log_a, stats[2] = s.max_b, stats[3] = log_b;
+  return kl;
+}
+
+// lp, lq and lm = log(beta p + (1 - beta) q) of one element from the row's first four stats (lm is
+// -inf where p = q = 0), as the CPU core's JsdLogs.
+template <typename C>
+struct Logs {
+  C max_a, log_a, max_b, log_b, log_beta, log1m_beta;
+
+  TF_KLD_HD Logs(const double* stats, const Params& params)
+      : max_a(static_cast<C>(stats[0])), log_a(static_cast<C>(stats[1])), max_b(static_cast<C>(stats[2])),
+        log_b(static_cast<C>(stats[3])), log_beta(static_cast<C>(params.log_beta)),
+        log1m_beta(static_cast<C>(params.log1m_beta)) {}
+
+  TF_KLD_HD void Compute(C a, C b, C* lp, C* lq, C* lm) const {
+    *lp = (a - max_a) - log_a, *lq = (b - max_b) - log_b;
+    const C x1 = *lp + log_beta, x2 = *lq + log1m_beta;
+    const C hi = x1 >= x2 ? x1 : x2, lo = x1 >= x2 ? x2 : x1;
+    const bool both_masked = a == C(-INFINITY) && b == C(-INFINITY);
+    *lm = both_masked ? C(-INFINITY) : (lo == C(-INFINITY) ? hi : hi + Log1p(Exp(lo - hi)));
+  }
+};
+
+// The second JSD pass's terms of one element: p (lp - lm) and q (lq - lm), 0 at masked classes.
+template <typename C>
+TF_KLD_HD void JsdTerms(const Logs<C>& logs, C a, C b, C* sp, C* sq) {
+  C lp, lq, lm;
+  logs.Compute(a, b, &lp, &lq, &lm);
+  if (a != C(-INFINITY)) *sp += Exp(lp) * (lp - lm);
+  if (b != C(-INFINITY)) *sq += Exp(lq) * (lq - lm);
+}
+
+template <typename T>
+TF_KLD_HD typename Traits<T>::Compute Scaled(T x, typename Traits<T>::Compute temperature, bool scaled) {
+  const auto v = Traits<T>::ToCompute(x);
+  return scaled ? v / temperature : v;
+}
+
+// The gradients of element i of a row (stats: that row's), as the CPU core: KL
+// d_pred = g/T (q - p), d_true = g/T p ((lp - lq) - KL) (0 where p = 0); JSD
+// d_true = g beta/T p ((lp - lm) - KL(p || m)), d_pred = g (1 - beta)/T q ((lq - lm) - KL(q || m)).
+template <typename T>
+TF_KLD_HD void GradientElement(const Params& params, typename Traits<T>::Compute g_over_t, const double* stats,
+                               T t, T p, T* d_true, T* d_pred) {
+  using Tr = Traits<T>;
+  using C = typename Tr::Compute;
+  const C temperature = static_cast<C>(params.temperature);
+  const bool scaled = temperature != C(1);
+  const C a = Scaled(t, temperature, scaled), b = Scaled(p, temperature, scaled);
+  C vt, vp;
+  if (!params.jsd) {
+    const C lp = (a - static_cast<C>(stats[0])) - static_cast<C>(stats[1]);
+    const C lq = (b - static_cast<C>(stats[2])) - static_cast<C>(stats[3]);
+    const C pe = Exp(lp), qe = Exp(lq);
+    vp = g_over_t * (qe - pe);
+    vt = a == C(-INFINITY) ? C(0) : g_over_t * (pe * ((lp - lq) - static_cast<C>(stats[4])));
+  } else {
+    const Logs<C> logs(stats, params);
+    C lp, lq, lm;
+    logs.Compute(a, b, &lp, &lq, &lm);
+    const C gp = g_over_t * static_cast<C>(params.beta), gq = g_over_t * static_cast<C>(1.0 - params.beta);
+    vt = a == C(-INFINITY) ? C(0) : gp * (Exp(lp) * ((lp - lm) - static_cast<C>(stats[4])));
+    vp = b == C(-INFINITY) ? C(0) : gq * (Exp(lq) * ((lq - lm) - static_cast<C>(stats[5])));
+  }
+  if (d_true != nullptr) *d_true = Tr::FromCompute(vt);
+  if (d_pred != nullptr) *d_pred = Tr::FromCompute(vp);
+}
+
+// How a forward launch tiles the rows; a function of the shape only.
+struct Plan {
+  int group = 1;      // threads per row: 1..32 (part of a warp), or == block
+  int block = kRowBlock;
+  int64_t blocks = 1;
+};
+
+inline Plan PlanRows(int64_t rows, int64_t cols) {
+  Plan plan;
+  if (cols <= kWarpRowCols) {
+    while (plan.group < 32 && plan.group < cols) plan.group *= 2;
+    const int64_t per_block = plan.block / plan.group;
+    plan.blocks = CeilDiv(rows, per_block);
+  } else {
+    plan.block = cols >= 16 * 512 ? 512 : cols >= 16 * 256 ? 256 : 128;
+    plan.group = plan.block;
+    plan.blocks = rows;
+  }
+  plan.blocks = plan.blocks < 1 ? 1 : plan.blocks > kMaxBlocks ? kMaxBlocks : plan.blocks;
+  return plan;
+}
+
+// Thread `lane`'s first-pass state over a row of n elements.
+template <typename T>
+TF_KLD_HD Lane<typename Traits<T>::Compute> RowLane(const T* t, const T* p, int64_t n, int lane, int lanes,
+                                                    const Params& params) {
+  using C = typename Traits<T>::Compute;
+  const C temperature = static_cast<C>(params.temperature);
+  const bool scaled = temperature != C(1);
+  Lane<C> s;
+  for (int64_t i = lane; i < n; i += lanes) s.Step(Scaled(t[i], temperature, scaled), Scaled(p[i], temperature, scaled));
+  return s;
+}
+
+// Thread `lane`'s second-pass sums over a row of n elements (stats: the row's first four).
+template <typename T>
+TF_KLD_HD void RowJsdSums(const T* t, const T* p, int64_t n, int lane, int lanes, const Params& params,
+                          const double* stats, double* sp, double* sq) {
+  using C = typename Traits<T>::Compute;
+  const C temperature = static_cast<C>(params.temperature);
+  const bool scaled = temperature != C(1);
+  const Logs<C> logs(stats, params);
+  C fp = 0, fq = 0;  // flushed into the double sums every kFlushSteps terms, as Lane's
+  int steps = 0;
+  for (int64_t i = lane; i < n; i += lanes) {
+    JsdTerms(logs, Scaled(t[i], temperature, scaled), Scaled(p[i], temperature, scaled), &fp, &fq);
+    if (++steps == kFlushSteps) {
+      *sp += static_cast<double>(fp), *sq += static_cast<double>(fq);
+      fp = fq = C(0), steps = 0;
+    }
+  }
+  *sp += static_cast<double>(fp), *sq += static_cast<double>(fq);
+}
+
+// The row's loss from its merged state and second-pass sums; fills stats[0 .. kStats or kJsdStats).
+TF_KLD_HD double FinishJsd(const Params& params, double sp, double sq, double* stats) {
+  stats[4] = sp, stats[5] = sq;
+  if (stats[0] == -INFINITY || stats[2] == -INFINITY) return NAN;
+  return params.beta * sp + (1.0 - params.beta) * sq;
+}
+
+#ifdef __CUDACC__
+
+__device__ __forceinline__ State Shuffle(const State& s, int offset, int width) {
+  State r;
+  r.max_a = __shfl_xor_sync(0xffffffffu, s.max_a, offset, width);
+  r.sum_a = __shfl_xor_sync(0xffffffffu, s.sum_a, offset, width);
+  r.cross = __shfl_xor_sync(0xffffffffu, s.cross, offset, width);
+  r.max_b = __shfl_xor_sync(0xffffffffu, s.max_b, offset, width);
+  r.sum_b = __shfl_xor_sync(0xffffffffu, s.sum_b, offset, width);
+  r.infinite = __shfl_xor_sync(0xffffffffu, s.infinite, offset, width);
+  return r;
+}
+
+// Butterfly over each aligned group of `width` lanes: every lane gets the group's state, the lower
+// lane's half first (the harness replays this tree).
+__device__ __forceinline__ State GroupMerge(State s, int width) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  for (int offset = 1; offset < width; offset *= 2) {
+    const State other = Shuffle(s, offset, width);
+    s = (lane & offset) ? Merge(other, s) : Merge(s, other);
+  }
+  return s;
+}
+
+__device__ __forceinline__ double GroupSumOrdered(double v, int width) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  for (int offset = 1; offset < width; offset *= 2) {
+    const double other = __shfl_xor_sync(0xffffffffu, v, offset, width);
+    v = (lane & offset) ? other + v : v + other;
+  }
+  return v;
+}
+
+// The block's state, in every thread: warps' states, then warp 0 merges them in warp order.
+__device__ __forceinline__ State BlockMerge(State s, State* shared) {
+  s = GroupMerge(s, 32);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) shared[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < warps ? shared[lane] : State();
+    s = GroupMerge(s, 32);
+    if (lane == 0) shared[32] = s;
+  }
+  __syncthreads();
+  s = shared[32];
+  __syncthreads();  // shared is reused by the next row
+  return s;
+}
+
+__device__ __forceinline__ double BlockSumOrdered(double v, double* shared) {
+  v = GroupSumOrdered(v, 32);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < warps ? shared[lane] : 0.0;
+    v = GroupSumOrdered(v, 32);
+    if (lane == 0) shared[32] = v;
+  }
+  __syncthreads();
+  v = shared[32];
+  __syncthreads();
+  return v;
+}
+
+// loss[rows] and stats[rows, kStats or kJsdStats] of [rows, cols] logits, cols > 0.
+template <typename T>
+__global__ void __launch_bounds__(kMaxBlock)
+    ForwardKernel(const T* __restrict__ t, const T* __restrict__ p, T* __restrict__ loss,
+                  double* __restrict__ stats, int64_t rows, int64_t cols, int group, Params params) {
+  // Raw storage: a __shared__ State array would need a dynamic initialiser (State's defaults).
+  static_assert(sizeof(State) % sizeof(double) == 0, "State is stored as doubles");
+  __shared__ double state_words[33 * sizeof(State) / sizeof(double)];
+  __shared__ double sums[33];
+  State* states = reinterpret_cast<State*>(state_words);
+  const bool in_warp = group <= 32;
+  const int per_block = in_warp ? static_cast<int>(blockDim.x) / group : 1;
+  const int slot = in_warp ? static_cast<int>(threadIdx.x) / group : 0;
+  const int lane = in_warp ? static_cast<int>(threadIdx.x) % group : static_cast<int>(threadIdx.x);
+  const int lanes = in_warp ? group : static_cast<int>(blockDim.x);
+  const int width = params.jsd ? kJsdStats : kStats;
+  // The loop bound is uniform over the block, so every lane reaches the shuffles and barriers.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * per_block; base < rows;
+       base += static_cast<int64_t>(gridDim.x) * per_block) {
+    const int64_t row = base + slot;
+    const bool live = row < rows;
+    const T* tr = t + (live ? row : 0) * cols;
+    const T* pr = p + (live ? row : 0) * cols;
+    State s = live ? RowLane(tr, pr, cols, lane, lanes, params).ToState() : State();
+    s = in_warp ? GroupMerge(s, group) : BlockMerge(s, states);
+    double st[kJsdStats];
+    double result = Finish(s, st);
+    if (params.jsd) {
+      double sp = 0.0, sq = 0.0;
+      if (live) RowJsdSums(tr, pr, cols, lane, lanes, params, st, &sp, &sq);
+      if (in_warp) {
+        sp = GroupSumOrdered(sp, group), sq = GroupSumOrdered(sq, group);
+      } else {
+        sp = BlockSumOrdered(sp, sums), sq = BlockSumOrdered(sq, sums);
+      }
+      result = FinishJsd(params, sp, sq, st);
+    } else {
+      st[4] = result;
+    }
+    if (live && lane == 0) {
+      loss[row] = Traits<T>::FromSum(result);
+      for (int j = 0; j < width; ++j) stats[row * width + j] = st[j];
+    }
+  }
+}
+
+// An empty last axis: loss 0 and stats 0 (an empty sum), as the CPU kernels.
+template <typename T>
+__global__ void EmptyRowsKernel(T* __restrict__ loss, double* __restrict__ stats, int64_t rows, int width) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * width;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    stats[i] = 0.0;
+    if (i < rows) loss[i] = Traits<T>::FromSum(0.0);
+  }
+}
+
+// d_true and/or d_pred (nullptr: not wanted) over the flat [rows * cols] elements, one element a
+// thread per step; row = i / cols by a Divider. Outputs may alias the inputs (each element is read
+// before its gradient is written, by the same thread).
+template <typename T>
+__global__ void __launch_bounds__(kRowBlock)
+    GradientKernel(const T* g, const T* t, const T* p, const double* __restrict__ stats, T* d_true, T* d_pred,
+                   int64_t total, Divider row_of, Params params) {
+  using C = typename Traits<T>::Compute;
+  const int width = params.jsd ? kJsdStats : kStats;
+  const C temperature = static_cast<C>(params.temperature);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = static_cast<int64_t>(row_of.Div(static_cast<uint64_t>(i)));
+    const C g_over_t = Traits<T>::ToCompute(g[row]) / temperature;
+    GradientElement<T>(params, g_over_t, stats + row * width, t[i], p[i], d_true ? d_true + i : nullptr,
+                       d_pred ? d_pred + i : nullptr);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host launchers. T: float, double, __half or __nv_bfloat16. Errors: the launch's own cudaError_t.
+
+// loss[rows] and stats[rows * (params.jsd ? kJsdStats : kStats)] of [rows, cols] logits.
+template <typename T>
+cudaError_t LaunchForward(cudaStream_t stream, const Params& params, const T* t, const T* p, T* loss,
+                          double* stats, int64_t rows, int64_t cols) {
+  if (rows <= 0) return cudaSuccess;
+  const int width = params.jsd ? kJsdStats : kStats;
+  if (cols <= 0) {
+    const int64_t blocks = CeilDiv(rows * width, 256) < kMaxBlocks ? CeilDiv(rows * width, 256) : kMaxBlocks;
+    return Launch(EmptyRowsKernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(256), stream, loss, stats, rows,
+                  width);
+  }
+  const Plan plan = PlanRows(rows, cols);
+  return Launch(ForwardKernel<T>, dim3(static_cast<unsigned>(plan.blocks)), dim3(static_cast<unsigned>(plan.block)),
+                stream, t, p, loss, stats, rows, cols, plan.group, params);
+}
+
+// d_true and/or d_pred (nullptr: not computed) of [rows, cols] logits from the forward's stats.
+template <typename T>
+cudaError_t LaunchGradient(cudaStream_t stream, const Params& params, const T* g, const T* t, const T* p,
+                           const double* stats, T* d_true, T* d_pred, int64_t rows, int64_t cols) {
+  if (rows <= 0 || cols <= 0 || (d_true == nullptr && d_pred == nullptr)) return cudaSuccess;
+  const int64_t total = rows * cols;
+  const int64_t blocks = CeilDiv(total, kRowBlock) < kMaxBlocks ? CeilDiv(total, kRowBlock) : kMaxBlocks;
+  return Launch(GradientKernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kRowBlock), stream, g, t, p, stats,
+                d_true, d_pred, total, Divider(static_cast<uint64_t>(cols)), params);
+}
+
+#endif  // __CUDACC__
+
+}  // namespace distill
+}  // namespace gpu
+}  // namespace tf_kld
+
+#endif  // TF_KLD_CC_KERNELS_DISTILL_GPU_CU_H_
