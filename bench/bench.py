@@ -225,6 +225,7 @@ def memory_child(impl, shape, mode):
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072",
               "TF_CPP_MIN_LOG_LEVEL": "3"}
 NOT_MEASURABLE = "not measurable here"
+_POOLING_SEEN = []  # non-empty once a child found this environment's allocator pooling freed memory
 
 
 def _limit_memory(gib):
@@ -239,6 +240,8 @@ def peak_memory_in_child(script, child_args, limit_gib=None):
     attempts = [({}, "this process's allocator"),
                 ({"TF_ENABLE_ONEDNN_OPTS": "0"}, "TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's allocator "
                                                  "pooled freed memory with oneDNN on)")]
+    if _POOLING_SEEN:  # an earlier child's calibration already failed with this environment
+        attempts = attempts[1:]
     for extra_env, note in attempts:
         env = dict(os.environ, **MEMORY_ENV, **extra_env)
         cmd = [sys.executable, os.path.abspath(script), "--memory-child", *child_args]
@@ -250,6 +253,8 @@ def peak_memory_in_child(script, child_args, limit_gib=None):
         child = json.loads(lines[-1])
         if child["calibration_seen_bytes"] >= 0.9 * child["calibration_bytes"]:
             return {"bytes": child["peak_extra_bytes"], "note": note}
+        if not extra_env:
+            _POOLING_SEEN.append(True)
         if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
             break  # the second attempt would change nothing
     return {"bytes": None, "note": (

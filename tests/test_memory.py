@@ -69,6 +69,7 @@ def test_an_allocator_that_keeps_memory_is_never_reported_as_met(monkeypatch):
     def fake_run(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(child) + "\n", stderr="")
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "_POOLING_SEEN", [])  # what the fake finds is not kept for later tests
     measured = bench.peak_memory("tf_kld", SHAPE, "fwd+bwd")
     assert measured["bytes"] is None and measured["note"].startswith(bench.NOT_MEASURABLE), measured
     memory = [{"shape": "1024x2048", "mode": "fwd+bwd", "impl": "tf_kld", "peak_extra_mib": None,
