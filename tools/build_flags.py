@@ -132,7 +132,7 @@ def link_flags(xla=False):
 CUDA_SOURCES = ["cc/kernels/kld_kernels.cu.cc", "cc/kernels/distill_kernels.cu.cc"]
 CUDA_HOST_SOURCES = ["cc/kernels/kld_kernels.cc", "cc/kernels/distill_kernels.cc"]
 CUDA_HEADERS = ["cc/kernels/kld_gpu.h", "cc/kernels/kld_gpu.cu.h", "cc/kernels/distill_gpu.h",
-                "cc/kernels/distill_gpu.cu.h"]  # only CUDA objects depend on them
+                "cc/kernels/distill_gpu.cu.h", "cc/kernels/cuda_types.cu.h"]  # only CUDA objects depend on them
 CUDA_ARCHS_ENV = "TF_KLD_CUDA_ARCHS"
 # CMake's CUDA_ARCHITECTURES syntax, ',' or ';' separated: "80" is sm_80 code plus compute_80 PTX,
 # "80-real" sm_80 code only, "80-virtual" PTX only. Default: sm_75/80/86/89/90 code and compute_90

@@ -4,34 +4,11 @@
 
 #include "cc/kernels/distill_gpu.cu.h"
 #include "cc/kernels/distill_gpu.h"  // first of the TensorFlow side: turns on Eigen's GPU device
+#include "cc/kernels/cuda_types.cu.h"  // CudaType, Cuda()
 
 namespace tf_kld {
 namespace distill_gpu {
 namespace {
-
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<Eigen::half> {
-  using type = __half;
-};
-template <>
-struct CudaType<Eigen::bfloat16> {
-  using type = __nv_bfloat16;
-};
-static_assert(sizeof(Eigen::half) == sizeof(__half) && sizeof(Eigen::bfloat16) == sizeof(__nv_bfloat16),
-              "Eigen's 16-bit types must be bit-compatible with CUDA's");
-
-template <typename T>
-const typename CudaType<T>::type* Cuda(const T* p) {
-  return reinterpret_cast<const typename CudaType<T>::type*>(p);
-}
-template <typename T>
-typename CudaType<T>::type* Cuda(T* p) {
-  return reinterpret_cast<typename CudaType<T>::type*>(p);
-}
 
 gpu::distill::Params Core(const Params& params) {
   return params.jsd ? gpu::distill::JsdParams(params.temperature, params.beta)

@@ -4,36 +4,13 @@
 
 #include "cc/kernels/kld_gpu.cu.h"
 #include "cc/kernels/kld_gpu.h"  // first: turns on Eigen's GPU device
+#include "cc/kernels/cuda_types.cu.h"  // CudaType, Cuda()
 
 #define TF_KLD_STRINGIFY2(...) #__VA_ARGS__
 #define TF_KLD_STRINGIFY(...) TF_KLD_STRINGIFY2(__VA_ARGS__)
 
 namespace tf_kld {
 namespace {
-
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<Eigen::half> {
-  using type = __half;
-};
-template <>
-struct CudaType<Eigen::bfloat16> {
-  using type = __nv_bfloat16;
-};
-static_assert(sizeof(Eigen::half) == sizeof(__half) && sizeof(Eigen::bfloat16) == sizeof(__nv_bfloat16),
-              "Eigen's 16-bit types must be bit-compatible with CUDA's");
-
-template <typename T>
-const typename CudaType<T>::type* Cuda(const T* p) {
-  return reinterpret_cast<const typename CudaType<T>::type*>(p);
-}
-template <typename T>
-typename CudaType<T>::type* Cuda(T* p) {
-  return reinterpret_cast<typename CudaType<T>::type*>(p);
-}
 
 // 16-bit types keep the CPU core's accuracy (logf, IEEE division): the launchers' kFastMath stays
 // false, so the fast_math kernels the harness measures (kld_gpu.cu.h) are not compiled in here.
