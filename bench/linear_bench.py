@@ -136,6 +136,42 @@ def main(argv=None):
     return 0
 
 
+def _targets(rows):
+    """The issue's targets per (shape, dtype): peak memory <= 1/10 of each materialised Keras path's
+    at V >= 128256 (1/4 below), <= 1/2 of the materialised tf_kld path's; step time <= 1.1x the
+    materialised tf_kld path's and below the Keras XLA path's. met None: not measured."""
+    out = []
+    by = {}
+    for r in rows:
+        by.setdefault((r["shape"], r["dtype"]), {})[r["impl"]] = r
+    for (shape, dtype), peers_ in by.items():
+        ours = peers_.get(OURS)
+        if ours is None or ours["ms"] is None:
+            continue
+        classes = int(shape.split("x")[2])
+        keras_bound = 0.1 if classes >= 128256 else 0.25
+        checks = [(name, f"memory <= {bound:g}x of {name}", "memory", bound)
+                  for name, bound in (("keras XLA", keras_bound), ("keras tf.function", keras_bound),
+                                      ("tf_kld logits", 0.5))]
+        checks += [("tf_kld logits", "time <= 1.1x of tf_kld logits", "time", 1.1),
+                   ("keras XLA", "time < keras XLA", "time", 1.0)]
+        for name, text, kind, bound in checks:
+            peer = peers_.get(name)
+            if peer is None:
+                continue
+            if kind == "memory":
+                value = peer.get("tf_kld_memory_fraction")
+                measured = "-" if value is None else f"{value:.3f}x"
+                met = None if value is None else value <= bound
+            else:
+                value = ours["ms"] / peer["ms"] if peer["ms"] else None
+                measured = "-" if value is None else f"{value:.2f}x"
+                met = None if value is None else (value <= bound if bound > 1 else value < bound)
+            out.append({"shape": shape, "dtype": dtype, "target": text, "measured": measured,
+                        "met": met})
+    return out
+
+
 def _report(rows, out):
     ours = {(r["shape"], r["dtype"]): r for r in rows if r["impl"] == OURS}
     lines = ["| shape (rows x H x V) | dtype | peer | ms | x tf_kld time | peak extra MiB | "
@@ -152,10 +188,14 @@ def _report(rows, out):
                      f"{fmt(speed, '.2f')} | "
                      f"{fmt(r['peak_extra_mib'], '.1f') if r['peak_extra_mib'] is not None else r['memory_note']} | "
                      f"{fmt(mem, '.3f')} |")
+    targets = _targets(rows)
+    lines += ["", "| shape | dtype | target | measured | met |", "|---|---|---|---:|---|"]
+    lines += [f"| {t['shape']} | {t['dtype']} | {t['target']} | {t['measured']} | "
+              f"{'yes' if t['met'] else 'no' if t['met'] is not None else '-'} |" for t in targets]
     print("\n".join(lines))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "linear.json"), "w") as f:
-        json.dump({"tensorflow": tf.__version__, "rows": rows}, f, indent=1)
+        json.dump({"tensorflow": tf.__version__, "rows": rows, "targets": targets}, f, indent=1)
     with open(os.path.join(out, "linear.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"results written to {out}/linear.{{json,md}}")

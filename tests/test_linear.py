@@ -90,21 +90,21 @@ def _assert_matches(x, beta, temperature, chunk_size, bias=True, tol=1e-12):
 
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 64, None])
-def test_float64_value_and_student_gradients(beta, chunk_size, rng):
+def test_float64_value_and_student_gradients(beta, chunk_size, impl, rng):
     _assert_matches(_problem(rng), beta, 2.0, chunk_size)
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
-def test_temperatures_and_no_bias(temperature, rng):
+def test_temperatures_and_no_bias(temperature, impl, rng):
     _assert_matches(_problem(rng), 0.0, temperature, 7, bias=False)
     _assert_matches(_problem(rng), 0.5, temperature, 7, bias=True)
 
 
-def test_three_d_hidden_states(rng):
+def test_three_d_hidden_states(impl, rng):
     _assert_matches(_problem(rng, lead=(3, 11)), 0.5, 1.5, 4)
 
 
-def test_rows_of_weight_zero_contribute_nothing(rng):
+def test_rows_of_weight_zero_contribute_nothing(impl, rng):
     x = _problem(rng)
     x["sample_weight"][::3] = 0.0
     x["student_hidden"][3] = np.nan  # a padding row holding garbage changes nothing
@@ -119,7 +119,7 @@ def test_rows_of_weight_zero_contribute_nothing(rng):
     np.testing.assert_allclose(grads[1].numpy(), want_grads[1].numpy(), rtol=1e-12, atol=1e-14)
 
 
-def test_all_weights_zero_give_zero(rng):
+def test_all_weights_zero_give_zero(impl, rng):
     x = _problem(rng)
     x["sample_weight"][:] = 0.0
     loss, grads = _loss_and_grads(_fused, x, beta=0.5, temperature=1.0, chunk_size=8)
@@ -137,7 +137,7 @@ def test_default_weights_are_one(rng):
 
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16, tf.float16])
-def test_low_precision_inputs(dtype, rng):
+def test_low_precision_inputs(dtype, impl, rng):
     # Matmuls in the input dtype, the divergence in float32: compared with the float64 composite on
     # the same (rounded) inputs, within what rounding the logits to the input dtype costs.
     x = _problem(rng, rows=64, hs=16, ht=16, classes=300, dtype=np.float64, scale=0.3)
@@ -356,7 +356,7 @@ import bench  # calibrated peak measurement, shared with the benchmark
 import tensorflow as tf
 import tf_kld
 
-rows, hidden, classes = 4096, 64, 32000
+rows, hidden, classes, chunk = (int(v) for v in sys.argv[2:6])
 hs = tf.random.normal([rows, hidden]); ht = tf.random.normal([rows, hidden])
 ws = tf.random.normal([hidden, classes]) * 0.1; wt = tf.random.normal([hidden, classes]) * 0.1
 
@@ -364,7 +364,8 @@ ws = tf.random.normal([hidden, classes]) * 0.1; wt = tf.random.normal([hidden, c
 def step(hs, ws):
     with tf.GradientTape() as tape:
         tape.watch([hs, ws])
-        loss = tf_kld.linear_distillation_loss(hs, ws, ht, wt, temperature=2.0)
+        loss = tf_kld.linear_distillation_loss(hs, ws, ht, wt, temperature=2.0,
+                                               chunk_size=chunk or None)
     return loss, tape.gradient(loss, [hs, ws])
 
 bench._block(step(hs, ws))
@@ -373,28 +374,170 @@ bench._block(bench._allocate_like(known))
 calibration = bench._peak_extra_bytes(bench._allocate_like, (known,))
 del known
 print(json.dumps({"peak": bench._peak_extra_bytes(step, (hs, ws)), "calibration": calibration,
-                  "calibration_bytes": 4 * rows // 8 * classes, "logits_bytes": 4 * rows * classes}))
+                  "calibration_bytes": 4 * rows // 8 * classes, "logits_bytes": 4 * rows * classes,
+                  "kernel_bytes": 4 * hidden * classes}))
 """
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs /proc/self/clear_refs")
-def test_never_allocates_rows_by_classes(tmp_path):
-    # In a fresh process with an allocator that returns memory (oneDNN's pools freed buffers): the
-    # peak of a forward+backward step must stay far below one [rows, classes] float32 tensor
-    # (500 MiB here); a calibration allocation of 1/8 of it must show up in full.
+def _peak_of_a_step(tmp_path, rows, hidden, classes, chunk=0):
+    # In a fresh process with an allocator that returns memory (oneDNN's pools freed buffers); a
+    # calibration allocation of 1/8 of a [rows, classes] float32 tensor must show up in full.
     script = tmp_path / "worker.py"
     script.write_text(_MEMORY_WORKER)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
                TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [IMPORT_ROOT, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(script), IMPORT_ROOT], capture_output=True, text=True,
-                          env=env, timeout=600, check=False)
+    proc = subprocess.run([sys.executable, str(script), IMPORT_ROOT] +
+                          [str(v) for v in (rows, hidden, classes, chunk)],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
     assert out["calibration"] >= 0.9 * out["calibration_bytes"], out
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs /proc/self/clear_refs")
+def test_never_allocates_rows_by_classes(tmp_path):
+    # The peak of a forward+backward step must stay far below one [rows, classes] float32 tensor
+    # (500 MiB here).
+    out = _peak_of_a_step(tmp_path, 4096, 64, 32000)
     assert out["peak"] <= 0.25 * out["logits_bytes"], (
         f"a fused step took {out['peak'] / 2**20:.0f} MiB; one [rows, classes] float32 tensor is "
         f"{out['logits_bytes'] / 2**20:.0f} MiB")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs /proc/self/clear_refs")
+def test_kernel_gradient_is_summed_in_one_buffer(tmp_path, require_custom):
+    # A wide kernel and small chunks: the [H, V] kernel gradient (62.5 MiB) dominates. Summed in
+    # place (no [H, V] temporary per chunk, no copy when the upstream gradient is 1) the step's
+    # peak is that one buffer plus a few [16, V] chunk buffers (2 MiB each); a second [H, V] buffer
+    # at any moment would make it twice as large.
+    out = _peak_of_a_step(tmp_path, 256, 512, 32000, chunk=16)
+    assert out["peak"] <= 1.25 * out["kernel_bytes"], (
+        f"a fused step took {out['peak'] / 2**20:.1f} MiB; the kernel gradient is "
+        f"{out['kernel_bytes'] / 2**20:.1f} MiB")
+
+
+def _op_types(concrete):
+    """The op types of a concrete function's graph and of every function it calls (loop bodies)."""
+    graph_def = concrete.graph.as_graph_def()
+    types = {node.op for node in graph_def.node}
+    for function in graph_def.library.function:
+        types |= {node.op for node in function.node_def}
+    return types
+
+
+def test_custom_path_runs_the_fused_ops(require_custom, rng):
+    # Outside XLA the chunks run the fused divergence ops and their gradient ops, and the kernel
+    # gradient is summed by the in-place op; the reference path and XLA use none of them.
+    x = {k: tf.constant(v, tf.float32) for k, v in _problem(rng).items()}
+
+    def step(beta):
+        @tf.function
+        def fn(hs, ws):
+            with tf.GradientTape() as tape:
+                tape.watch([hs, ws])
+                loss = tf_kld.linear_distillation_loss(hs, ws, x["teacher_hidden"],
+                                                       x["teacher_kernel"], beta=beta, chunk_size=8)
+            return loss, tape.gradient(loss, [hs, ws])
+        return fn.get_concrete_function(x["student_hidden"], x["student_kernel"])
+
+    kl = {"TfKld>KlDivergenceWithLogits", "TfKld>KlDivergenceWithLogitsGrad",
+          "TfKld>AccumulateTransposedMatMul"}
+    jsd = {"TfKld>GeneralizedJsdWithLogits", "TfKld>GeneralizedJsdWithLogitsGrad",
+           "TfKld>AccumulateTransposedMatMul"}
+    assert kl <= _op_types(step(0.0)) and kl <= _op_types(step(1.0))
+    assert jsd <= _op_types(step(0.5))
+    with tf_kld.implementation("reference"):
+        assert not any(t.startswith("TfKld>") for t in _op_types(step(0.5)))
+
+
+# TfKld>AccumulateTransposedMatMul: acc + a^T b in acc's buffer.
+
+def _accumulate_bound(acc, a, b, dtype):
+    """Elementwise bound on the error of acc + a^T b summed in `dtype`, over k + 1 roundings."""
+    unit = 2.0 ** -24 if dtype == np.float32 else 2.0 ** -53
+    k = a.shape[0]
+    return (k + 2) * unit * (np.abs(acc) + np.abs(a).T @ np.abs(b)) + 1e-300
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (33, 129, 257), (64, 4, 256), (65, 7, 1000),
+                                   (130, 3, 300), (2, 9, 4099), (0, 4, 5), (4, 0, 5), (4, 5, 0)])
+def test_accumulate_op_values(shape, dtype, require_custom, rng):
+    k, m, n = shape
+    acc, a, b = (rng.normal(size=s).astype(dtype) for s in ((m, n), (k, m), (k, n)))
+    acc_t = tf.constant(acc)
+    got = tf_kld.ops.accumulate_transposed_matmul(acc_t, tf.constant(a), tf.constant(b))
+    assert got.dtype == acc_t.dtype and got.shape == (m, n)
+    want = acc.astype(np.float64) + a.astype(np.float64).T @ b.astype(np.float64)
+    err = np.abs(got.numpy().astype(np.float64) - want)
+    assert np.all(err <= _accumulate_bound(acc, a, b, dtype)), err.max()
+    # acc still has a reader (acc_t): the op copied it rather than writing into it.
+    np.testing.assert_array_equal(acc_t.numpy(), acc)
+
+
+def test_accumulate_op_checks_its_inputs(require_custom):
+    op = tf_kld.ops.accumulate_transposed_matmul
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be matrices that match"):
+        op(tf.zeros([3, 4]), tf.zeros([2, 3]), tf.zeros([2, 5]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be matrices that match"):
+        op(tf.zeros([3, 4]), tf.zeros([2, 3]), tf.zeros([1, 4]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be matrices that match"):
+        op(tf.zeros([3]), tf.zeros([2, 3]), tf.zeros([2, 4]))
+    with pytest.raises((TypeError, tf.errors.InvalidArgumentError, tf.errors.NotFoundError)):
+        op(tf.zeros([3, 4], tf.bfloat16), tf.zeros([2, 3], tf.bfloat16), tf.zeros([2, 4], tf.bfloat16))
+
+    @tf.function(input_signature=[tf.TensorSpec([3, 4]), tf.TensorSpec([2, 3]), tf.TensorSpec([2, 5])])
+    def traced(acc, a, b):
+        return op(acc, a, b)
+
+    with pytest.raises(ValueError, match="do not match"):
+        traced.get_concrete_function()
+
+
+_ACCUMULATE_WORKER = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
+import tf_kld
+rng = np.random.default_rng(3)
+out = {"isa": tf_kld.ops.cpu_isa()}
+for k, m, n in [(64, 130, 5003), (7, 3, 70000), (130, 17, 777)]:
+    acc, a, b = (rng.normal(size=s).astype(np.float32) for s in ((m, n), (k, m), (k, n)))
+    got = tf_kld.ops.accumulate_transposed_matmul(acc, a, b).numpy()
+    want = acc.astype(np.float64) + a.astype(np.float64).T @ b.astype(np.float64)
+    bound = (k + 2) * 2.0 ** -24 * (np.abs(acc) + np.abs(a).T @ np.abs(b))
+    out[f"{k}x{m}x{n}"] = {"ok": bool(np.all(np.abs(got - want) <= bound)), "hex": got.tobytes().hex()}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _run_accumulate(threads, isa=None):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [IMPORT_ROOT, os.environ.get("PYTHONPATH")])),
+               TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("TF_KLD_CPU_ISA", None)
+    if isa:
+        env["TF_KLD_CPU_ISA"] = isa
+    proc = subprocess.run([sys.executable, "-c", _ACCUMULATE_WORKER, str(threads)], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][7:])
+
+
+def test_accumulate_op_every_isa_build_and_thread_count(require_custom):
+    # Each build (AVX-512, AVX2, baseline: as many as this CPU runs) within the float32 bound of
+    # the float64 sum; each bit-identical with 1 and 4 threads (columns split at fixed panels).
+    best = _run_accumulate(1)
+    isas = {"avx512": [None, "avx2", "generic"], "avx2": [None, "generic"]}.get(best["isa"], [None])
+    for isa in isas:
+        one, four = (best if isa is None else _run_accumulate(1, isa)), _run_accumulate(4, isa)
+        assert one == four, isa
+        assert one["isa"] == (isa or best["isa"])
+        for key, value in one.items():
+            if key != "isa":
+                assert value["ok"], (isa, key)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])

@@ -29,9 +29,14 @@ from tf_kld import reference
 
 _NAME = "linear_distillation_loss"
 
-# Rows per chunk when chunk_size is None: a [chunk, V] float32 buffer of about this many bytes.
-# Several such buffers live at once (both logits, their exponentials, the logit gradient).
-_CHUNK_BYTES = 16 << 20
+# Rows per chunk when chunk_size is None: a [chunk, V] float32 buffer of at most this many bytes.
+# Two such buffers live at once (the teacher's and the student's logits; the logit gradient takes
+# over the student's), and each chunk reads the kernels and the kernel gradient ([H, V] each) once
+# more: smaller chunks save memory, larger ones spend less time on that traffic. Measured on 2 CPU
+# cores at V = 128256 (docs/linear.md): 64 rows a chunk (32 MiB) is 1.2x the materialised path's
+# time, 128 rows 1.1x but, from 128 rows, TensorFlow's matmul (Eigen's, with oneDNN off) also packs
+# a copy of the whole [H, V] kernel: 2.6x the memory.
+_CHUNK_BYTES = 32 << 20
 _MAX_AUTO_CHUNK = 1024
 
 
@@ -92,8 +97,8 @@ def _check_shapes(hs, ws, ht, wt, bs, bt, sample_weight):
 
 
 def auto_chunk_size(classes, rows=None):
-    """Rows per chunk for `classes` classes: a [chunk, classes] float32 buffer of ~16 MiB (a power of
-    two, at most 1024), and no more than the rows there are."""
+    """Rows per chunk for `classes` classes: a [chunk, classes] float32 buffer of at most 32 MiB (a
+    power of two, at most 1024), and no more than the rows there are."""
     chunk = max(1, _CHUNK_BYTES // (4 * max(1, classes)))
     chunk = min(_MAX_AUTO_CHUNK, 1 << (chunk.bit_length() - 1))
     if rows is not None:
@@ -159,7 +164,7 @@ def linear_distillation_loss(student_hidden, student_kernel, teacher_hidden, tea
       beta: float in [0, 1].
       sample_weight: optional weights of the leading shape (or a scalar); rows of weight 0 (e.g.
         padding) contribute nothing.
-      chunk_size: rows per chunk; None picks one from V (a [chunk, V] float32 buffer of ~16 MiB),
+      chunk_size: rows per chunk; None picks one from V (a [chunk, V] float32 buffer of <= 32 MiB),
         no more than the rows where their number is static.
 
     Returns:
@@ -212,15 +217,19 @@ def linear_distillation_loss(student_hidden, student_kernel, teacher_hidden, tea
 
         def grad(upstream):
             u = tf.cast(upstream, work)
-            return (tf.cast(u * tf.cast(d_h, work), hs2.dtype), tf.cast(u * d_w, ws.dtype),
-                    tf.cast(u * d_b, bs_in.dtype))
+
+            def scaled(x, dtype):  # upstream 1 (the usual case): x itself, no [H_s, V] copy
+                return tf.cast(tf.cond(tf.equal(u, 1), lambda: x, lambda: u * x), dtype)
+            return (tf.cast(u * tf.cast(d_h, work), hs2.dtype), scaled(d_w, ws.dtype),
+                    scaled(d_b, bs_in.dtype))
         return loss, grad
 
     return loss_fn(hs2, ws, bs_in)
 
 
-# XLA fuses the per-chunk softmax/divergence/gradient arithmetic into a few passes over [chunk, V]
-# (TensorFlow's graph executor would make a pass, and a buffer, per op).
+# The composite path (XLA, or implementation("reference")): XLA fuses the per-chunk softmax,
+# divergence and gradient arithmetic into a few passes over [chunk, V] (TensorFlow's graph executor
+# would make a pass, and a buffer, per op).
 _fused_rows = tf.function(rows_divergence_and_logit_grad, jit_compile=True, reduce_retracing=True)
 
 
@@ -229,9 +238,32 @@ def _in_xla():
     return ops.in_xla_context()
 
 
+def _use_fused_ops():
+    """The fused logits ops inside the chunks: where the implementation switch picks the custom
+    ops (never inside XLA, where the composite fuses and the loop's buffers are XLA's)."""
+    from tf_kld import distillation, ops  # pylint: disable=import-outside-toplevel
+    return not ops.in_xla_context() and distillation._use_custom_op()  # pylint: disable=protected-access
+
+
+def _accumulate_in_place():
+    """The kernel gradient summed in one buffer by TfKld>AccumulateTransposedMatMul (a CPU op:
+    with a GPU, TensorFlow's matmul and an add keep the sum on the device)."""
+    from tf_kld import ops  # pylint: disable=import-outside-toplevel
+    return ops.accumulate_op_loaded() and not tf.config.list_logical_devices("GPU")
+
+
 def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
     """The loop over chunks: (loss, d loss/d hs [rows, H_s], d/d ws [H_s, V] and d/d bs [V], in
-    `work`, except d/d hs in hs's dtype)."""
+    `work`, except d/d hs in hs's dtype).
+
+    Outside XLA each chunk runs the fused divergence op and its gradient op (one pass each over the
+    chunk's logits), and the kernel gradient is summed in place: the first chunk's matmul creates
+    the [H_s, V] sum, later chunks add into that buffer (no [H_s, V] temporary per chunk). Under XLA
+    (and for implementation("reference")) the chunk arithmetic is the composite, and XLA owns the
+    buffers."""
+    from tf_kld import ops  # pylint: disable=import-outside-toplevel
+    fused = _use_fused_ops()
+    in_place = fused and _accumulate_in_place()
     rows_all = tf.shape(hs)[0]
     total = tf.reduce_sum(w)
     g_all = tf.math.divide_no_nan(w, total)
@@ -241,14 +273,16 @@ def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
     else:
         keep, hs_k, ht_k, g_k = None, hs, ht, g_all
     rows = tf.shape(hs_k)[0]
-    n_chunks = (rows + chunk - 1) // chunk
+    n_chunks = tf.maximum((rows + chunk - 1) // chunk, 1)  # >= 1: the first chunk starts the sums
     pad = n_chunks * chunk - rows
     hs_p = tf.pad(hs_k, [[0, pad], [0, 0]])
     ht_p = tf.pad(ht_k, [[0, pad], [0, 0]])
     g_p = tf.pad(g_k, [[0, pad]])
     h_dim, v_dim = tf.shape(ws)[0], tf.shape(ws)[1]
 
-    def body(i, loss, d_w, d_b, d_h):
+    def chunk_step(i, d_w):
+        """Chunk i's weighted loss, d/d hs, d/d bs, and d_w with its kernel gradient added (d_w
+        None: the first chunk, whose kernel gradient starts the sum)."""
         start = i * chunk
         h_c = tf.slice(hs_p, [start, 0], [chunk, h_dim])
         t_c = tf.slice(ht_p, [start, 0], [chunk, tf.shape(ht_p)[1]])
@@ -259,25 +293,49 @@ def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
             s_logits += bs
         if bt is not None:
             t_logits += bt
-        d, ds = _fused_rows(tf.cast(t_logits, work), tf.cast(s_logits, work), g=g_c, beta=beta,
-                            temperature=temperature)
-        # Rows of weight 0 (padding, or kept under XLA) contribute nothing, not even a NaN.
-        live = tf.not_equal(g_c, 0)
-        loss += tf.reduce_sum(tf.where(live, g_c * d, tf.zeros_like(d)))
-        ds = tf.where(live[:, tf.newaxis], ds, tf.zeros_like(ds))
-        ds_in = tf.cast(ds, ws.dtype)
-        # A dead row's hidden state may hold NaN (padding under XLA): 0 * NaN would reach d_w.
-        h_live = tf.where(live[:, tf.newaxis], h_c, tf.zeros_like(h_c))
-        d_w += tf.cast(tf.matmul(h_live, ds_in, transpose_a=True), work)
-        d_b += tf.reduce_sum(ds, axis=0)
-        d_h = d_h.write(i, tf.matmul(ds_in, ws, transpose_b=True))
-        return i + 1, loss, d_w, d_b, d_h
+        t_logits, s_logits = tf.cast(t_logits, work), tf.cast(s_logits, work)
+        if fused:
+            # Padding rows have weight 0 and finite logits (the bias): they add exactly 0.
+            d, ds = ops.custom_divergence_and_student_grad(t_logits, s_logits, g_c, beta, temperature)
+            loss = tf.reduce_sum(g_c * d)
+            h_live = tf.cast(h_c, work)
+        else:
+            d, ds = _fused_rows(t_logits, s_logits, g=g_c, beta=beta, temperature=temperature)
+            # Rows of weight 0 (padding, or kept under XLA) contribute nothing, not even a NaN.
+            live = tf.not_equal(g_c, 0)
+            loss = tf.reduce_sum(tf.where(live, g_c * d, tf.zeros_like(d)))
+            ds = tf.where(live[:, tf.newaxis], ds, tf.zeros_like(ds))
+            # A dead row's hidden state may hold NaN (padding under XLA): 0 * NaN would reach d_w.
+            h_live = tf.cast(tf.where(live[:, tf.newaxis], h_c, tf.zeros_like(h_c)), work)
+        if d_w is None:
+            d_w = tf.matmul(h_live, ds, transpose_a=True)
+        elif in_place:
+            d_w = ops.accumulate_transposed_matmul(d_w, h_live, ds)
+        else:
+            d_w += tf.matmul(h_live, ds, transpose_a=True)
+        d_b = tf.reduce_sum(ds, axis=0) if bs is not None else None
+        d_h = tf.matmul(tf.cast(ds, ws.dtype), ws, transpose_b=True)
+        return loss, d_w, d_b, d_h
 
+    loss, d_w, d_b, d_h0 = chunk_step(0, None)
     d_h = tf.TensorArray(hs.dtype, size=n_chunks, element_shape=tf.TensorShape([chunk, None]))
-    init = (tf.constant(0), tf.zeros([], work), tf.zeros([h_dim, v_dim], work), tf.zeros([v_dim], work),
-            d_h)
-    _, loss, d_w, d_b, d_h = tf.while_loop(lambda i, *_: i < n_chunks, body, init,
-                                           parallel_iterations=1)
+    d_h = d_h.write(0, d_h0)
+    if d_b is None:
+        d_b = tf.zeros([v_dim], work)
+
+    def body(i, loss, d_w, d_b, d_h):
+        loss_c, d_w, d_b_c, d_h_c = chunk_step(i, d_w)
+        if d_b_c is not None:
+            d_b += d_b_c
+        return i + 1, loss + loss_c, d_w, d_b, d_h.write(i, d_h_c)
+
+    # The loop's counter waits for the whole first chunk: the loop variables enter the loop one
+    # by one, and chunk 1's matmuls (which need only the counter) would otherwise run while chunk
+    # 0's last ops still hold its logit gradient (one more [chunk, V] buffer at the peak).
+    with tf.control_dependencies([loss, d_w, d_b, d_h0]):
+        first = tf.identity(tf.constant(1))
+    _, loss, d_w, d_b, d_h = tf.while_loop(lambda i, *_: i < n_chunks, body,
+                                           (first, loss, d_w, d_b, d_h), parallel_iterations=1)
     d_h = tf.reshape(d_h.stack(), [-1, h_dim])[:rows]
     if keep is not None:
         d_h = tf.scatter_nd(keep[:, tf.newaxis], d_h, tf.cast(tf.stack([rows_all, h_dim]), tf.int64))

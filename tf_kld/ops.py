@@ -443,6 +443,35 @@ def custom_generalized_jsd_with_logits(y_true, y_pred, beta, temperature):
     return loss
 
 
+def custom_divergence_and_student_grad(t_logits, s_logits, g, beta, temperature):
+    """The fused ops on one chunk of rows ([rows, classes], one dtype): per row the generalized JSD
+    (beta = 0: KL(p || q), beta = 1: KL(q || p)) and its gradient w.r.t. the student logits scaled
+    by the per-row `g` ([rows]), each in one pass (tf_kld.linear's chunks)."""
+    attrs = _temperature_attrs(temperature, s_logits.dtype)
+    if beta in (0.0, 1.0):  # KL(p || q), or KL(q || p): the student is y_true
+        y_true, y_pred = (t_logits, s_logits) if beta == 0.0 else (s_logits, t_logits)
+        d, stats = _module.tf_kld_kl_divergence_with_logits(y_true, y_pred, **attrs)
+        d_true, d_pred = _module.tf_kld_kl_divergence_with_logits_grad(
+            g, y_true, y_pred, stats, need_y_true=beta == 1.0, need_y_pred=beta == 0.0, **attrs)
+        return d, (d_pred if beta == 0.0 else d_true)
+    attrs.update(beta=beta, beta_f64=repr(float(beta)))
+    d, stats = _module.tf_kld_generalized_jsd_with_logits(t_logits, s_logits, **attrs)
+    _, d_pred = _module.tf_kld_generalized_jsd_with_logits_grad(
+        g, t_logits, s_logits, stats, need_y_true=False, need_y_pred=True, **attrs)
+    return d, d_pred
+
+
+def accumulate_op_loaded():
+    """True when the loaded library has TfKld>AccumulateTransposedMatMul (CPU)."""
+    return _module is not None and hasattr(_module, "tf_kld_accumulate_transposed_mat_mul")
+
+
+def accumulate_transposed_matmul(acc, a, b):
+    """acc + matmul(a, b, transpose_a=True) in acc's buffer where TensorFlow allows it (float32 or
+    float64, CPU)."""
+    return _module.tf_kld_accumulate_transposed_mat_mul(acc, a, b)
+
+
 def _fused_grad(op, grad, grad_op, attr_names):
     """Both gradients in one pass from the forward's per-row stats; an input nobody differentiates
     (eager tapes, and tapes in tf.function, say which) is not computed."""

@@ -26,6 +26,8 @@ SOURCES = [
     "cc/kernels/kld_gpu_gate.cc",  # the GPU kernels' driver gate; in CPU builds for gpu_info()
     "cc/ops/distill_ops.cc",  # the distillation family; its core is in the kld_cpu_* objects
     "cc/kernels/distill_kernels.cc",
+    "cc/ops/linear_ops.cc",  # the fused linear loss's in-place weight-gradient accumulation
+    "cc/kernels/linear_kernels.cc",
 ]
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 AVX512_FLAGS = AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]

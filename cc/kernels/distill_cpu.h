@@ -119,7 +119,17 @@ struct Kernels {
                        int64_t cols, const JsdParams& params);
   // exp of n floats with the core's vectorised exp (for tests of its accuracy).
   void (*exp)(const float* x, float* out, int64_t n);
+  // The chunked linear loss's weight-gradient accumulation, in place: for row-major a [k, m],
+  // b [k, n] and acc [m, n], acc[i][c] += sum_j a[j][i] * b[j][c] (j in order) for every i < m and
+  // columns c in [col_begin, col_end). Each column's arithmetic depends only on col_begin's and
+  // col_end's position in the grid of kRankPanel columns: split the columns at multiples of it and
+  // the result never depends on the split.
+  void (*rank_update)(const float* a, const float* b, float* acc, int64_t k, int64_t m, int64_t n,
+                      int64_t col_begin, int64_t col_end);
 };
+
+// rank_update's panel: columns a thread takes at a time (a multiple of every build's vector width).
+constexpr int64_t kRankPanel = 256;
 
 TF_KLD_CPU_HIDDEN const Kernels& GenericKernels();
 TF_KLD_CPU_HIDDEN const Kernels& Avx2Kernels();  // only call when the CPU has AVX2, FMA and F16C

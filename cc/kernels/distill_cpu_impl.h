@@ -625,6 +625,80 @@ void DistillExp(const float* x, float* out, int64_t n) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The chunked linear loss's weight gradient: acc += a^T b, in place (see Kernels::rank_update).
+// Per panel of kRankPanel columns, b's rows are copied kRankDepth at a time into a contiguous block
+// (in cache, no TLB misses from rows n floats apart); a tile of kRows x kVecs vectors of acc stays in
+// registers while j runs over the block.
+
+constexpr int64_t kRankDepth = 64;
+
+template <int kRows, int kVecs>
+TF_KLD_INLINE void RankTile(const float* a, const float* block, float* acc, int64_t depth,
+                            int64_t m, int64_t n, int64_t i, int64_t c, int64_t block_c) {
+  Vf tile[kRows][kVecs];
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < kVecs; ++v) tile[r][v] = FloatT::Load(acc + (i + r) * n + c + v * kLanes);
+  }
+  for (int64_t j = 0; j < depth; ++j) {
+    Vf bv[kVecs];
+    const float* bj = block + j * distill::kRankPanel + block_c;
+    for (int v = 0; v < kVecs; ++v) bv[v] = FloatT::Load(bj + v * kLanes);
+    const float* aj = a + j * m + i;
+    for (int r = 0; r < kRows; ++r) {
+      const Vf s = Splat(aj[r]);
+      for (int v = 0; v < kVecs; ++v) tile[r][v] = Madd(s, bv[v], tile[r][v]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < kVecs; ++v) FloatT::Store(acc + (i + r) * n + c + v * kLanes, tile[r][v]);
+  }
+}
+
+TF_KLD_INLINE float MaddF(float a, float b, float c) {
+#if defined(__FMA__)
+  return __builtin_fmaf(a, b, c);  // as Madd's lanes
+#else
+  return a * b + c;
+#endif
+}
+
+void RankUpdate(const float* a, const float* b, float* acc, int64_t k, int64_t m, int64_t n,
+                int64_t col_begin, int64_t col_end) {
+  constexpr int kRows = 4, kVecs = kLanes == 16 ? 4 : 2;  // AVX-512 has 32 registers, AVX2 16
+  constexpr int64_t kStep = kVecs * kLanes;
+  alignas(64) float block[kRankDepth * distill::kRankPanel];
+  for (int64_t p = col_begin; p < col_end; p += distill::kRankPanel) {
+    const int64_t width = p + distill::kRankPanel < col_end ? distill::kRankPanel : col_end - p;
+    const int64_t vec_width = width / kStep * kStep;
+    for (int64_t j0 = 0; j0 < k; j0 += kRankDepth) {
+      const int64_t depth = k - j0 < kRankDepth ? k - j0 : kRankDepth;
+      for (int64_t j = 0; j < depth; ++j) {
+        std::memcpy(block + j * distill::kRankPanel, b + (j0 + j) * n + p, width * sizeof(float));
+      }
+      const float* aj0 = a + j0 * m;
+      int64_t i = 0;
+      for (; i + kRows <= m; i += kRows) {
+        for (int64_t c = 0; c < vec_width; c += kStep) {
+          RankTile<kRows, kVecs>(aj0, block, acc, depth, m, n, i, p + c, c);
+        }
+      }
+      for (; i < m; ++i) {
+        for (int64_t c = 0; c < vec_width; c += kStep) {
+          RankTile<1, kVecs>(aj0, block, acc, depth, m, n, i, p + c, c);
+        }
+      }
+      for (i = 0; i < m; ++i) {  // the panel's last width % kStep columns
+        for (int64_t c = vec_width; c < width; ++c) {
+          float s = acc[i * n + p + c];
+          for (int64_t j = 0; j < depth; ++j) s = MaddF(aj0[j * m + i], block[j * distill::kRankPanel + c], s);
+          acc[i * n + p + c] = s;
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace TF_KLD_ISA_NAMESPACE
 }  // namespace cpu
@@ -636,7 +710,8 @@ const Kernels& TF_KLD_KERNELS_FN() {
   static const Kernels kernels = {TF_KLD_ISA_NAME,          &isa::DistillKlPartial,
                                   &isa::DistillKlPartialsNarrow, isa::kNarrowCols,
                                   &isa::DistillKlGradient,  &isa::DistillJsdSums,
-                                  &isa::DistillJsdGradient, &isa::DistillExp};
+                                  &isa::DistillJsdGradient, &isa::DistillExp,
+                                  &isa::RankUpdate};
   return kernels;
 }
 
