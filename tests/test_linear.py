@@ -429,7 +429,7 @@ def _op_types(concrete):
 
 def test_custom_path_runs_the_fused_ops(require_custom, rng):
     # Outside XLA the chunks run the fused divergence ops and their gradient ops, and the kernel
-    # gradient is summed by the in-place op; the reference path and XLA use none of them.
+    # and hidden-state gradients come from the in-place op; the reference path uses none of them.
     x = {k: tf.constant(v, tf.float32) for k, v in _problem(rng).items()}
 
     def step(beta):
@@ -443,54 +443,77 @@ def test_custom_path_runs_the_fused_ops(require_custom, rng):
         return fn.get_concrete_function(x["student_hidden"], x["student_kernel"])
 
     kl = {"TfKld>KlDivergenceWithLogits", "TfKld>KlDivergenceWithLogitsGrad",
-          "TfKld>AccumulateTransposedMatMul"}
+          "TfKld>AccumulateLinearGrads"}
     jsd = {"TfKld>GeneralizedJsdWithLogits", "TfKld>GeneralizedJsdWithLogitsGrad",
-           "TfKld>AccumulateTransposedMatMul"}
+           "TfKld>AccumulateLinearGrads"}
     assert kl <= _op_types(step(0.0)) and kl <= _op_types(step(1.0))
     assert jsd <= _op_types(step(0.5))
     with tf_kld.implementation("reference"):
         assert not any(t.startswith("TfKld>") for t in _op_types(step(0.5)))
 
 
-# TfKld>AccumulateTransposedMatMul: acc + a^T b in acc's buffer.
+# TfKld>AccumulateLinearGrads: (acc + a^T b in acc's buffer, b w^T).
 
-def _accumulate_bound(acc, a, b, dtype):
-    """Elementwise bound on the error of acc + a^T b summed in `dtype`, over k + 1 roundings."""
-    unit = 2.0 ** -24 if dtype == np.float32 else 2.0 ** -53
-    k = a.shape[0]
-    return (k + 2) * unit * (np.abs(acc) + np.abs(a).T @ np.abs(b)) + 1e-300
+def _linear_grads_bounds(acc, a, b, w, dtype):
+    """Elementwise bounds on the errors of acc + a^T b (k + 1 roundings) and of b w^T (n roundings)
+    summed in `dtype`."""
+    unit = 2.0 ** -24 if dtype != np.float64 else 2.0 ** -53
+    k, n = b.shape
+    acc_bound = (k + 2) * unit * (np.abs(acc) + np.abs(a).T @ np.abs(b)) + 1e-300
+    d_a_bound = (n + 2) * unit * (np.abs(b) @ np.abs(w).T) + 1e-300
+    return acc_bound, d_a_bound
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (33, 129, 257), (64, 4, 256), (65, 7, 1000),
-                                   (130, 3, 300), (2, 9, 4099), (0, 4, 5), (4, 0, 5), (4, 5, 0)])
-def test_accumulate_op_values(shape, dtype, require_custom, rng):
-    k, m, n = shape
-    acc, a, b = (rng.normal(size=s).astype(dtype) for s in ((m, n), (k, m), (k, n)))
+def _check_linear_grads(k, m, n, dtype, w_dtype, rng):
+    acc, a, b, w = (rng.normal(size=s).astype(dtype) for s in ((m, n), (k, m), (k, n), (m, n)))
+    w_t = tf.cast(tf.constant(w), w_dtype)
+    w = tf.cast(w_t, tf.float64).numpy()  # the rounded kernel the op reads
     acc_t = tf.constant(acc)
-    got = tf_kld.ops.accumulate_transposed_matmul(acc_t, tf.constant(a), tf.constant(b))
-    assert got.dtype == acc_t.dtype and got.shape == (m, n)
-    want = acc.astype(np.float64) + a.astype(np.float64).T @ b.astype(np.float64)
-    err = np.abs(got.numpy().astype(np.float64) - want)
-    assert np.all(err <= _accumulate_bound(acc, a, b, dtype)), err.max()
+    got, d_a = tf_kld.ops.accumulate_linear_grads(acc_t, tf.constant(a), tf.constant(b), w_t)
+    assert got.dtype == acc_t.dtype and got.shape == (m, n) and d_a.shape == (k, m)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    acc_bound, d_a_bound = _linear_grads_bounds(acc, a, b, w, dtype)
+    err = np.abs(got.numpy().astype(np.float64) - (acc.astype(np.float64) + a64.T @ b64))
+    assert np.all(err <= acc_bound), err.max()
+    err = np.abs(d_a.numpy().astype(np.float64) - b64 @ w.T)
+    assert np.all(err <= d_a_bound), err.max()
     # acc still has a reader (acc_t): the op copied it rather than writing into it.
     np.testing.assert_array_equal(acc_t.numpy(), acc)
 
 
-def test_accumulate_op_checks_its_inputs(require_custom):
-    op = tf_kld.ops.accumulate_transposed_matmul
-    with pytest.raises(tf.errors.InvalidArgumentError, match="must be matrices that match"):
-        op(tf.zeros([3, 4]), tf.zeros([2, 3]), tf.zeros([2, 5]))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="must be matrices that match"):
-        op(tf.zeros([3, 4]), tf.zeros([2, 3]), tf.zeros([1, 4]))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="must be matrices that match"):
-        op(tf.zeros([3]), tf.zeros([2, 3]), tf.zeros([2, 4]))
-    with pytest.raises((TypeError, tf.errors.InvalidArgumentError, tf.errors.NotFoundError)):
-        op(tf.zeros([3, 4], tf.bfloat16), tf.zeros([2, 3], tf.bfloat16), tf.zeros([2, 4], tf.bfloat16))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (33, 129, 257), (64, 4, 256), (65, 7, 1000),
+                                   (130, 3, 300), (2, 9, 4099), (5, 6, 70001), (0, 4, 5), (4, 0, 5),
+                                   (4, 5, 0)])
+def test_linear_grads_op_values(shape, dtype, require_custom, rng):
+    _check_linear_grads(*shape, dtype, tf.float64 if dtype == np.float64 else tf.float32, rng)
 
-    @tf.function(input_signature=[tf.TensorSpec([3, 4]), tf.TensorSpec([2, 3]), tf.TensorSpec([2, 5])])
-    def traced(acc, a, b):
-        return op(acc, a, b)
+
+@pytest.mark.parametrize("w_dtype", [tf.bfloat16, tf.float16])
+def test_linear_grads_op_16_bit_kernels(w_dtype, require_custom, rng):
+    for shape in ((33, 129, 257), (6, 7, 5003)):
+        _check_linear_grads(*shape, np.float32, w_dtype, rng)
+
+
+def test_linear_grads_op_checks_its_inputs(require_custom):
+    op = tf_kld.ops.accumulate_linear_grads
+    w = tf.zeros([3, 4])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be matrices that match"):
+        op(tf.zeros([3, 4]), tf.zeros([2, 3]), tf.zeros([2, 5]), w)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be matrices that match"):
+        op(tf.zeros([3, 4]), tf.zeros([2, 3]), tf.zeros([1, 4]), w)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be matrices that match"):
+        op(tf.zeros([3, 4]), tf.zeros([2, 3]), tf.zeros([2, 4]), tf.zeros([4, 3]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be matrices that match"):
+        op(tf.zeros([3]), tf.zeros([2, 3]), tf.zeros([2, 4]), w)
+    with pytest.raises((TypeError, tf.errors.InvalidArgumentError, tf.errors.NotFoundError)):
+        z = tf.zeros([3, 4], tf.bfloat16)
+        op(z, tf.zeros([2, 3], tf.bfloat16), tf.zeros([2, 4], tf.bfloat16), z)
+
+    @tf.function(input_signature=[tf.TensorSpec([3, 4]), tf.TensorSpec([2, 3]), tf.TensorSpec([2, 5]),
+                                  tf.TensorSpec([3, 4])])
+    def traced(acc, a, b, w):
+        return op(acc, a, b, w)
 
     with pytest.raises(ValueError, match="do not match"):
         traced.get_concrete_function()
@@ -505,11 +528,16 @@ import tf_kld
 rng = np.random.default_rng(3)
 out = {"isa": tf_kld.ops.cpu_isa()}
 for k, m, n in [(64, 130, 5003), (7, 3, 70000), (130, 17, 777)]:
-    acc, a, b = (rng.normal(size=s).astype(np.float32) for s in ((m, n), (k, m), (k, n)))
-    got = tf_kld.ops.accumulate_transposed_matmul(acc, a, b).numpy()
-    want = acc.astype(np.float64) + a.astype(np.float64).T @ b.astype(np.float64)
-    bound = (k + 2) * 2.0 ** -24 * (np.abs(acc) + np.abs(a).T @ np.abs(b))
-    out[f"{k}x{m}x{n}"] = {"ok": bool(np.all(np.abs(got - want) <= bound)), "hex": got.tobytes().hex()}
+    for w_dtype in (tf.float32, tf.bfloat16):
+        acc, a, b, w = (rng.normal(size=s).astype(np.float32) for s in ((m, n), (k, m), (k, n), (m, n)))
+        w_t = tf.cast(w, w_dtype)
+        w = tf.cast(w_t, tf.float64).numpy()
+        got, d_a = (x.numpy() for x in tf_kld.ops.accumulate_linear_grads(acc, a, b, w_t))
+        want = acc.astype(np.float64) + a.astype(np.float64).T @ b.astype(np.float64)
+        bound = (k + 2) * 2.0 ** -24 * (np.abs(acc) + np.abs(a).T @ np.abs(b))
+        d_a_bound = (n + 2) * 2.0 ** -24 * (np.abs(b) @ np.abs(w).T)
+        ok = np.all(np.abs(got - want) <= bound) and np.all(np.abs(d_a - b.astype(np.float64) @ w.T) <= d_a_bound)
+        out[f"{k}x{m}x{n}-{w_dtype.name}"] = {"ok": bool(ok), "hex": got.tobytes().hex() + d_a.tobytes().hex()}
 print("RESULT " + json.dumps(out))
 """
 
@@ -526,9 +554,9 @@ def _run_accumulate(threads, isa=None):
     return json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][7:])
 
 
-def test_accumulate_op_every_isa_build_and_thread_count(require_custom):
-    # Each build (AVX-512, AVX2, baseline: as many as this CPU runs) within the float32 bound of
-    # the float64 sum; each bit-identical with 1 and 4 threads (columns split at fixed panels).
+def test_linear_grads_op_every_isa_build_and_thread_count(require_custom):
+    # Each build (AVX-512, AVX2, baseline: as many as this CPU runs) within the float32 bounds of
+    # the float64 sums; each bit-identical with 1 and 4 threads (columns split in fixed groups).
     best = _run_accumulate(1)
     isas = {"avx512": [None, "avx2", "generic"], "avx2": [None, "generic"]}.get(best["isa"], [None])
     for isa in isas:

@@ -246,10 +246,11 @@ def _use_fused_ops():
 
 
 def _accumulate_in_place():
-    """The kernel gradient summed in one buffer by TfKld>AccumulateTransposedMatMul (a CPU op:
-    with a GPU, TensorFlow's matmul and an add keep the sum on the device)."""
+    """Each chunk's kernel and hidden-state gradients by TfKld>AccumulateLinearGrads, the kernel's
+    summed in one buffer (a CPU op: with a GPU, TensorFlow's matmuls and an add keep the work on
+    the device)."""
     from tf_kld import ops  # pylint: disable=import-outside-toplevel
-    return ops.accumulate_op_loaded() and not tf.config.list_logical_devices("GPU")
+    return ops.linear_grads_op_loaded() and not tf.config.list_logical_devices("GPU")
 
 
 def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
@@ -257,8 +258,9 @@ def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
     `work`, except d/d hs in hs's dtype).
 
     Outside XLA each chunk runs the fused divergence op and its gradient op (one pass each over the
-    chunk's logits), and the kernel gradient is summed in place: the first chunk's matmul creates
-    the [H_s, V] sum, later chunks add into that buffer (no [H_s, V] temporary per chunk). Under XLA
+    chunk's logits), then TfKld>AccumulateLinearGrads: in one pass over the kernel's columns it
+    adds the chunk's kernel gradient into the [H_s, V] sum (in place: no [H_s, V] temporary per
+    chunk) and computes the chunk's hidden-state gradient. Under XLA
     (and for implementation("reference")) the chunk arithmetic is the composite, and XLA owns the
     buffers."""
     from tf_kld import ops  # pylint: disable=import-outside-toplevel
@@ -307,13 +309,15 @@ def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
             ds = tf.where(live[:, tf.newaxis], ds, tf.zeros_like(ds))
             # A dead row's hidden state may hold NaN (padding under XLA): 0 * NaN would reach d_w.
             h_live = tf.cast(tf.where(live[:, tf.newaxis], h_c, tf.zeros_like(h_c)), work)
+        d_b = tf.reduce_sum(ds, axis=0) if bs is not None else None
+        if in_place:  # the first chunk's sum starts from zeros, which the op writes into
+            d_w = tf.zeros([h_dim, v_dim], work) if d_w is None else d_w
+            d_w, d_h = ops.accumulate_linear_grads(d_w, h_live, ds, ws)
+            return loss, d_w, d_b, tf.cast(d_h, hs.dtype)
         if d_w is None:
             d_w = tf.matmul(h_live, ds, transpose_a=True)
-        elif in_place:
-            d_w = ops.accumulate_transposed_matmul(d_w, h_live, ds)
         else:
             d_w += tf.matmul(h_live, ds, transpose_a=True)
-        d_b = tf.reduce_sum(ds, axis=0) if bs is not None else None
         d_h = tf.matmul(tf.cast(ds, ws.dtype), ws, transpose_b=True)
         return loss, d_w, d_b, d_h
 

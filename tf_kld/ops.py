@@ -461,15 +461,16 @@ def custom_divergence_and_student_grad(t_logits, s_logits, g, beta, temperature)
     return d, d_pred
 
 
-def accumulate_op_loaded():
-    """True when the loaded library has TfKld>AccumulateTransposedMatMul (CPU)."""
-    return _module is not None and hasattr(_module, "tf_kld_accumulate_transposed_mat_mul")
+def linear_grads_op_loaded():
+    """True when the loaded library has TfKld>AccumulateLinearGrads (CPU)."""
+    return _module is not None and hasattr(_module, "tf_kld_accumulate_linear_grads")
 
 
-def accumulate_transposed_matmul(acc, a, b):
-    """acc + matmul(a, b, transpose_a=True) in acc's buffer where TensorFlow allows it (float32 or
-    float64, CPU)."""
-    return _module.tf_kld_accumulate_transposed_mat_mul(acc, a, b)
+def accumulate_linear_grads(acc, a, b, w):
+    """One chunk's gradients of `a @ w` from `b` = d loss / d (a @ w), in one pass over w's columns:
+    (acc + matmul(a, b, transpose_a=True) in acc's buffer where TensorFlow allows it,
+    matmul(b, w, transpose_b=True)). acc, a, b float32 (w float32 or 16-bit) or all float64; CPU."""
+    return _module.tf_kld_accumulate_linear_grads(acc, a, b, w)
 
 
 def _fused_grad(op, grad, grad_op, attr_names):

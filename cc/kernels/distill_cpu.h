@@ -119,16 +119,20 @@ struct Kernels {
                        int64_t cols, const JsdParams& params);
   // exp of n floats with the core's vectorised exp (for tests of its accuracy).
   void (*exp)(const float* x, float* out, int64_t n);
-  // The chunked linear loss's weight-gradient accumulation, in place: for row-major a [k, m],
-  // b [k, n] and acc [m, n], acc[i][c] += sum_j a[j][i] * b[j][c] (j in order) for every i < m and
-  // columns c in [col_begin, col_end). Each column's arithmetic depends only on col_begin's and
-  // col_end's position in the grid of kRankPanel columns: split the columns at multiples of it and
-  // the result never depends on the split.
-  void (*rank_update)(const float* a, const float* b, float* acc, int64_t k, int64_t m, int64_t n,
-                      int64_t col_begin, int64_t col_end);
+  // The chunked linear loss's gradients of one chunk, for row-major a [k, m], b [k, n], acc and w
+  // [m, n] (w of `w_type`, not float64) and d_a [k, m]: in place, for every i < m, j < k and the
+  // columns c in [col_begin, col_end),
+  //   acc[i][c] += sum_j a[j][i] * b[j][c]   (j in order: the kernel gradient summed over chunks)
+  //   d_a[j][i] += sum_c b[j][c] * w[i][c]   (the hidden states' gradient; w nullptr: skipped).
+  // Each column's arithmetic depends only on col_begin's and col_end's position in the grid of
+  // kRankPanel columns, and d_a's sum runs over the columns in order: split the columns at multiples
+  // of it, give each piece its own d_a, add those in order, and results never depend on the split.
+  void (*linear_grads)(const float* a, const float* b, float* acc, Type w_type, const void* w,
+                       float* d_a, int64_t k, int64_t m, int64_t n, int64_t col_begin,
+                       int64_t col_end);
 };
 
-// rank_update's panel: columns a thread takes at a time (a multiple of every build's vector width).
+// linear_grads' panel: columns taken at a time (a multiple of every build's vector width).
 constexpr int64_t kRankPanel = 256;
 
 TF_KLD_CPU_HIDDEN const Kernels& GenericKernels();

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "cc/kernels/distill_cpu.h"
 
@@ -626,10 +627,10 @@ void DistillExp(const float* x, float* out, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The chunked linear loss's weight gradient: acc += a^T b, in place (see Kernels::rank_update).
-// Per panel of kRankPanel columns, b's rows are copied kRankDepth at a time into a contiguous block
-// (in cache, no TLB misses from rows n floats apart); a tile of kRows x kVecs vectors of acc stays in
-// registers while j runs over the block.
+// The chunked linear loss's gradients (see Kernels::linear_grads): acc += a^T b in place, and
+// d_a += b w^T. Per panel of kRankPanel columns, b's rows are copied kRankDepth at a time into a
+// contiguous block (in cache, no TLB misses from rows n floats apart); a tile of kRows x kVecs
+// vectors of acc stays in registers while j runs over the block; then the block meets w's panel.
 
 constexpr int64_t kRankDepth = 64;
 
@@ -663,11 +664,78 @@ TF_KLD_INLINE float MaddF(float a, float b, float c) {
 #endif
 }
 
-void RankUpdate(const float* a, const float* b, float* acc, int64_t k, int64_t m, int64_t n,
-                int64_t col_begin, int64_t col_end) {
+TF_KLD_INLINE float SumLanesF(Vf v) {  // in lane order
+  float s = v[0];
+  for (int i = 1; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// sums[j][i] += lanes of block[j][c] * w_panel[i * n + c] over the panel's width columns, for a
+// tile of kJ rows of the block and kI rows of w (the last width % kLanes columns zero-padded).
+template <typename E, int kJ, int kI>
+TF_KLD_INLINE void ProjectTile(const float* block, const typename E::Storage* w_panel, Vf* sums,
+                               int64_t width, int64_t m, int64_t n, int64_t j, int64_t i) {
+  Vf t[kJ][kI];
+  for (int r = 0; r < kJ; ++r) {
+    for (int s = 0; s < kI; ++s) t[r][s] = sums[(j + r) * m + i + s];
+  }
+  const int64_t vec_width = width / kLanes * kLanes;
+  for (int64_t c = 0; c < width; c += kLanes) {
+    Vf wv[kI], bv[kJ];
+    if (c < vec_width) {
+      for (int s = 0; s < kI; ++s) wv[s] = E::Load(w_panel + (i + s) * n + c);
+      for (int r = 0; r < kJ; ++r) bv[r] = FloatT::Load(block + (j + r) * distill::kRankPanel + c);
+    } else {
+      for (int s = 0; s < kI; ++s) wv[s] = LoadPadded<E>(w_panel + (i + s) * n + c, width - c, 0.0f);
+      for (int r = 0; r < kJ; ++r) {
+        bv[r] = LoadPadded<FloatT>(block + (j + r) * distill::kRankPanel + c, width - c, 0.0f);
+      }
+    }
+    for (int r = 0; r < kJ; ++r) {
+      for (int s = 0; s < kI; ++s) t[r][s] = Madd(bv[r], wv[s], t[r][s]);
+    }
+  }
+  for (int r = 0; r < kJ; ++r) {
+    for (int s = 0; s < kI; ++s) sums[(j + r) * m + i + s] = t[r][s];
+  }
+}
+
+// sums[j][i] (lanes) for the block's depth rows j and all m rows i of w.
+template <typename E>
+void ProjectBlock(const float* block, const typename E::Storage* w_panel, Vf* sums, int64_t depth,
+                  int64_t width, int64_t m, int64_t n) {
+  constexpr int kT = 4;
+  int64_t j = 0;
+  for (; j + kT <= depth; j += kT) {
+    int64_t i = 0;
+    for (; i + kT <= m; i += kT) ProjectTile<E, kT, kT>(block, w_panel, sums, width, m, n, j, i);
+    for (; i < m; ++i) ProjectTile<E, kT, 1>(block, w_panel, sums, width, m, n, j, i);
+  }
+  for (; j < depth; ++j) {
+    for (int64_t i = 0; i < m; ++i) ProjectTile<E, 1, 1>(block, w_panel, sums, width, m, n, j, i);
+  }
+}
+
+void ProjectBlockOf(Type type, const float* block, const void* w, int64_t offset, Vf* sums,
+                    int64_t depth, int64_t width, int64_t m, int64_t n) {
+  switch (type) {
+    case Type::kHalf:
+      return ProjectBlock<HalfT>(block, static_cast<const uint16_t*>(w) + offset, sums, depth, width, m, n);
+    case Type::kBfloat16:
+      return ProjectBlock<Bfloat16T>(block, static_cast<const uint16_t*>(w) + offset, sums, depth, width, m, n);
+    case Type::kFloat:
+    case Type::kDouble:  // float64 never comes here (the op's double path is scalar)
+      return ProjectBlock<FloatT>(block, static_cast<const float*>(w) + offset, sums, depth, width, m, n);
+  }
+}
+
+void LinearGrads(const float* a, const float* b, float* acc, Type w_type, const void* w, float* d_a,
+                 int64_t k, int64_t m, int64_t n, int64_t col_begin, int64_t col_end) {
   constexpr int kRows = 4, kVecs = kLanes == 16 ? 4 : 2;  // AVX-512 has 32 registers, AVX2 16
   constexpr int64_t kStep = kVecs * kLanes;
   alignas(64) float block[kRankDepth * distill::kRankPanel];
+  // d_a's sums in vector lanes over all the columns, added across lanes once at the end.
+  std::vector<Vf> sums(w != nullptr ? k * m : 0, Vf{});
   for (int64_t p = col_begin; p < col_end; p += distill::kRankPanel) {
     const int64_t width = p + distill::kRankPanel < col_end ? distill::kRankPanel : col_end - p;
     const int64_t vec_width = width / kStep * kStep;
@@ -695,8 +763,10 @@ void RankUpdate(const float* a, const float* b, float* acc, int64_t k, int64_t m
           acc[i * n + p + c] = s;
         }
       }
+      if (w != nullptr) ProjectBlockOf(w_type, block, w, p, sums.data() + j0 * m, depth, width, m, n);
     }
   }
+  for (int64_t e = 0; e < static_cast<int64_t>(sums.size()); ++e) d_a[e] += SumLanesF(sums[e]);
 }
 
 }  // namespace
@@ -711,7 +781,7 @@ const Kernels& TF_KLD_KERNELS_FN() {
                                   &isa::DistillKlPartialsNarrow, isa::kNarrowCols,
                                   &isa::DistillKlGradient,  &isa::DistillJsdSums,
                                   &isa::DistillJsdGradient, &isa::DistillExp,
-                                  &isa::RankUpdate};
+                                  &isa::LinearGrads};
   return kernels;
 }
 

@@ -1,7 +1,8 @@
-// CPU OpKernel of TfKld>AccumulateTransposedMatMul (tf_kld.linear_distillation_loss's in-place
-// weight-gradient accumulation): acc + a^T b in acc's buffer, columns split across threads.
+// CPU OpKernel of TfKld>AccumulateLinearGrads (tf_kld.linear_distillation_loss's per-chunk
+// gradients): acc + a^T b in acc's buffer and b w^T, in one pass over fixed groups of columns.
 #define EIGEN_USE_THREADS
 
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 
@@ -19,10 +20,16 @@ using tensorflow::OpKernel;
 using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
+using tensorflow::TensorShape;
 
-// float64 (the exact tests' type): plain loops, the same order of summation as the float core.
-void RankUpdateDouble(const double* a, const double* b, double* acc, int64_t k, int64_t m, int64_t n,
-                      int64_t col_begin, int64_t col_end) {
+template <typename T> struct WType;
+template <> struct WType<Eigen::half> { static constexpr cpu::Type value = cpu::Type::kHalf; };
+template <> struct WType<Eigen::bfloat16> { static constexpr cpu::Type value = cpu::Type::kBfloat16; };
+template <> struct WType<float> { static constexpr cpu::Type value = cpu::Type::kFloat; };
+
+// float64 (the exact tests' type): plain loops, the float core's order of summation.
+void LinearGradsDouble(const double* a, const double* b, double* acc, const double* w, double* d_a,
+                       int64_t k, int64_t m, int64_t n, int64_t col_begin, int64_t col_end) {
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t c = col_begin; c < col_end; ++c) {
       double s = acc[i * n + c];
@@ -30,68 +37,98 @@ void RankUpdateDouble(const double* a, const double* b, double* acc, int64_t k, 
       acc[i * n + c] = s;
     }
   }
+  for (int64_t j = 0; j < k; ++j) {
+    for (int64_t i = 0; i < m; ++i) {
+      double s = 0.0;
+      for (int64_t c = col_begin; c < col_end; ++c) s += b[j * n + c] * w[i * n + c];
+      d_a[j * m + i] += s;
+    }
+  }
 }
 
-void RankUpdate(const float* a, const float* b, float* acc, int64_t k, int64_t m, int64_t n,
-                int64_t col_begin, int64_t col_end) {
-  distill::Cpu().rank_update(a, b, acc, k, m, n, col_begin, col_end);
-}
+// Columns go in groups of whole panels, at most kMaxGroups (fixed by n alone); each group sums its
+// own d_a, and the groups' sums are added in order.
+constexpr int64_t kMaxGroups = 64;
+constexpr int64_t kMinPanelsPerGroup = 8;
 
-template <typename T>
-class AccumulateTransposedMatMulOp : public OpKernel {
+template <typename T, typename Tw>
+class AccumulateLinearGradsOp : public OpKernel {
  public:
-  explicit AccumulateTransposedMatMulOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  explicit AccumulateLinearGradsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& acc = ctx->input(0);
     const Tensor& a = ctx->input(1);
     const Tensor& b = ctx->input(2);
-    OP_REQUIRES(ctx, acc.dims() == 2 && a.dims() == 2 && b.dims() == 2 &&
+    const Tensor& w = ctx->input(3);
+    OP_REQUIRES(ctx, acc.dims() == 2 && a.dims() == 2 && b.dims() == 2 && w.shape() == acc.shape() &&
                          a.dim_size(0) == b.dim_size(0) && acc.dim_size(0) == a.dim_size(1) &&
                          acc.dim_size(1) == b.dim_size(1),
                 absl::InvalidArgumentError(absl::StrCat(
-                    "acc [m, n], a [k, m] and b [k, n] must be matrices that match, got acc ",
-                    acc.shape().DebugString(), ", a ", a.shape().DebugString(), ", b ",
-                    b.shape().DebugString())));
+                    "acc [m, n], a [k, m], b [k, n] and w [m, n] must be matrices that match, got "
+                    "acc ", acc.shape().DebugString(), ", a ", a.shape().DebugString(), ", b ",
+                    b.shape().DebugString(), ", w ", w.shape().DebugString())));
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, acc.shape(), &out));
     const int64_t k = a.dim_size(0), m = acc.dim_size(0), n = acc.dim_size(1);
+    Tensor* d_a = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, a.shape(), &d_a));
     T* o = out->flat<T>().data();
     const T* in = acc.flat<T>().data();
     if (o != in && acc.NumElements() > 0) {  // acc has another reader: leave it as it is
       std::memcpy(o, in, acc.NumElements() * sizeof(T));
     }
+    T* da = d_a->flat<T>().data();
+    std::fill(da, da + d_a->NumElements(), T(0));
     if (k == 0 || m == 0 || n == 0) return;
+
+    const int64_t panels = (n + distill::kRankPanel - 1) / distill::kRankPanel;
+    int64_t groups = std::min(kMaxGroups, (panels + kMinPanelsPerGroup - 1) / kMinPanelsPerGroup);
+    const int64_t per_group = (panels + groups - 1) / groups;
+    groups = (panels + per_group - 1) / per_group;
+    Tensor partials;
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::value,
+                                           TensorShape({groups, k, m}), &partials));
+    T* part = partials.flat<T>().data();
+    std::fill(part, part + partials.NumElements(), T(0));
     const T* pa = a.flat<T>().data();
     const T* pb = b.flat<T>().data();
-    // Whole panels per shard (the split never changes a column's arithmetic).
-    const int64_t panels = (n + distill::kRankPanel - 1) / distill::kRankPanel;
-    const double flops = 2.0 * k * m * distill::kRankPanel;
+    const Tw* pw = w.flat<Tw>().data();
+    const int64_t group_cols = per_group * distill::kRankPanel;
     ctx->eigen_device<CPUDevice>().parallelFor(
-        panels,
-        Eigen::TensorOpCost(sizeof(T) * (k + 2 * m) * distill::kRankPanel,
-                            sizeof(T) * m * distill::kRankPanel, flops / 16.0),
+        groups,
+        Eigen::TensorOpCost(sizeof(T) * (k + 2 * m) * group_cols, sizeof(T) * m * group_cols,
+                            4.0 * k * m * group_cols / 16.0),
         [&](Eigen::Index begin, Eigen::Index end) {
-          const int64_t c0 = begin * distill::kRankPanel;
-          const int64_t c1 = end * distill::kRankPanel < n ? end * distill::kRankPanel : n;
-          if constexpr (std::is_same_v<T, float>) {
-            RankUpdate(pa, pb, o, k, m, n, c0, c1);
-          } else {
-            RankUpdateDouble(pa, pb, o, k, m, n, c0, c1);
+          for (Eigen::Index g = begin; g < end; ++g) {
+            const int64_t c0 = g * group_cols, c1 = std::min(n, (g + 1) * group_cols);
+            if constexpr (std::is_same_v<T, double>) {
+              LinearGradsDouble(pa, pb, o, pw, part + g * k * m, k, m, n, c0, c1);
+            } else {
+              distill::Cpu().linear_grads(pa, pb, o, WType<Tw>::value, pw, part + g * k * m, k, m,
+                                          n, c0, c1);
+            }
           }
         });
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t i = 0; i < k * m; ++i) da[i] += part[g * k * m + i];
+    }
   }
 };
 
 }  // namespace
 
-TF_KLD_REGISTER_KERNEL(Name("TfKld>AccumulateTransposedMatMul")
-                           .Device(tensorflow::DEVICE_CPU)
-                           .TypeConstraint<float>("T"),
-                       AccumulateTransposedMatMulOp<float>);
-TF_KLD_REGISTER_KERNEL(Name("TfKld>AccumulateTransposedMatMul")
-                           .Device(tensorflow::DEVICE_CPU)
-                           .TypeConstraint<double>("T"),
-                       AccumulateTransposedMatMulOp<double>);
+#define TF_KLD_REGISTER_LINEAR_GRADS(T, Tw)                                                   \
+  TF_KLD_REGISTER_KERNEL(Name("TfKld>AccumulateLinearGrads")                                  \
+                             .Device(tensorflow::DEVICE_CPU)                                  \
+                             .TypeConstraint<T>("T")                                          \
+                             .TypeConstraint<Tw>("Tw"),                                       \
+                         AccumulateLinearGradsOp<T, Tw>)
+
+TF_KLD_REGISTER_LINEAR_GRADS(float, Eigen::half);
+TF_KLD_REGISTER_LINEAR_GRADS(float, Eigen::bfloat16);
+TF_KLD_REGISTER_LINEAR_GRADS(float, float);
+TF_KLD_REGISTER_LINEAR_GRADS(double, double);
+#undef TF_KLD_REGISTER_LINEAR_GRADS
 
 }  // namespace tf_kld
