@@ -94,6 +94,25 @@ def test_float64_value_and_student_gradients(beta, chunk_size, impl, rng):
     _assert_matches(_problem(rng), beta, 2.0, chunk_size)
 
 
+@pytest.mark.parametrize("onednn", [False, True])
+def test_both_ways_of_the_hidden_states_gradient(onednn, monkeypatch, require_custom, rng):
+    # dS @ W^T comes from TensorFlow's matmul where oneDNN is on, else from the in-place op's pass:
+    # both, whatever this machine's TensorFlow does, in float64 and float32 (16-bit kernels too).
+    monkeypatch.setattr(tf_kld.ops, "onednn_enabled", lambda: onednn)
+    _assert_matches(_problem(rng, classes=300), 0.0, 2.0, 5)
+    _assert_matches(_problem(rng, classes=300), 0.5, 2.0, 16)
+    x = _problem(rng, rows=64, hs=16, ht=16, classes=1000, scale=0.3)
+    for dtype, tol in ((tf.float32, 1e-5), (tf.bfloat16, 3e-2)):
+        rounded = {k: tf.cast(tf.cast(v, dtype), tf.float64).numpy() for k, v in x.items()}
+        loss, grads = _loss_and_grads(_fused, {k: tf.cast(v, dtype) for k, v in x.items()},
+                                      beta=0.0, temperature=2.0, chunk_size=24)
+        want, want_grads = _loss_and_grads(_materialised, rounded, beta=0.0, temperature=2.0)
+        np.testing.assert_allclose(loss.numpy(), want.numpy(), rtol=tol)
+        for name, got, ref in zip(STUDENT, grads, want_grads):
+            err = np.max(np.abs(tf.cast(got, tf.float64).numpy() - ref.numpy())) / np.max(np.abs(ref.numpy()))
+            assert err < tol, (dtype, name, err)
+
+
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
 def test_temperatures_and_no_bias(temperature, impl, rng):
     _assert_matches(_problem(rng), 0.0, temperature, 7, bias=False)
@@ -509,6 +528,13 @@ def test_linear_grads_op_checks_its_inputs(require_custom):
     with pytest.raises((TypeError, tf.errors.InvalidArgumentError, tf.errors.NotFoundError)):
         z = tf.zeros([3, 4], tf.bfloat16)
         op(z, tf.zeros([2, 3], tf.bfloat16), tf.zeros([2, 4], tf.bfloat16), z)
+
+    @tf.function
+    def mixed():
+        return op(w, tf.zeros([2, 3]), tf.zeros([2, 4]), tf.zeros([3, 4], tf.float64))
+
+    with pytest.raises(ValueError, match="w must be float64 exactly when"):
+        mixed.get_concrete_function()
 
     @tf.function(input_signature=[tf.TensorSpec([3, 4]), tf.TensorSpec([2, 3]), tf.TensorSpec([2, 5]),
                                   tf.TensorSpec([3, 4])])

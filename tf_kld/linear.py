@@ -260,12 +260,16 @@ def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
     Outside XLA each chunk runs the fused divergence op and its gradient op (one pass each over the
     chunk's logits), then TfKld>AccumulateLinearGrads: in one pass over the kernel's columns it
     adds the chunk's kernel gradient into the [H_s, V] sum (in place: no [H_s, V] temporary per
-    chunk) and computes the chunk's hidden-state gradient. Under XLA
+    chunk) and, unless oneDNN's matmul does it, computes the chunk's hidden-state gradient. Under XLA
     (and for implementation("reference")) the chunk arithmetic is the composite, and XLA owns the
     buffers."""
     from tf_kld import ops  # pylint: disable=import-outside-toplevel
     fused = _use_fused_ops()
     in_place = fused and _accumulate_in_place()
+    # The hidden states' gradient dS @ W^T: TensorFlow's matmul where oneDNN runs it (faster than
+    # the op's pass on the AVX-512 machines measured), else the op, in its pass over the kernel's
+    # columns (2x Eigen's matmul there).
+    project_by_matmul = ops.onednn_enabled()
     rows_all = tf.shape(hs)[0]
     total = tf.reduce_sum(w)
     g_all = tf.math.divide_no_nan(w, total)
@@ -312,8 +316,10 @@ def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
         d_b = tf.reduce_sum(ds, axis=0) if bs is not None else None
         if in_place:  # the first chunk's sum starts from zeros, which the op writes into
             d_w = tf.zeros([h_dim, v_dim], work) if d_w is None else d_w
-            d_w, d_h = ops.accumulate_linear_grads(d_w, h_live, ds, ws)
-            return loss, d_w, d_b, tf.cast(d_h, hs.dtype)
+            d_w, d_h = ops.accumulate_linear_grads(d_w, h_live, ds, ws, with_d_a=not project_by_matmul)
+            if not project_by_matmul:
+                return loss, d_w, d_b, tf.cast(d_h, hs.dtype)
+            return loss, d_w, d_b, tf.matmul(tf.cast(ds, ws.dtype), ws, transpose_b=True)
         if d_w is None:
             d_w = tf.matmul(h_live, ds, transpose_a=True)
         else:

@@ -466,11 +466,22 @@ def linear_grads_op_loaded():
     return _module is not None and hasattr(_module, "tf_kld_accumulate_linear_grads")
 
 
-def accumulate_linear_grads(acc, a, b, w):
+def accumulate_linear_grads(acc, a, b, w, with_d_a=True):
     """One chunk's gradients of `a @ w` from `b` = d loss / d (a @ w), in one pass over w's columns:
     (acc + matmul(a, b, transpose_a=True) in acc's buffer where TensorFlow allows it,
-    matmul(b, w, transpose_b=True)). acc, a, b float32 (w float32 or 16-bit) or all float64; CPU."""
-    return _module.tf_kld_accumulate_linear_grads(acc, a, b, w)
+    matmul(b, w, transpose_b=True), or a [0, m] tensor when not with_d_a). acc, a, b float32 (w
+    float32 or 16-bit) or all float64; CPU."""
+    return _module.tf_kld_accumulate_linear_grads(acc, a, b, w, with_d_a=with_d_a)
+
+
+def onednn_enabled():
+    """Whether TensorFlow's oneDNN CPU kernels are on in this process (TF_ENABLE_ONEDNN_OPTS, or
+    TensorFlow's default for this CPU)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # pylint: disable=import-outside-toplevel
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return False
 
 
 def _fused_grad(op, grad, grad_op, attr_names):

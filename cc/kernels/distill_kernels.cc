@@ -73,6 +73,47 @@ TensorShape RowsShape(const Tensor& x) {
   return rows;
 }
 
+// The forward op's checks and outputs, on any device: y_true and y_pred (inputs 0 and 1) of one
+// shape; *loss the rows' shape, *stats [rows..., stats_per_row].
+absl::Status ForwardOutputs(OpKernelContext* ctx, int stats_per_row, Tensor** loss, Tensor** stats) {
+  const Tensor& y_true = ctx->input(0);
+  TF_RETURN_IF_ERROR(CheckLogits(y_true, ctx->input(1)));
+  const TensorShape rows_shape = RowsShape(y_true);
+  TensorShape stats_shape = rows_shape;
+  stats_shape.AddDim(stats_per_row);
+  TF_RETURN_IF_ERROR(ctx->allocate_output(0, rows_shape, loss));
+  return ctx->allocate_output(1, stats_shape, stats);
+}
+
+// The gradient op's checks and outputs, on any device: grad (input 0) of the loss's shape, y_true
+// and y_pred (1, 2) of one shape, stats (3) the forward's; each output may take over the buffer of
+// the input it is the gradient of (every element is read before its gradient is written, by the
+// same thread), and one not needed has shape [0].
+absl::Status GradientOutputs(OpKernelContext* ctx, int stats_per_row, bool need_true,
+                             bool need_pred, Tensor** d_true, Tensor** d_pred) {
+  const Tensor& grad = ctx->input(0);
+  const Tensor& y_true = ctx->input(1);
+  const Tensor& stats = ctx->input(3);
+  TF_RETURN_IF_ERROR(CheckLogits(y_true, ctx->input(2)));
+  const TensorShape rows_shape = RowsShape(y_true);
+  if (grad.shape() != rows_shape) {
+    return absl::InvalidArgumentError(absl::StrCat("grad must have the loss's shape ",
+                                                   rows_shape.DebugString(), ", got ",
+                                                   grad.shape().DebugString()));
+  }
+  TensorShape stats_shape = rows_shape;
+  stats_shape.AddDim(stats_per_row);
+  if (stats.shape() != stats_shape) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "stats must have shape ", stats_shape.DebugString(),
+        " (the forward op's second output), got ", stats.shape().DebugString()));
+  }
+  const TensorShape none({0});
+  TF_RETURN_IF_ERROR(
+      ctx->forward_input_or_allocate_output({1}, 0, need_true ? y_true.shape() : none, d_true));
+  return ctx->forward_input_or_allocate_output({2}, 1, need_pred ? y_true.shape() : none, d_pred);
+}
+
 template <typename T>
 class KlDivergenceWithLogitsOp : public OpKernel {
  public:
@@ -83,15 +124,10 @@ class KlDivergenceWithLogitsOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& y_true = ctx->input(0);
     const Tensor& y_pred = ctx->input(1);
-    OP_REQUIRES_OK(ctx, CheckLogits(y_true, y_pred));
-    const TensorShape rows_shape = RowsShape(y_true);
-    TensorShape stats_shape = rows_shape;
-    stats_shape.AddDim(distill::kStats);
     Tensor* loss_t = nullptr;
     Tensor* stats_t = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, rows_shape, &loss_t));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, stats_shape, &stats_t));
-    const int64_t rows = rows_shape.num_elements();
+    OP_REQUIRES_OK(ctx, ForwardOutputs(ctx, distill::kStats, &loss_t, &stats_t));
+    const int64_t rows = loss_t->NumElements();
     const int64_t cols = y_true.dim_size(y_true.dims() - 1);
     if (rows == 0) return;
     T* loss = loss_t->flat<T>().data();
@@ -194,27 +230,9 @@ class DistillGradOp : public OpKernel {
     const Tensor& y_true = ctx->input(1);
     const Tensor& y_pred = ctx->input(2);
     const Tensor& stats = ctx->input(3);
-    OP_REQUIRES_OK(ctx, CheckLogits(y_true, y_pred));
-    const TensorShape rows_shape = RowsShape(y_true);
-    OP_REQUIRES(ctx, grad.shape() == rows_shape,
-                absl::InvalidArgumentError(absl::StrCat(
-                    "grad must have the loss's shape ", rows_shape.DebugString(), ", got ",
-                    grad.shape().DebugString())));
-    TensorShape stats_shape = rows_shape;
-    stats_shape.AddDim(Family::kStats);
-    OP_REQUIRES(ctx, stats.shape() == stats_shape,
-                absl::InvalidArgumentError(absl::StrCat(
-                    "stats must have shape ", stats_shape.DebugString(),
-                    " (the forward op's second output), got ", stats.shape().DebugString())));
     Tensor* d_true = nullptr;
     Tensor* d_pred = nullptr;
-    // Each output may take over the buffer of the input it is the gradient of: every element is
-    // read before its gradient is written.
-    const TensorShape none({0});
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
-                            {1}, 0, need_true_ ? y_true.shape() : none, &d_true));
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
-                            {2}, 1, need_pred_ ? y_pred.shape() : none, &d_pred));
+    OP_REQUIRES_OK(ctx, GradientOutputs(ctx, Family::kStats, need_true_, need_pred_, &d_true, &d_pred));
     const int64_t elements = y_true.NumElements();
     if (elements == 0 || (!need_true_ && !need_pred_)) return;
     const int64_t cols = y_true.dim_size(y_true.dims() - 1);
@@ -252,15 +270,10 @@ class GeneralizedJsdWithLogitsOp : public OpKernel {
     constexpr int kS = distill::kJsdStats;
     const Tensor& y_true = ctx->input(0);
     const Tensor& y_pred = ctx->input(1);
-    OP_REQUIRES_OK(ctx, CheckLogits(y_true, y_pred));
-    const TensorShape rows_shape = RowsShape(y_true);
-    TensorShape stats_shape = rows_shape;
-    stats_shape.AddDim(kS);
     Tensor* loss_t = nullptr;
     Tensor* stats_t = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, rows_shape, &loss_t));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, stats_shape, &stats_t));
-    const int64_t rows = rows_shape.num_elements();
+    OP_REQUIRES_OK(ctx, ForwardOutputs(ctx, kS, &loss_t, &stats_t));
+    const int64_t rows = loss_t->NumElements();
     const int64_t cols = y_true.dim_size(y_true.dims() - 1);
     if (rows == 0) return;
     T* loss = loss_t->flat<T>().data();
@@ -370,15 +383,10 @@ class DistillGpuOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& y_true = ctx->input(0);
     const Tensor& y_pred = ctx->input(1);
-    OP_REQUIRES_OK(ctx, CheckLogits(y_true, y_pred));
-    const TensorShape rows_shape = RowsShape(y_true);
-    TensorShape stats_shape = rows_shape;
-    stats_shape.AddDim(kJsd ? distill::kJsdStats : distill::kStats);
     Tensor* loss = nullptr;
     Tensor* stats = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, rows_shape, &loss));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, stats_shape, &stats));
-    const int64_t rows = rows_shape.num_elements();
+    OP_REQUIRES_OK(ctx, ForwardOutputs(ctx, kJsd ? distill::kJsdStats : distill::kStats, &loss, &stats));
+    const int64_t rows = loss->NumElements();
     if (rows == 0) return;
     OP_REQUIRES_OK(ctx, GpuLaunchStatus(distill_gpu::Launchers<T>::Forward(
                             ctx->eigen_device<GPUDevice>(), params_, y_true.flat<T>().data(),
@@ -390,7 +398,7 @@ class DistillGpuOp : public OpKernel {
   distill_gpu::Params params_;
 };
 
-// The fused gradient of either family on the GPU, with DistillGradOp's checks.
+// The fused gradient of either family on the GPU, with the CPU op's checks (GradientOutputs).
 template <typename T, bool kJsd>
 class DistillGradGpuOp : public OpKernel {
  public:
@@ -405,33 +413,16 @@ class DistillGradGpuOp : public OpKernel {
     const Tensor& y_true = ctx->input(1);
     const Tensor& y_pred = ctx->input(2);
     const Tensor& stats = ctx->input(3);
-    OP_REQUIRES_OK(ctx, CheckLogits(y_true, y_pred));
-    const TensorShape rows_shape = RowsShape(y_true);
-    OP_REQUIRES(ctx, grad.shape() == rows_shape,
-                absl::InvalidArgumentError(absl::StrCat("grad must have the loss's shape ",
-                                                        rows_shape.DebugString(), ", got ",
-                                                        grad.shape().DebugString())));
-    TensorShape stats_shape = rows_shape;
-    stats_shape.AddDim(kJsd ? distill::kJsdStats : distill::kStats);
-    OP_REQUIRES(ctx, stats.shape() == stats_shape,
-                absl::InvalidArgumentError(absl::StrCat(
-                    "stats must have shape ", stats_shape.DebugString(),
-                    " (the forward op's second output), got ", stats.shape().DebugString())));
     Tensor* d_true = nullptr;
     Tensor* d_pred = nullptr;
-    // Each element is read before its gradient is written, by the same thread: outputs may
-    // take over their inputs' buffers.
-    const TensorShape none({0});
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
-                            {1}, 0, need_true_ ? y_true.shape() : none, &d_true));
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
-                            {2}, 1, need_pred_ ? y_pred.shape() : none, &d_pred));
+    OP_REQUIRES_OK(ctx, GradientOutputs(ctx, kJsd ? distill::kJsdStats : distill::kStats, need_true_,
+                                        need_pred_, &d_true, &d_pred));
     if (y_true.NumElements() == 0 || (!need_true_ && !need_pred_)) return;
     OP_REQUIRES_OK(ctx, GpuLaunchStatus(distill_gpu::Launchers<T>::Gradient(
                             ctx->eigen_device<GPUDevice>(), params_, grad.flat<T>().data(),
                             y_true.flat<T>().data(), y_pred.flat<T>().data(), stats.flat<double>().data(),
                             need_true_ ? d_true->flat<T>().data() : nullptr,
-                            need_pred_ ? d_pred->flat<T>().data() : nullptr, rows_shape.num_elements(),
+                            need_pred_ ? d_pred->flat<T>().data() : nullptr, grad.NumElements(),
                             y_true.dim_size(y_true.dims() - 1))));
   }
 

@@ -27,7 +27,8 @@ template <> struct WType<Eigen::half> { static constexpr cpu::Type value = cpu::
 template <> struct WType<Eigen::bfloat16> { static constexpr cpu::Type value = cpu::Type::kBfloat16; };
 template <> struct WType<float> { static constexpr cpu::Type value = cpu::Type::kFloat; };
 
-// float64 (the exact tests' type): plain loops, the float core's order of summation.
+// float64 (the exact tests' type): plain loops, the float core's order of summation; w nullptr:
+// no d_a.
 void LinearGradsDouble(const double* a, const double* b, double* acc, const double* w, double* d_a,
                        int64_t k, int64_t m, int64_t n, int64_t col_begin, int64_t col_end) {
   for (int64_t i = 0; i < m; ++i) {
@@ -37,6 +38,7 @@ void LinearGradsDouble(const double* a, const double* b, double* acc, const doub
       acc[i * n + c] = s;
     }
   }
+  if (w == nullptr) return;
   for (int64_t j = 0; j < k; ++j) {
     for (int64_t i = 0; i < m; ++i) {
       double s = 0.0;
@@ -54,7 +56,9 @@ constexpr int64_t kMinPanelsPerGroup = 8;
 template <typename T, typename Tw>
 class AccumulateLinearGradsOp : public OpKernel {
  public:
-  explicit AccumulateLinearGradsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  explicit AccumulateLinearGradsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("with_d_a", &with_d_a_));
+  }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& acc = ctx->input(0);
@@ -72,7 +76,7 @@ class AccumulateLinearGradsOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, acc.shape(), &out));
     const int64_t k = a.dim_size(0), m = acc.dim_size(0), n = acc.dim_size(1);
     Tensor* d_a = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, a.shape(), &d_a));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({with_d_a_ ? k : 0, m}), &d_a));
     T* o = out->flat<T>().data();
     const T* in = acc.flat<T>().data();
     if (o != in && acc.NumElements() > 0) {  // acc has another reader: leave it as it is
@@ -88,12 +92,12 @@ class AccumulateLinearGradsOp : public OpKernel {
     groups = (panels + per_group - 1) / per_group;
     Tensor partials;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::value,
-                                           TensorShape({groups, k, m}), &partials));
+                                           TensorShape({with_d_a_ ? groups : 0, k, m}), &partials));
     T* part = partials.flat<T>().data();
     std::fill(part, part + partials.NumElements(), T(0));
     const T* pa = a.flat<T>().data();
     const T* pb = b.flat<T>().data();
-    const Tw* pw = w.flat<Tw>().data();
+    const Tw* pw = with_d_a_ ? w.flat<Tw>().data() : nullptr;
     const int64_t group_cols = per_group * distill::kRankPanel;
     ctx->eigen_device<CPUDevice>().parallelFor(
         groups,
@@ -102,18 +106,22 @@ class AccumulateLinearGradsOp : public OpKernel {
         [&](Eigen::Index begin, Eigen::Index end) {
           for (Eigen::Index g = begin; g < end; ++g) {
             const int64_t c0 = g * group_cols, c1 = std::min(n, (g + 1) * group_cols);
+            T* part_g = with_d_a_ ? part + g * k * m : nullptr;
             if constexpr (std::is_same_v<T, double>) {
-              LinearGradsDouble(pa, pb, o, pw, part + g * k * m, k, m, n, c0, c1);
+              LinearGradsDouble(pa, pb, o, pw, part_g, k, m, n, c0, c1);
             } else {
-              distill::Cpu().linear_grads(pa, pb, o, WType<Tw>::value, pw, part + g * k * m, k, m,
-                                          n, c0, c1);
+              distill::Cpu().linear_grads(pa, pb, o, WType<Tw>::value, pw, part_g, k, m, n, c0, c1);
             }
           }
         });
+    if (!with_d_a_) return;
     for (int64_t g = 0; g < groups; ++g) {
       for (int64_t i = 0; i < k * m; ++i) da[i] += part[g * k * m + i];
     }
   }
+
+ private:
+  bool with_d_a_ = true;
 };
 
 }  // namespace
