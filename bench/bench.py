@@ -249,7 +249,8 @@ def peak_memory_in_child(script, child_args, limit_gib=None):
                               preexec_fn=None if limit_gib is None else lambda: _limit_memory(limit_gib))
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
         if proc.returncode != 0 or not lines:
-            return {"bytes": None, "note": f"the measurement failed: {proc.stderr.strip()[-300:]}"}
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]  # one line: tables
+            return {"bytes": None, "note": f"the measurement failed: {last[-300:]}"}
         child = json.loads(lines[-1])
         if child["calibration_seen_bytes"] >= 0.9 * child["calibration_bytes"]:
             return {"bytes": child["peak_extra_bytes"], "note": note}
