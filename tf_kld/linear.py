@@ -267,8 +267,8 @@ def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
     fused = _use_fused_ops()
     in_place = fused and _accumulate_in_place()
     # The hidden states' gradient dS @ W^T: TensorFlow's matmul where oneDNN runs it (faster than
-    # the op's pass on the AVX-512 machines measured), else the op, in its pass over the kernel's
-    # columns (2x Eigen's matmul there).
+    # the op's pass on the AVX-512 machine measured), else the op, in its pass over the kernel's
+    # columns (a little faster than Eigen's matmul end to end there).
     project_by_matmul = ops.onednn_enabled()
     rows_all = tf.shape(hs)[0]
     total = tf.reduce_sum(w)
