@@ -9,7 +9,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <vector>
 
 #include "cc/kernels/distill_cpu.h"
 
@@ -734,8 +733,10 @@ void LinearGrads(const float* a, const float* b, float* acc, Type w_type, const 
   constexpr int kRows = 4, kVecs = kLanes == 16 ? 4 : 2;  // AVX-512 has 32 registers, AVX2 16
   constexpr int64_t kStep = kVecs * kLanes;
   alignas(64) float block[kRankDepth * distill::kRankPanel];
-  // d_a's sums in vector lanes over all the columns, added across lanes once at the end.
-  std::vector<Vf> sums(w != nullptr ? k * m : 0, Vf{});
+  // d_a's sums in vector lanes over all the columns, added across lanes once at the end. (new[],
+  // not a std::vector: its helpers would be symbols that every ISA object defines.)
+  const int64_t n_sums = w != nullptr ? k * m : 0;
+  Vf* sums = n_sums > 0 ? new Vf[n_sums]() : nullptr;
   for (int64_t p = col_begin; p < col_end; p += distill::kRankPanel) {
     const int64_t width = p + distill::kRankPanel < col_end ? distill::kRankPanel : col_end - p;
     const int64_t vec_width = width / kStep * kStep;
@@ -763,10 +764,11 @@ void LinearGrads(const float* a, const float* b, float* acc, Type w_type, const 
           acc[i * n + p + c] = s;
         }
       }
-      if (w != nullptr) ProjectBlockOf(w_type, block, w, p, sums.data() + j0 * m, depth, width, m, n);
+      if (sums != nullptr) ProjectBlockOf(w_type, block, w, p, sums + j0 * m, depth, width, m, n);
     }
   }
-  for (int64_t e = 0; e < static_cast<int64_t>(sums.size()); ++e) d_a[e] += SumLanesF(sums[e]);
+  for (int64_t e = 0; e < n_sums; ++e) d_a[e] += SumLanesF(sums[e]);
+  delete[] sums;
 }
 
 }  // namespace
