@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cc/kernels/distill_attrs.h"
+#include "cc/kernels/cpu_type_of.h"
 #include "cc/kernels/distill_cpu.h"
 #include "cc/kernels/kld_registration.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -27,11 +28,6 @@ using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 using tensorflow::TensorShape;
 
-template <typename T> struct DistillType;
-template <> struct DistillType<Eigen::half> { static constexpr cpu::Type value = cpu::Type::kHalf; };
-template <> struct DistillType<Eigen::bfloat16> { static constexpr cpu::Type value = cpu::Type::kBfloat16; };
-template <> struct DistillType<float> { static constexpr cpu::Type value = cpu::Type::kFloat; };
-template <> struct DistillType<double> { static constexpr cpu::Type value = cpu::Type::kDouble; };
 
 // Rows wider than this are split into chunks of this many classes, reduced in parallel and merged
 // in chunk order: the split depends only on the shape, so results never depend on thread count.
@@ -140,7 +136,7 @@ class KlDivergenceWithLogitsOp : public OpKernel {
     const T* t = y_true.flat<T>().data();
     const T* p = y_pred.flat<T>().data();
     const distill::Kernels& k = distill::Cpu();
-    constexpr cpu::Type type = DistillType<T>::value;
+    constexpr cpu::Type type = CpuType<T>::value;
     const double temperature = temperature_;
     const CPUDevice& d = ctx->eigen_device<CPUDevice>();
     if (type != cpu::Type::kDouble && cols <= k.narrow_cols) {  // many rows per SIMD register
@@ -249,7 +245,7 @@ class DistillGradOp : public OpKernel {
         elements, Cost(1, 2 * sizeof(T), outputs * sizeof(T)),
         [](Eigen::Index n) { return (n + 63) & ~Eigen::Index{63}; },
         [&](Eigen::Index begin, Eigen::Index end) {
-          Family::Gradient(DistillType<T>::value, g, t, p, s, dt, dp, begin, end, cols, params);
+          Family::Gradient(CpuType<T>::value, g, t, p, s, dt, dp, begin, end, cols, params);
         });
   }
 
@@ -286,7 +282,7 @@ class GeneralizedJsdWithLogitsOp : public OpKernel {
     const T* t = y_true.flat<T>().data();
     const T* p = y_pred.flat<T>().data();
     const distill::Kernels& k = distill::Cpu();
-    constexpr cpu::Type type = DistillType<T>::value;
+    constexpr cpu::Type type = CpuType<T>::value;
     const distill::JsdParams params = params_;
     const CPUDevice& d = ctx->eigen_device<CPUDevice>();
     // The first pass's state of a row -> its first four stats.

@@ -17,6 +17,7 @@
 #include "cc/kernels/kld_cpu.h"
 #include "cc/kernels/kld_registration.h"
 #include "tensorflow/core/framework/op_kernel.h"
+#include "cc/kernels/cpu_type_of.h"
 #include "tensorflow/core/framework/register_types.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "unsupported/Eigen/CXX11/Tensor"
@@ -32,11 +33,6 @@ using tensorflow::TensorShape;
 
 namespace {
 
-template <typename T> struct CpuType;
-template <> struct CpuType<Eigen::half> { static constexpr cpu::Type value = cpu::Type::kHalf; };
-template <> struct CpuType<Eigen::bfloat16> { static constexpr cpu::Type value = cpu::Type::kBfloat16; };
-template <> struct CpuType<float> { static constexpr cpu::Type value = cpu::Type::kFloat; };
-template <> struct CpuType<double> { static constexpr cpu::Type value = cpu::Type::kDouble; };
 
 // Rows wider than this are summed in fixed chunks in parallel, so a few very wide rows still use
 // every core. The chunking depends only on the shape, so results do not depend on thread count.

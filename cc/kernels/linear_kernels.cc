@@ -6,6 +6,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cc/kernels/cpu_type_of.h"
 #include "cc/kernels/distill_cpu.h"
 #include "cc/kernels/kld_registration.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -22,10 +23,6 @@ using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 using tensorflow::TensorShape;
 
-template <typename T> struct WType;
-template <> struct WType<Eigen::half> { static constexpr cpu::Type value = cpu::Type::kHalf; };
-template <> struct WType<Eigen::bfloat16> { static constexpr cpu::Type value = cpu::Type::kBfloat16; };
-template <> struct WType<float> { static constexpr cpu::Type value = cpu::Type::kFloat; };
 
 // float64 (the exact tests' type): plain loops, the float core's order of summation; w nullptr:
 // no d_a.
@@ -110,7 +107,7 @@ class AccumulateLinearGradsOp : public OpKernel {
             if constexpr (std::is_same_v<T, double>) {
               LinearGradsDouble(pa, pb, o, pw, part_g, k, m, n, c0, c1);
             } else {
-              distill::Cpu().linear_grads(pa, pb, o, WType<Tw>::value, pw, part_g, k, m, n, c0, c1);
+              distill::Cpu().linear_grads(pa, pb, o, CpuType<Tw>::value, pw, part_g, k, m, n, c0, c1);
             }
           }
         });
