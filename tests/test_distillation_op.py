@@ -41,14 +41,20 @@ def _ulps(got, want64):
     return np.abs(got.astype(np.float64) - want64) / np.spacing(np.abs(want32)).astype(np.float64)
 
 
+# The worst error allowed over the normal range, per CPU build: the table-driven exps of the AVX-512
+# and AVX2 builds measured 1.07 and 0.92 ulp at every 7th float in (-110, 89); the generic build's
+# degree-6 form is within 2.
+_EXP_ULPS = {"avx512": 1.1, "avx2": 1.1, "generic": 2.0}
+
+
 def test_vectorised_exp_accuracy(require_custom, rng):
-    """Within 2 ulp of exp over the whole normal range (and the subnormal results, via std::exp);
-    exp(-inf) = 0, NaN stays NaN, overflow gives inf, in any position of a vector."""
+    """Within _EXP_ULPS ulp of exp over the whole normal range, subnormal results within one
+    subnormal ulp; exp(-inf) = 0, NaN stays NaN, overflow gives inf, in any position of a vector."""
     x = np.concatenate([rng.uniform(-87.3, 88.0, 200000), rng.uniform(-1.0, 1.0, 50000),
                         np.linspace(-0.35, 0.35, 10001), -np.arange(0, 87, 0.25)]).astype(np.float32)
     got = _core_exp(x)
     err = _ulps(got, np.exp(x.astype(np.float64)))
-    assert err.max() <= 2.0, (err.max(), x[np.argmax(err)])
+    assert err.max() <= _EXP_ULPS[kld_ops.cpu_isa()], (kld_ops.cpu_isa(), err.max(), x[np.argmax(err)])
     special = np.array([-np.inf, np.nan, 0.0, -0.0, -104.0, -200.0, -1e30, -100.0, -90.0, 88.5,
                         89.0, 100.0, np.inf, 1.0, -87.5], np.float32)
     got = _core_exp(special)
@@ -56,8 +62,25 @@ def test_vectorised_exp_accuracy(require_custom, rng):
         want = np.exp(special.astype(np.float64)).astype(np.float32)
     np.testing.assert_array_equal(got[[0, 2, 3, 4, 5, 6, 10, 11, 12]], want[[0, 2, 3, 4, 5, 6, 10, 11, 12]])
     assert np.isnan(got[1])
-    for i in (7, 8, 9, 13, 14):  # subnormal results and near-overflow: std::exp, exact-ish
+    for i in (7, 8, 9, 13, 14):  # subnormal results and near-overflow
         assert abs(float(got[i]) - float(want[i])) <= float(np.spacing(want[i])), (special[i], got[i], want[i])
+    tiny = np.linspace(-103.9, -87.4, 20001).astype(np.float32)  # every subnormal result's binade
+    got, want = _core_exp(tiny).astype(np.float64), np.exp(tiny.astype(np.float64))
+    assert np.all(np.abs(got - want) <= 2.0 ** -149), tiny[np.argmax(np.abs(got - want))]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_vectorised_exp_accuracy_of_narrower_builds(require_custom, isa):
+    """The same checks on the narrower CPU builds (TF_KLD_CPU_ISA caps the build a process uses)."""
+    native = kld_ops.cpu_isa()
+    if native == isa or (isa == "avx2" and native != "avx512"):
+        pytest.skip(f"the {isa} build is this process's own ({native}) or this CPU cannot run it")
+    env = dict(os.environ, TF_KLD_CPU_ISA=isa, TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=IMPORT_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          f"{os.path.abspath(__file__)}::test_vectorised_exp_accuracy"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
 
 
 def test_paths_run_the_expected_ops(impl):
