@@ -20,32 +20,45 @@ namespace {
 // exp of kLanes floats, within about 1 ulp, NaN kept (every clamp below returns x where x is NaN:
 // vmaxps/vminps return their second operand where either is NaN). exp(x) = 2^(k/K) exp(r) with
 // k = rint(K x log2 e) and r = x - k ln2/K (ln 2 in two parts; k ln2/K exact for every clamped x).
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// The range reduction both table-driven exps share: x clamped to [-110, 89], where exp is 0 and inf
+// in float; t = K x log2 e + 1.5 * 2^23, whose low bits are k's (the table's index); k; and r.
+template <int K>
+TF_KLD_INLINE Vf ExpReduce(Vf x, Vf* t, Vf* k) {
+#if defined(__AVX512F__)
+  const Vf xc = BitCast<Vf>(_mm512_min_ps(_mm512_set1_ps(89.0f),
+                                          _mm512_max_ps(_mm512_set1_ps(-110.0f), BitCast<__m512>(x))));
+#else
+  const Vf xc = BitCast<Vf>(_mm256_min_ps(_mm256_set1_ps(89.0f),
+                                          _mm256_max_ps(_mm256_set1_ps(-110.0f), BitCast<__m256>(x))));
+#endif
+  const Vf magic = Splat(12582912.0f);  // 1.5 * 2^23
+  *t = Madd(xc, Splat(static_cast<float>(K * 1.4426950408889634)), magic);
+  *k = *t - magic;
+  const Vf r = Madd(*k, Splat(-0.693359375f / K), xc);  // ln 2 / K in two parts
+  return Madd(*k, Splat(2.12194440e-4f / K), r);
+}
+#endif
+
 #if defined(__AVX512F__)
 // K = 16: |r| <= ln2/32, where exp(r) - 1 = r (1 + r/2 + r^2/6) is within 0.01 ulp; 2^(j/16) for
 // j = k mod 16 from a 16-entry table (one vpermps), and 2^floor(k/16) by vscalefps, which multiplies
-// in one rounding, so overflow, subnormal results and 0 come out right with no special lanes (x
-// clamped to [-110, 89], where exp is 0 and inf in float). k comes from adding 1.5 * 2^23: its low
-// bits are k's, the permute's index. Measured worst 1.07 ulp. Fewer floating-point operations than
-// the degree-6 form below: on cores with one 512-bit FMA unit, they bound the loops.
+// in one rounding, so overflow, subnormal results and 0 come out right with no special lanes.
+// Measured worst 1.07 ulp. Fewer floating-point operations than the degree-6 form below: on cores
+// with one 512-bit FMA unit, they bound the loops.
 TF_KLD_INLINE Vf ExpF(Vf x) {
   alignas(64) static constexpr float kExp2Sixteenths[16] = {  // 2^(j/16), rounded to float
       1.0f, 1.0442737340927124f, 1.0905077457427979f, 1.1387885808944702f,
       1.1892070770263672f, 1.2418577671051025f, 1.2968395948410034f, 1.3542555570602417f,
       1.4142135381698608f, 1.4768261909484863f, 1.5422108173370361f, 1.610490322113037f,
       1.6817928552627563f, 1.7562521696090698f, 1.8340080976486206f, 1.9152065515518188f};
-  const __m512 magic = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23
-  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(89.0f),
-                                  _mm512_max_ps(_mm512_set1_ps(-110.0f), BitCast<__m512>(x)));
-  const __m512 t = _mm512_fmadd_ps(xc, _mm512_set1_ps(23.0831206542234f), magic);  // 16 log2 e
-  const __m512 k = _mm512_sub_ps(t, magic);
-  __m512 r = _mm512_fmadd_ps(k, _mm512_set1_ps(-0.693359375f / 16), xc);  // ln 2 / 16 in two parts
-  r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f / 16), r);
+  Vf t, k;
+  const Vf r = ExpReduce<16>(x, &t, &k);
   // exp(r) - 1 = r (1 + r/2 + r^2/6), added to 1 only in the last multiply-add: one rounding.
-  __m512 em1 = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 6), r, _mm512_set1_ps(0.5f));
-  em1 = _mm512_mul_ps(_mm512_fmadd_ps(em1, r, _mm512_set1_ps(1.0f)), r);
-  const __m512 two_j = _mm512_permutexvar_ps(_mm512_castps_si512(t), _mm512_load_ps(kExp2Sixteenths));
-  return BitCast<Vf>(_mm512_scalef_ps(_mm512_fmadd_ps(two_j, em1, two_j),
-                                      _mm512_mul_ps(k, _mm512_set1_ps(0.0625f))));
+  const Vf em1 = Madd(Madd(Splat(1.0f / 6), r, Splat(0.5f)), r, Splat(1.0f)) * r;
+  const Vf two_j = BitCast<Vf>(_mm512_permutexvar_ps(BitCast<__m512i>(t), _mm512_load_ps(kExp2Sixteenths)));
+  return BitCast<Vf>(_mm512_scalef_ps(BitCast<__m512>(Madd(two_j, em1, two_j)),
+                                      BitCast<__m512>(k * Splat(0.0625f))));
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 // K = 8: an 8-entry table (vpermps), a quartic (|r| <= ln2/16), and 2^m = 2^floor(k/8) as
@@ -56,21 +69,14 @@ TF_KLD_INLINE Vf ExpF(Vf x) {
   alignas(32) static constexpr float kExp2Eighths[8] = {  // 2^(j/8), rounded to float
       1.0f, 1.0905077457427979f, 1.1892070770263672f, 1.2968395948410034f,
       1.4142135381698608f, 1.5422108173370361f, 1.6817928552627563f, 1.8340080976486206f};
-  const __m256 magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23
-  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(89.0f),
-                                  _mm256_max_ps(_mm256_set1_ps(-110.0f), BitCast<__m256>(x)));
-  const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(11.5415603271117f), magic);  // 8 log2 e
-  const __m256 k = _mm256_sub_ps(t, magic);
-  __m256 r = _mm256_fmadd_ps(k, _mm256_set1_ps(-0.693359375f / 8), xc);
-  r = _mm256_fmadd_ps(k, _mm256_set1_ps(2.12194440e-4f / 8), r);
-  __m256 em1 = _mm256_fmadd_ps(_mm256_set1_ps(1.0f / 24), r, _mm256_set1_ps(1.0f / 6));
-  em1 = _mm256_fmadd_ps(em1, r, _mm256_set1_ps(0.5f));
-  em1 = _mm256_mul_ps(_mm256_fmadd_ps(em1, r, _mm256_set1_ps(1.0f)), r);
-  const __m256 two_j = _mm256_permutevar8x32_ps(_mm256_load_ps(kExp2Eighths), _mm256_castps_si256(t));
-  const Vi m = (BitCast<Vi>(t) - BitCast<Vi>(magic)) >> 3;  // floor(k / 8): k is t's low bits
+  Vf t, k;
+  const Vf r = ExpReduce<8>(x, &t, &k);
+  const Vf em1 =
+      Madd(Madd(Madd(Splat(1.0f / 24), r, Splat(1.0f / 6)), r, Splat(0.5f)), r, Splat(1.0f)) * r;
+  const Vf two_j = BitCast<Vf>(_mm256_permutevar8x32_ps(_mm256_load_ps(kExp2Eighths), BitCast<__m256i>(t)));
+  const Vi m = __builtin_convertvector(k, Vi) >> 3;  // floor(k / 8), k an exact integer
   const Vi m1 = m >> 1, m2 = m - m1;
-  const Vf y = BitCast<Vf>(_mm256_fmadd_ps(two_j, em1, two_j));
-  return y * BitCast<Vf>((m1 + 127) << 23) * BitCast<Vf>((m2 + 127) << 23);
+  return Madd(two_j, em1, two_j) * BitCast<Vf>((m1 + 127) << 23) * BitCast<Vf>((m2 + 127) << 23);
 }
 #else
 // K = 1 (Cephes' expf, SSE2 has no lane permute): a degree-6 polynomial, 2^k from its bits; x <= -104
