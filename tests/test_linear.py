@@ -96,8 +96,9 @@ def test_float64_value_and_student_gradients(beta, chunk_size, impl, rng):
 
 @pytest.mark.parametrize("onednn", [False, True])
 def test_both_ways_of_the_hidden_states_gradient(onednn, monkeypatch, require_custom, rng):
-    # dS @ W^T comes from TensorFlow's matmul where oneDNN is on, else from the in-place op's pass:
-    # both, whatever this machine's TensorFlow does, in float64 and float32 (16-bit kernels too).
+    # dS @ W^T comes from TensorFlow's matmul where oneDNN is on, else from the in-place op's pass,
+    # and the float32 chunks' logits from TensorFlow's matmul, else from TfKld>LinearLogits: both,
+    # whatever this machine's TensorFlow does, in float64 and float32 (16-bit kernels too).
     monkeypatch.setattr(tf_kld.ops, "onednn_enabled", lambda: onednn)
     _assert_matches(_problem(rng, classes=300), 0.0, 2.0, 5)
     _assert_matches(_problem(rng, classes=300), 0.5, 2.0, 16)
@@ -376,8 +377,10 @@ import tensorflow as tf
 import tf_kld
 
 rows, hidden, classes, chunk = (int(v) for v in sys.argv[2:6])
+dtype = tf.as_dtype(sys.argv[6])
 hs = tf.random.normal([rows, hidden]); ht = tf.random.normal([rows, hidden])
 ws = tf.random.normal([hidden, classes]) * 0.1; wt = tf.random.normal([hidden, classes]) * 0.1
+hs, ht, ws, wt = (tf.cast(x, dtype) for x in (hs, ht, ws, wt))
 
 @tf.function
 def step(hs, ws):
@@ -398,7 +401,7 @@ print(json.dumps({"peak": bench._peak_extra_bytes(step, (hs, ws)), "calibration"
 """
 
 
-def _peak_of_a_step(tmp_path, rows, hidden, classes, chunk=0):
+def _peak_of_a_step(tmp_path, rows, hidden, classes, chunk=0, dtype="float32"):
     # In a fresh process with an allocator that returns memory (oneDNN's pools freed buffers); a
     # calibration allocation of 1/8 of a [rows, classes] float32 tensor must show up in full.
     script = tmp_path / "worker.py"
@@ -407,7 +410,7 @@ def _peak_of_a_step(tmp_path, rows, hidden, classes, chunk=0):
                TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [IMPORT_ROOT, env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, str(script), IMPORT_ROOT] +
-                          [str(v) for v in (rows, hidden, classes, chunk)],
+                          [str(v) for v in (rows, hidden, classes, chunk, dtype)],
                           capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
@@ -434,6 +437,18 @@ def test_kernel_gradient_is_summed_in_one_buffer(tmp_path, require_custom):
     out = _peak_of_a_step(tmp_path, 256, 512, 32000, chunk=16)
     assert out["peak"] <= 1.25 * out["kernel_bytes"], (
         f"a fused step took {out['peak'] / 2**20:.1f} MiB; the kernel gradient is "
+        f"{out['kernel_bytes'] / 2**20:.1f} MiB")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs /proc/self/clear_refs")
+def test_bfloat16_kernels_are_never_widened_whole(tmp_path, require_custom):
+    # bfloat16 inputs (oneDNN off, as in every memory measurement): the float32 kernel-gradient sum
+    # (62.5 MiB) and, at the end, its bfloat16 cast (half that) are the only [H, V] buffers. The
+    # chunks' logits widen the kernels a panel at a time; a float32 copy of a whole kernel (what
+    # TensorFlow's Eigen bfloat16 matmul makes for every call) would add another 62.5 MiB.
+    out = _peak_of_a_step(tmp_path, 256, 512, 32000, chunk=16, dtype="bfloat16")
+    assert out["peak"] <= 1.75 * out["kernel_bytes"], (
+        f"a bfloat16 fused step took {out['peak'] / 2**20:.1f} MiB; the float32 kernel gradient is "
         f"{out['kernel_bytes'] / 2**20:.1f} MiB")
 
 
@@ -545,6 +560,65 @@ def test_linear_grads_op_checks_its_inputs(require_custom):
         traced.get_concrete_function()
 
 
+# TfKld>LinearLogits: h @ w + bias in float32 (float64 for float64).
+
+def _check_linear_logits(m, k, n, dtype, rng, bias=True):
+    h, w, b = (tf.cast(rng.normal(size=s), dtype) for s in ((m, k), (k, n), (n,)))
+    got = tf_kld.ops.linear_logits(h, w, b if bias else None)
+    out_dtype = tf.float64 if dtype == tf.float64 else tf.float32
+    assert got.dtype == out_dtype and got.shape == (m, n)
+    h64, w64 = (tf.cast(x, tf.float64).numpy() for x in (h, w))
+    b64 = tf.cast(tf.cast(b, out_dtype), tf.float64).numpy() if bias else np.zeros([n])
+    unit = 2.0 ** -53 if dtype == tf.float64 else 2.0 ** -24
+    bound = (k + 2) * unit * (np.abs(b64) + np.abs(h64) @ np.abs(w64)) + 1e-300
+    err = np.abs(got.numpy().astype(np.float64) - (h64 @ w64 + b64))
+    assert np.all(err <= bound), (m, k, n, dtype, err.max())
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16, tf.float16, tf.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 3, 7), (13, 129, 257), (64, 256, 1000),
+                                   (67, 65, 300), (2, 9, 4099), (6, 5, 70001), (0, 4, 5), (4, 0, 5),
+                                   (4, 5, 0)])
+def test_linear_logits_op_values(shape, dtype, require_custom, rng):
+    # Within the float32 (float64) bound of the float64 sums of the exactly widened inputs: tiles
+    # of 6, 4 and 1 rows, panels of 256 columns and their tails, depth blocks of 64.
+    _check_linear_logits(*shape, dtype, rng)
+    if shape[0] * shape[2] < 20000:
+        _check_linear_logits(*shape, dtype, rng, bias=False)
+
+
+def test_linear_logits_op_checks_its_inputs(require_custom):
+    op = tf_kld.ops.linear_logits
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must match"):
+        op(tf.zeros([2, 3]), tf.zeros([4, 5]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must match"):
+        op(tf.zeros([2, 3]), tf.zeros([3, 5]), tf.zeros([4]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must match"):
+        op(tf.zeros([2, 3, 1]), tf.zeros([3, 5]))
+
+    @tf.function
+    def mixed():
+        return tf_kld.ops._module.tf_kld_linear_logits(tf.zeros([2, 3], tf.float64), tf.zeros([3, 4], tf.float64),
+                                                       tf.zeros([0]))
+
+    with pytest.raises(ValueError, match="must be float64 exactly when"):
+        mixed.get_concrete_function()
+
+    @tf.function(input_signature=[tf.TensorSpec([2, 3]), tf.TensorSpec([4, 5])])
+    def traced(h, w):
+        return op(h, w)
+
+    with pytest.raises(ValueError, match="do not match"):
+        traced.get_concrete_function()
+
+    @tf.function(input_signature=[tf.TensorSpec([2, 3]), tf.TensorSpec([3, 5]), tf.TensorSpec([4])])
+    def traced_bias(h, w, b):
+        return op(h, w, b)
+
+    with pytest.raises(ValueError, match="bias must have w's columns"):
+        traced_bias.get_concrete_function()
+
+
 _ACCUMULATE_WORKER = r"""
 import json, sys
 import numpy as np
@@ -564,6 +638,14 @@ for k, m, n in [(64, 130, 5003), (7, 3, 70000), (130, 17, 777)]:
         d_a_bound = (n + 2) * 2.0 ** -24 * (np.abs(b) @ np.abs(w).T)
         ok = np.all(np.abs(got - want) <= bound) and np.all(np.abs(d_a - b.astype(np.float64) @ w.T) <= d_a_bound)
         out[f"{k}x{m}x{n}-{w_dtype.name}"] = {"ok": bool(ok), "hex": got.tobytes().hex() + d_a.tobytes().hex()}
+        # TfKld>LinearLogits: h [m, k] @ w2 [k, n] + bias
+        h, w2 = tf.cast(rng.normal(size=(m, k)), w_dtype), tf.cast(rng.normal(size=(k, n)), w_dtype)
+        bias = rng.normal(size=n).astype(np.float32)
+        logits = tf_kld.ops.linear_logits(h, w2, bias).numpy()
+        h64, w64 = tf.cast(h, tf.float64).numpy(), tf.cast(w2, tf.float64).numpy()
+        bound = (k + 2) * 2.0 ** -24 * (np.abs(bias) + np.abs(h64) @ np.abs(w64))
+        ok = np.all(np.abs(logits - (h64 @ w64 + bias)) <= bound)
+        out[f"logits-{m}x{k}x{n}-{w_dtype.name}"] = {"ok": bool(ok), "hex": logits.tobytes().hex()}
 print("RESULT " + json.dumps(out))
 """
 
@@ -581,8 +663,9 @@ def _run_accumulate(threads, isa=None):
 
 
 def test_linear_grads_op_every_isa_build_and_thread_count(require_custom):
-    # Each build (AVX-512, AVX2, baseline: as many as this CPU runs) within the float32 bounds of
-    # the float64 sums; each bit-identical with 1 and 4 threads (columns split in fixed groups).
+    # AccumulateLinearGrads and LinearLogits: each build (AVX-512, AVX2, baseline: as many as this
+    # CPU runs) within the float32 bounds of the float64 sums; each bit-identical with 1 and 4
+    # threads (columns split in fixed groups).
     best = _run_accumulate(1)
     isas = {"avx512": [None, "avx2", "generic"], "avx2": [None, "generic"]}.get(best["isa"], [None])
     for isa in isas:

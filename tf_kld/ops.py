@@ -462,8 +462,18 @@ def custom_divergence_and_student_grad(t_logits, s_logits, g, beta, temperature)
 
 
 def linear_grads_op_loaded():
-    """True when the loaded library has TfKld>AccumulateLinearGrads (CPU)."""
-    return _module is not None and hasattr(_module, "tf_kld_accumulate_linear_grads")
+    """True when the loaded library has TfKld>AccumulateLinearGrads and TfKld>LinearLogits (CPU)."""
+    return _module is not None and hasattr(_module, "tf_kld_accumulate_linear_grads") and \
+        hasattr(_module, "tf_kld_linear_logits")
+
+
+def linear_logits(h, w, bias=None):
+    """One chunk's logits `h @ w + bias` in float32 (float64 for float64 h, w): h [m, k] and w
+    [k, n] of one dtype, 16-bit ones widened exactly and summed in float32 (w a cache-sized panel
+    at a time: no float32 copy of it); bias [n] or None. CPU."""
+    out_dtype = tf.float64 if h.dtype == tf.float64 else tf.float32
+    bias = tf.zeros([0], out_dtype) if bias is None else tf.cast(bias, out_dtype)
+    return _module.tf_kld_linear_logits(h, w, bias)
 
 
 def accumulate_linear_grads(acc, a, b, w, with_d_a=True):

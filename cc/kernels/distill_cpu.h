@@ -130,6 +130,14 @@ struct Kernels {
   void (*linear_grads)(const float* a, const float* b, float* acc, Type w_type, const void* w,
                        float* d_a, int64_t k, int64_t m, int64_t n, int64_t col_begin,
                        int64_t col_end);
+  // The chunked linear loss's logits: for row-major a [k, m] (the chunk's hidden states,
+  // transposed), w [k, n] of `w_type` (not float64), bias [n] (nullptr: none) and out [m, n],
+  //   out[i][c] = bias[c] + sum_j a[j][i] * w[j][c]   (j in order, float32 arithmetic)
+  // for every i < m and the columns c in [col_begin, col_end): w's 16-bit values are widened in
+  // cache, a panel at a time (never a float32 copy of w). Each column's arithmetic is the same
+  // under any split of the columns at multiples of kRankPanel.
+  void (*linear_logits)(const float* a, Type w_type, const void* w, const float* bias, float* out,
+                        int64_t k, int64_t m, int64_t n, int64_t col_begin, int64_t col_end);
 };
 
 // linear_grads' panel: columns taken at a time (a multiple of every build's vector width).

@@ -819,10 +819,77 @@ void ProjectBlockOf(Type type, const float* block, const void* w, int64_t offset
   }
 }
 
+// The rows of the next block to copy, fetched into L2 a few lines per tile while this block is
+// multiplied: the copy of rows n elements apart (runs of one panel, too short for the hardware's
+// prefetchers) then overlaps the arithmetic instead of waiting on memory.
+struct BlockPrefetch {
+  BlockPrefetch(const void* first_row, int64_t row_stride_bytes, int64_t rows, int64_t row_bytes)
+      : base(static_cast<const char*>(first_row)), stride(row_stride_bytes),
+        lines_per_row((row_bytes + 63) / 64 + 1), total(rows * lines_per_row) {}
+  void Issue(int64_t count) {
+    for (; count > 0 && next < total; --count, ++next) {
+      __builtin_prefetch(base + (next / lines_per_row) * stride + (next % lines_per_row) * 64, 0, 2);
+    }
+  }
+  const char* base;
+  int64_t stride, lines_per_row, total, next = 0;
+};
+
+// The next block after rows [j0, j0 + depth) of panel p: the panel's next rows, else the next
+// panel's first; {-1, -1} after the last.
+struct NextBlock {
+  NextBlock(int64_t j0, int64_t depth, int64_t k, int64_t p, int64_t col_end) {
+    if (j0 + depth < k) {
+      row = j0 + depth, col = p;
+    } else if (p + distill::kRankPanel < col_end) {
+      row = 0, col = p + distill::kRankPanel;
+    }
+    if (row >= 0) {
+      rows = k - row < kRankDepth ? k - row : kRankDepth;
+      width = col + distill::kRankPanel < col_end ? distill::kRankPanel : col_end - col;
+    }
+  }
+  int64_t row = -1, col = -1, rows = 0, width = 0;
+};
+
+template <int kRows>
+struct TileRows {
+  static constexpr int value = kRows;
+};
+
+// acc[i][p + c] += sum_j a[j][i] * block[j][c] for i < m, j < depth and the panel's width columns
+// c: tiles of kRows x kVecs vectors, the last width % (kVecs * kLanes) columns one at a time;
+// between tiles, prefetch's lines (nullptr: none).
+void RankBlock(const float* a, const float* block, float* acc, int64_t depth, int64_t m, int64_t n,
+               int64_t p, int64_t width, BlockPrefetch* prefetch) {
+  // AVX-512 (32 registers): tiles of 6 x 4 vectors; AVX2 (16): 4 x 2.
+  constexpr int kRows = kLanes == 16 ? 6 : 4, kVecs = kLanes == 16 ? 4 : 2;
+  constexpr int64_t kStep = kVecs * kLanes;
+  const int64_t vec_width = width / kStep * kStep;
+  const int64_t n_tiles = (m / kRows + m % kRows / 4 + m % kRows % 4) * (vec_width / kStep);
+  const int64_t per_tile = prefetch == nullptr ? 0 : prefetch->total / (n_tiles > 0 ? n_tiles : 1) + 1;
+  auto tiles = [&](auto rows, int64_t i) {  // rows: a TileRows<kRows>
+    for (int64_t c = 0; c < vec_width; c += kStep) {
+      RankTile<decltype(rows)::value, kVecs>(a, block, acc, depth, m, n, i, p + c, c);
+      if (prefetch != nullptr) prefetch->Issue(per_tile);
+    }
+  };
+  int64_t i = 0;
+  for (; i + kRows <= m; i += kRows) tiles(TileRows<kRows>(), i);
+  for (; i + 4 <= m; i += 4) tiles(TileRows<4>(), i);
+  for (; i < m; ++i) tiles(TileRows<1>(), i);
+  if (prefetch != nullptr) prefetch->Issue(prefetch->total);  // what the tiles left
+  for (i = 0; i < m; ++i) {
+    for (int64_t c = vec_width; c < width; ++c) {
+      float s = acc[i * n + p + c];
+      for (int64_t j = 0; j < depth; ++j) s = MaddF(a[j * m + i], block[j * distill::kRankPanel + c], s);
+      acc[i * n + p + c] = s;
+    }
+  }
+}
+
 void LinearGrads(const float* a, const float* b, float* acc, Type w_type, const void* w, float* d_a,
                  int64_t k, int64_t m, int64_t n, int64_t col_begin, int64_t col_end) {
-  constexpr int kRows = 4, kVecs = kLanes == 16 ? 4 : 2;  // AVX-512 has 32 registers, AVX2 16
-  constexpr int64_t kStep = kVecs * kLanes;
   alignas(64) float block[kRankDepth * distill::kRankPanel];
   // d_a's sums in vector lanes over all the columns, added across lanes once at the end. (new[],
   // not a std::vector: its helpers would be symbols that every ISA object defines.)
@@ -830,36 +897,69 @@ void LinearGrads(const float* a, const float* b, float* acc, Type w_type, const 
   Vf* sums = n_sums > 0 ? new Vf[n_sums]() : nullptr;
   for (int64_t p = col_begin; p < col_end; p += distill::kRankPanel) {
     const int64_t width = p + distill::kRankPanel < col_end ? distill::kRankPanel : col_end - p;
-    const int64_t vec_width = width / kStep * kStep;
     for (int64_t j0 = 0; j0 < k; j0 += kRankDepth) {
       const int64_t depth = k - j0 < kRankDepth ? k - j0 : kRankDepth;
       for (int64_t j = 0; j < depth; ++j) {
         std::memcpy(block + j * distill::kRankPanel, b + (j0 + j) * n + p, width * sizeof(float));
       }
-      const float* aj0 = a + j0 * m;
-      int64_t i = 0;
-      for (; i + kRows <= m; i += kRows) {
-        for (int64_t c = 0; c < vec_width; c += kStep) {
-          RankTile<kRows, kVecs>(aj0, block, acc, depth, m, n, i, p + c, c);
-        }
-      }
-      for (; i < m; ++i) {
-        for (int64_t c = 0; c < vec_width; c += kStep) {
-          RankTile<1, kVecs>(aj0, block, acc, depth, m, n, i, p + c, c);
-        }
-      }
-      for (i = 0; i < m; ++i) {  // the panel's last width % kStep columns
-        for (int64_t c = vec_width; c < width; ++c) {
-          float s = acc[i * n + p + c];
-          for (int64_t j = 0; j < depth; ++j) s = MaddF(aj0[j * m + i], block[j * distill::kRankPanel + c], s);
-          acc[i * n + p + c] = s;
-        }
-      }
+      const NextBlock next(j0, depth, k, p, col_end);
+      BlockPrefetch prefetch(next.row < 0 ? nullptr : b + next.row * n + next.col, n * sizeof(float),
+                             next.rows, next.width * sizeof(float));
+      RankBlock(a + j0 * m, block, acc, depth, m, n, p, width, &prefetch);
       if (sums != nullptr) ProjectBlockOf(w_type, block, w, p, sums + j0 * m, depth, width, m, n);
     }
   }
   for (int64_t e = 0; e < n_sums; ++e) d_a[e] += SumLanesF(sums[e]);
   delete[] sums;
+}
+
+// depth rows of w's panel (width columns from w, rows n apart), widened to float, into the block.
+template <typename E>
+void WidenBlock(const typename E::Storage* w, float* block, int64_t depth, int64_t width, int64_t n) {
+  for (int64_t j = 0; j < depth; ++j) {
+    const typename E::Storage* src = w + j * n;
+    float* dst = block + j * distill::kRankPanel;
+    int64_t c = 0;
+    for (; c + kLanes <= width; c += kLanes) FloatT::Store(dst + c, E::Load(src + c));
+    if (c < width) FloatT::Store(dst + c, LoadPadded<E>(src + c, width - c, 0.0f));
+  }
+}
+
+void LinearLogits(const float* a, Type w_type, const void* w, const float* bias, float* out,
+                  int64_t k, int64_t m, int64_t n, int64_t col_begin, int64_t col_end) {
+  alignas(64) float block[kRankDepth * distill::kRankPanel];
+  for (int64_t p = col_begin; p < col_end; p += distill::kRankPanel) {
+    const int64_t width = p + distill::kRankPanel < col_end ? distill::kRankPanel : col_end - p;
+    for (int64_t i = 0; i < m; ++i) {
+      if (bias != nullptr) {
+        std::memcpy(out + i * n + p, bias + p, width * sizeof(float));
+      } else {
+        std::memset(out + i * n + p, 0, width * sizeof(float));
+      }
+    }
+    for (int64_t j0 = 0; j0 < k; j0 += kRankDepth) {
+      const int64_t depth = k - j0 < kRankDepth ? k - j0 : kRankDepth;
+      const int64_t offset = j0 * n + p;
+      switch (w_type) {
+        case Type::kHalf:
+          WidenBlock<HalfT>(static_cast<const uint16_t*>(w) + offset, block, depth, width, n);
+          break;
+        case Type::kBfloat16:
+          WidenBlock<Bfloat16T>(static_cast<const uint16_t*>(w) + offset, block, depth, width, n);
+          break;
+        case Type::kFloat:
+        case Type::kDouble:  // float64 never comes here (the op's double path is scalar)
+          WidenBlock<FloatT>(static_cast<const float*>(w) + offset, block, depth, width, n);
+          break;
+      }
+      const NextBlock next(j0, depth, k, p, col_end);
+      const int64_t size = w_type == Type::kFloat ? sizeof(float) : sizeof(uint16_t);
+      BlockPrefetch prefetch(
+          next.row < 0 ? nullptr : static_cast<const char*>(w) + (next.row * n + next.col) * size,
+          n * size, next.rows, next.width * size);
+      RankBlock(a + j0 * m, block, out, depth, m, n, p, width, &prefetch);
+    }
+  }
 }
 
 }  // namespace
@@ -874,7 +974,8 @@ const Kernels& TF_KLD_KERNELS_FN() {
                                   &isa::DistillKlPartialsNarrow, isa::kNarrowCols,
                                   &isa::DistillKlGradient,  &isa::DistillJsdSums,
                                   &isa::DistillJsdGradient, &isa::DistillExp,
-                                  &isa::LinearGrads};
+                                  &isa::LinearGrads,
+                                  &isa::LinearLogits};
   return kernels;
 }
 

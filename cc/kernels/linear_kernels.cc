@@ -1,5 +1,6 @@
-// CPU OpKernel of TfKld>AccumulateLinearGrads (tf_kld.linear_distillation_loss's per-chunk
-// gradients): acc + a^T b in acc's buffer and b w^T, in one pass over fixed groups of columns.
+// CPU OpKernels of tf_kld.linear_distillation_loss's per-chunk helpers: TfKld>LinearLogits
+// (h @ w + bias in float32, 16-bit w widened in cache) and TfKld>AccumulateLinearGrads (acc + a^T b
+// in acc's buffer and b w^T), each in one pass over fixed groups of columns.
 #define EIGEN_USE_THREADS
 
 #include <algorithm>
@@ -50,6 +51,83 @@ void LinearGradsDouble(const double* a, const double* b, double* acc, const doub
 constexpr int64_t kMaxGroups = 64;
 constexpr int64_t kMinPanelsPerGroup = 8;
 
+// The column groups of an [.., n] pass: whole panels, at most kMaxGroups (fixed by n alone).
+struct ColumnGroups {
+  explicit ColumnGroups(int64_t n) {
+    const int64_t panels = (n + distill::kRankPanel - 1) / distill::kRankPanel;
+    count = std::min(kMaxGroups, (panels + kMinPanelsPerGroup - 1) / kMinPanelsPerGroup);
+    const int64_t per_group = count > 0 ? (panels + count - 1) / count : 0;
+    count = per_group > 0 ? (panels + per_group - 1) / per_group : 0;
+    cols = per_group * distill::kRankPanel;
+  }
+  int64_t count = 0, cols = 0;
+};
+
+// float64: plain loops, j in order as the float kernel's.
+void LinearLogitsDouble(const double* h, const double* w, const double* bias, double* out,
+                        int64_t m, int64_t k, int64_t n, int64_t col_begin, int64_t col_end) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t c = col_begin; c < col_end; ++c) {
+      double s = bias != nullptr ? bias[c] : 0.0;
+      for (int64_t j = 0; j < k; ++j) s += h[i * k + j] * w[j * n + c];
+      out[i * n + c] = s;
+    }
+  }
+}
+
+template <typename T, typename Tw>
+class LinearLogitsOp : public OpKernel {
+ public:
+  explicit LinearLogitsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& h = ctx->input(0);
+    const Tensor& w = ctx->input(1);
+    const Tensor& bias = ctx->input(2);
+    OP_REQUIRES(ctx, h.dims() == 2 && w.dims() == 2 && bias.dims() == 1 &&
+                         h.dim_size(1) == w.dim_size(0) &&
+                         (bias.dim_size(0) == w.dim_size(1) || bias.dim_size(0) == 0),
+                absl::InvalidArgumentError(absl::StrCat(
+                    "h [m, k], w [k, n] and bias [n] (or [0]: no bias) must match, got h ",
+                    h.shape().DebugString(), ", w ", w.shape().DebugString(), ", bias ",
+                    bias.shape().DebugString())));
+    const int64_t m = h.dim_size(0), k = h.dim_size(1), n = w.dim_size(1);
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({m, n}), &out));
+    if (m == 0 || n == 0) return;
+    T* o = out->flat<T>().data();
+    const T* pb = bias.dim_size(0) > 0 ? bias.flat<T>().data() : nullptr;
+    const Tw* pw = w.flat<Tw>().data();
+    const Tw* ph = h.flat<Tw>().data();
+    // The float kernels take h transposed and widened: [k, m] float32 (small: a chunk of rows).
+    Tensor h_t;
+    const float* pa = nullptr;
+    if constexpr (!std::is_same_v<T, double>) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({k, m}), &h_t));
+      float* a = h_t.flat<float>().data();
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < k; ++j) a[j * m + i] = static_cast<float>(ph[i * k + j]);
+      }
+      pa = a;
+    }
+    const ColumnGroups groups(n);
+    ctx->eigen_device<CPUDevice>().parallelFor(
+        groups.count,
+        Eigen::TensorOpCost(sizeof(Tw) * k * groups.cols, sizeof(T) * m * groups.cols,
+                            2.0 * k * m * groups.cols / 16.0),
+        [&](Eigen::Index begin, Eigen::Index end) {
+          for (Eigen::Index g = begin; g < end; ++g) {
+            const int64_t c0 = g * groups.cols, c1 = std::min(n, (g + 1) * groups.cols);
+            if constexpr (std::is_same_v<T, double>) {
+              LinearLogitsDouble(ph, pw, pb, o, m, k, n, c0, c1);
+            } else {
+              distill::Cpu().linear_logits(pa, CpuType<Tw>::value, pw, pb, o, k, m, n, c0, c1);
+            }
+          }
+        });
+  }
+};
+
 template <typename T, typename Tw>
 class AccumulateLinearGradsOp : public OpKernel {
  public:
@@ -83,10 +161,8 @@ class AccumulateLinearGradsOp : public OpKernel {
     std::fill(da, da + d_a->NumElements(), T(0));
     if (k == 0 || m == 0 || n == 0) return;
 
-    const int64_t panels = (n + distill::kRankPanel - 1) / distill::kRankPanel;
-    int64_t groups = std::min(kMaxGroups, (panels + kMinPanelsPerGroup - 1) / kMinPanelsPerGroup);
-    const int64_t per_group = (panels + groups - 1) / groups;
-    groups = (panels + per_group - 1) / per_group;
+    const ColumnGroups column_groups(n);
+    const int64_t groups = column_groups.count;
     Tensor partials;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<T>::value,
                                            TensorShape({with_d_a_ ? groups : 0, k, m}), &partials));
@@ -95,7 +171,7 @@ class AccumulateLinearGradsOp : public OpKernel {
     const T* pa = a.flat<T>().data();
     const T* pb = b.flat<T>().data();
     const Tw* pw = with_d_a_ ? w.flat<Tw>().data() : nullptr;
-    const int64_t group_cols = per_group * distill::kRankPanel;
+    const int64_t group_cols = column_groups.cols;
     ctx->eigen_device<CPUDevice>().parallelFor(
         groups,
         Eigen::TensorOpCost(sizeof(T) * (k + 2 * m) * group_cols, sizeof(T) * m * group_cols,
@@ -135,5 +211,18 @@ TF_KLD_REGISTER_LINEAR_GRADS(float, Eigen::bfloat16);
 TF_KLD_REGISTER_LINEAR_GRADS(float, float);
 TF_KLD_REGISTER_LINEAR_GRADS(double, double);
 #undef TF_KLD_REGISTER_LINEAR_GRADS
+
+#define TF_KLD_REGISTER_LINEAR_LOGITS(T, Tw)                                                  \
+  TF_KLD_REGISTER_KERNEL(Name("TfKld>LinearLogits")                                           \
+                             .Device(tensorflow::DEVICE_CPU)                                  \
+                             .TypeConstraint<T>("T")                                          \
+                             .TypeConstraint<Tw>("Tw"),                                       \
+                         LinearLogitsOp<T, Tw>)
+
+TF_KLD_REGISTER_LINEAR_LOGITS(float, Eigen::half);
+TF_KLD_REGISTER_LINEAR_LOGITS(float, Eigen::bfloat16);
+TF_KLD_REGISTER_LINEAR_LOGITS(float, float);
+TF_KLD_REGISTER_LINEAR_LOGITS(double, double);
+#undef TF_KLD_REGISTER_LINEAR_LOGITS
 
 }  // namespace tf_kld

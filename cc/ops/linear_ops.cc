@@ -1,5 +1,5 @@
-// Registration of the fused linear loss's helper op (tf_kld.linear_distillation_loss) and its shape
-// function.
+// Registration of the fused linear loss's helper ops (tf_kld.linear_distillation_loss) and their
+// shape functions.
 #include <tuple>
 
 #include "tensorflow/core/framework/op.h"
@@ -13,6 +13,19 @@ using tensorflow::shape_inference::DimensionHandle;
 using tensorflow::shape_inference::InferenceContext;
 using tensorflow::shape_inference::ShapeHandle;
 
+// Tw (the inputs read) is float64 exactly when T (the sums and outputs) is.
+absl::Status CheckDoubleAttrs(InferenceContext* c, const char* what) {
+  tensorflow::DataType t, tw;
+  TF_RETURN_IF_ERROR(c->GetAttr("T", &t));
+  TF_RETURN_IF_ERROR(c->GetAttr("Tw", &tw));
+  if ((t == tensorflow::DT_DOUBLE) != (tw == tensorflow::DT_DOUBLE)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, " must be float64 exactly when T is (T=float takes float32 or 16-bit ones), got T ",
+        tensorflow::DataTypeString(t), " and Tw ", tensorflow::DataTypeString(tw)));
+  }
+  return absl::OkStatus();
+}
+
 // acc [m, n], a [k, m], b [k, n], w [m, n]: out is acc's shape, d_a a's.
 absl::Status AccumulateShape(InferenceContext* c) {
   ShapeHandle acc, a, b, w;
@@ -23,14 +36,7 @@ absl::Status AccumulateShape(InferenceContext* c) {
                                                      c->DebugString(c->input(i))));
     }
   }
-  tensorflow::DataType t, tw;
-  TF_RETURN_IF_ERROR(c->GetAttr("T", &t));
-  TF_RETURN_IF_ERROR(c->GetAttr("Tw", &tw));
-  if ((t == tensorflow::DT_DOUBLE) != (tw == tensorflow::DT_DOUBLE)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "w must be float64 exactly when acc, a and b are (float32 sums take a float32 or 16-bit w), "
-        "got ", tensorflow::DataTypeString(t), " and w ", tensorflow::DataTypeString(tw)));
-  }
+  TF_RETURN_IF_ERROR(CheckDoubleAttrs(c, "w"));
   DimensionHandle k, m, n, m2, n2;
   if (!c->Merge(c->Dim(a, 0), c->Dim(b, 0), &k).ok() ||
       !c->Merge(c->Dim(acc, 0), c->Dim(a, 1), &m).ok() ||
@@ -47,7 +53,53 @@ absl::Status AccumulateShape(InferenceContext* c) {
   return absl::OkStatus();
 }
 
+// h [m, k], w [k, n], bias [n] or [0]: logits [m, n].
+absl::Status LinearLogitsShape(InferenceContext* c) {
+  ShapeHandle h, w, bias;
+  for (auto [i, name, shape] : {std::tuple<int, const char*, ShapeHandle*>{0, "h", &h},
+                                {1, "w", &w}}) {
+    if (!c->WithRank(c->input(i), 2, shape).ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(name, " must be a matrix, got ",
+                                                     c->DebugString(c->input(i))));
+    }
+  }
+  if (!c->WithRank(c->input(2), 1, &bias).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("bias must be a vector, got ",
+                                                   c->DebugString(c->input(2))));
+  }
+  TF_RETURN_IF_ERROR(CheckDoubleAttrs(c, "h and w"));
+  DimensionHandle k;
+  if (!c->Merge(c->Dim(h, 1), c->Dim(w, 0), &k).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("h [m, k] and w [k, n] do not match: h ",
+                                                   c->DebugString(h), ", w ", c->DebugString(w)));
+  }
+  DimensionHandle nb = c->Dim(bias, 0), n = c->Dim(w, 1);
+  if (c->ValueKnown(nb) && c->Value(nb) != 0 && !c->Merge(n, nb, &n).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("bias must have w's columns (or none: [0]), got "
+                                                   "bias ", c->DebugString(bias), ", w ",
+                                                   c->DebugString(w)));
+  }
+  c->set_output(0, c->Matrix(c->Dim(h, 0), n));
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+REGISTER_OP("TfKld>LinearLogits")
+    .Input("h: Tw")
+    .Input("w: Tw")
+    .Input("bias: T")
+    .Output("logits: T")
+    .Attr("T: {float, double}")
+    .Attr("Tw: {half, bfloat16, float, double}")
+    .SetShapeFn(LinearLogitsShape)
+    .Doc(R"doc(
+One chunk's logits of a linear layer in float32 (float64 for float64 inputs): h @ w + bias for
+h [m, k], w [k, n] and bias [n] (an empty bias: none). 16-bit h and w are widened exactly and the
+products summed in float32 (j in order, so results never depend on the number of threads); a
+16-bit w is widened a cache-sized panel at a time, never into a float32 copy. T=double needs
+Tw=double. CPU only.
+)doc");
 
 REGISTER_OP("TfKld>AccumulateLinearGrads")
     .Input("acc: T")
