@@ -271,9 +271,10 @@ def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
     # columns (a little faster than Eigen's matmul end to end there).
     project_by_matmul = ops.onednn_enabled()
     # The chunk's logits: TfKld>LinearLogits where TensorFlow's matmul is Eigen's (oneDNN off):
-    # 1.0-1.6x faster than Eigen's float32 matmul on chunks and 3-4x its bfloat16 one, which
+    # as fast as Eigen's float32 matmul on chunks to 1.7x faster, 2.6-4.5x its bfloat16 one, which
     # also converts the whole [H, V] kernel to float32 for every chunk (on the AVX-512 machine
-    # measured); oneDNN's matmul is faster than the op (1.2-1.9x), so where it runs, it does this.
+    # measured); oneDNN's matmul is faster than the op from 64 rows (1.1-1.3x float32, 1.2-1.9x
+    # bfloat16), so where it runs, it does this.
     logits_by_op = in_place and not project_by_matmul and work == tf.float32
     rows_all = tf.shape(hs)[0]
     total = tf.reduce_sum(w)
