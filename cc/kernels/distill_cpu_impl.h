@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "cc/kernels/distill_cpu.h"
 
@@ -268,6 +269,16 @@ distill::KlPartial KlPartialF(const void* y_true, const void* y_pred, int64_t n,
     constexpr int kMode = decltype(mode)::kMode;
     KlLanes s;
     int64_t i = 0;
+    if constexpr (std::is_same<E, Bfloat16T>::value) {  // the row's terms in another order, widened cheaper
+      for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+        Prefetch(t + i), Prefetch(p + i);
+        Vf t_even, t_odd, p_even, p_odd;
+        Bfloat16T::LoadPairs(t + i, &t_even, &t_odd);
+        Bfloat16T::LoadPairs(p + i, &p_even, &p_odd);
+        s.Step(by_t.Apply<kMode>(t_even), by_t.Apply<kMode>(p_even));
+        s.Step(by_t.Apply<kMode>(t_odd), by_t.Apply<kMode>(p_odd));
+      }
+    }
     for (; i + kLanes <= n; i += kLanes) {
       Prefetch(t + i), Prefetch(p + i);
       s.Step(by_t.Apply<kMode>(E::Load(t + i)), by_t.Apply<kMode>(E::Load(p + i)));

@@ -198,6 +198,14 @@ struct Bfloat16T {
     return BitCast<Vf>(__builtin_convertvector(h, Vu) << 16);
 #endif
   }
+  // 2 * kLanes bfloat16 as two vectors, the even-indexed elements and the odd-indexed ones: one
+  // shift and one mask, no lane shuffles (an order for sums, where the order of the terms is free).
+  static TF_KLD_INLINE void LoadPairs(const Storage* p, Vf* even, Vf* odd) {
+    Vu x;
+    std::memcpy(&x, p, sizeof(x));
+    *even = BitCast<Vf>(x << 16);
+    *odd = BitCast<Vf>(x & 0xffff0000u);
+  }
   static TF_KLD_INLINE void Store(Storage* p, Vf v) {
     const Vu x = BitCast<Vu>(v);
     const Vu rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
