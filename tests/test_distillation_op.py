@@ -69,6 +69,21 @@ def test_vectorised_exp_accuracy(require_custom, rng):
     assert np.all(np.abs(got - want) <= 2.0 ** -149), tiny[np.argmax(np.abs(got - want))]
 
 
+def test_vectorised_exp_of_nonpositive_arguments_is_the_same_exp(require_custom, rng):
+    """The shorter form the loops use on shifted logits (x <= 0 or NaN) gives exactly the bits of
+    the checked exp above, special values and every lane included, up to x = 89."""
+    fn = ctypes.CDLL(kld_ops.library_path()).TfKldDistillExpNonPositive
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    x = np.concatenate([rng.uniform(-120.0, 89.0, 200000), -rng.exponential(1.0, 50000),
+                        np.linspace(-104.0, -86.0, 20001), -np.arange(0, 87, 0.25),
+                        [-np.inf, np.nan, 0.0, -0.0, -110.0, -110.5, -1e30, -3.4e38, 89.0, 1e-30]]
+                       ).astype(np.float32)
+    for n in (x.size, 1, 15, 17, 33):  # partial vectors too
+        got = np.empty_like(x[:n])
+        fn(np.ascontiguousarray(x[:n]).ctypes.data, got.ctypes.data, n)
+        np.testing.assert_array_equal(got.view(np.uint32), _core_exp(x[:n]).view(np.uint32))
+
+
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_vectorised_exp_accuracy_of_narrower_builds(require_custom, isa):
     """The same checks on the narrower CPU builds (TF_KLD_CPU_ISA caps the build a process uses)."""
@@ -78,9 +93,10 @@ def test_vectorised_exp_accuracy_of_narrower_builds(require_custom, isa):
     env = dict(os.environ, TF_KLD_CPU_ISA=isa, TF_CPP_MIN_LOG_LEVEL="3",
                PYTHONPATH=IMPORT_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          f"{os.path.abspath(__file__)}::test_vectorised_exp_accuracy"],
+                          f"{os.path.abspath(__file__)}::test_vectorised_exp_accuracy",
+                          f"{os.path.abspath(__file__)}::test_vectorised_exp_of_nonpositive_arguments_is_the_same_exp"],
                          env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
+    assert out.returncode == 0 and "2 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
 
 
 def test_paths_run_the_expected_ops(impl):

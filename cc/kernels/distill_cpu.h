@@ -119,6 +119,8 @@ struct Kernels {
                        int64_t cols, const JsdParams& params);
   // exp of n floats with the core's vectorised exp (for tests of its accuracy).
   void (*exp)(const float* x, float* out, int64_t n);
+  // The same for x <= 0 or NaN with the form the loops use (the same bits as exp there).
+  void (*exp_nonpositive)(const float* x, float* out, int64_t n);
   // The chunked linear loss's gradients of one chunk, for row-major a [k, m], b [k, n], acc and w
   // [m, n] (w of `w_type`, not float64) and d_a [k, m]: in place, for every i < m, j < k and the
   // columns c in [col_begin, col_end),

@@ -23,15 +23,16 @@ namespace {
 // k = rint(K x log2 e) and r = x - k ln2/K (ln 2 in two parts; k ln2/K exact for every clamped x).
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 // The range reduction both table-driven exps share: x clamped to [-110, 89], where exp is 0 and inf
-// in float; t = K x log2 e + 1.5 * 2^23, whose low bits are k's (the table's index); k; and r.
-template <int K>
+// in float (kHigh false: x <= 89 known, the upper clamp left out); t = K x log2 e + 1.5 * 2^23,
+// whose low bits are k's (the table's index); k; and r.
+template <int K, bool kHigh = true>
 TF_KLD_INLINE Vf ExpReduce(Vf x, Vf* t, Vf* k) {
 #if defined(__AVX512F__)
-  const Vf xc = BitCast<Vf>(_mm512_min_ps(_mm512_set1_ps(89.0f),
-                                          _mm512_max_ps(_mm512_set1_ps(-110.0f), BitCast<__m512>(x))));
+  Vf xc = BitCast<Vf>(_mm512_max_ps(_mm512_set1_ps(-110.0f), BitCast<__m512>(x)));
+  if (kHigh) xc = BitCast<Vf>(_mm512_min_ps(_mm512_set1_ps(89.0f), BitCast<__m512>(xc)));
 #else
-  const Vf xc = BitCast<Vf>(_mm256_min_ps(_mm256_set1_ps(89.0f),
-                                          _mm256_max_ps(_mm256_set1_ps(-110.0f), BitCast<__m256>(x))));
+  Vf xc = BitCast<Vf>(_mm256_max_ps(_mm256_set1_ps(-110.0f), BitCast<__m256>(x)));
+  if (kHigh) xc = BitCast<Vf>(_mm256_min_ps(_mm256_set1_ps(89.0f), BitCast<__m256>(xc)));
 #endif
   const Vf magic = Splat(12582912.0f);  // 1.5 * 2^23
   *t = Madd(xc, Splat(static_cast<float>(K * 1.4426950408889634)), magic);
@@ -42,17 +43,18 @@ TF_KLD_INLINE Vf ExpReduce(Vf x, Vf* t, Vf* k) {
 #endif
 
 #if defined(__AVX512F__)
+alignas(64) constexpr float kExp2Sixteenths[16] = {  // 2^(j/16), rounded to float
+    1.0f, 1.0442737340927124f, 1.0905077457427979f, 1.1387885808944702f,
+    1.1892070770263672f, 1.2418577671051025f, 1.2968395948410034f, 1.3542555570602417f,
+    1.4142135381698608f, 1.4768261909484863f, 1.5422108173370361f, 1.610490322113037f,
+    1.6817928552627563f, 1.7562521696090698f, 1.8340080976486206f, 1.9152065515518188f};
+
 // K = 16: |r| <= ln2/32, where exp(r) - 1 = r (1 + r/2 + r^2/6) is within 0.01 ulp; 2^(j/16) for
 // j = k mod 16 from a 16-entry table (one vpermps), and 2^floor(k/16) by vscalefps, which multiplies
 // in one rounding, so overflow, subnormal results and 0 come out right with no special lanes.
 // Measured worst 1.07 ulp. Fewer floating-point operations than the degree-6 form below: on cores
 // with one 512-bit FMA unit, they bound the loops.
 TF_KLD_INLINE Vf ExpF(Vf x) {
-  alignas(64) static constexpr float kExp2Sixteenths[16] = {  // 2^(j/16), rounded to float
-      1.0f, 1.0442737340927124f, 1.0905077457427979f, 1.1387885808944702f,
-      1.1892070770263672f, 1.2418577671051025f, 1.2968395948410034f, 1.3542555570602417f,
-      1.4142135381698608f, 1.4768261909484863f, 1.5422108173370361f, 1.610490322113037f,
-      1.6817928552627563f, 1.7562521696090698f, 1.8340080976486206f, 1.9152065515518188f};
   Vf t, k;
   const Vf r = ExpReduce<16>(x, &t, &k);
   // exp(r) - 1 = r (1 + r/2 + r^2/6), added to 1 only in the last multiply-add: one rounding.
@@ -61,17 +63,38 @@ TF_KLD_INLINE Vf ExpF(Vf x) {
   return BitCast<Vf>(_mm512_scalef_ps(BitCast<__m512>(Madd(two_j, em1, two_j)),
                                       BitCast<__m512>(k * Splat(0.0625f))));
 }
+
+// exp(x) for x <= 0 or NaN (the shifted logits every loop here takes the exp of), 0 in the lanes
+// outside `keep`: ExpF's arithmetic less its upper clamp, with k / 16 taken straight from t by one
+// multiply-add (exact: t / 16, 1.5 * 2^19 and their difference all are) and r from k / 16 (the same
+// products as k * (ln 2 / 16)), and the zeroing done by the final vscalefps: two operations fewer
+// per call (three where lanes are zeroed), the same bits as ExpF for every x <= 89.
+TF_KLD_INLINE Vf ExpNonPositive(Vf x, __mmask16 keep = 0xffff) {
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-110.0f), BitCast<__m512>(x));
+  const __m512 t = _mm512_fmadd_ps(xc, _mm512_set1_ps(static_cast<float>(16 * 1.4426950408889634)),
+                                   _mm512_set1_ps(12582912.0f));
+  const __m512 k16 = _mm512_fmadd_ps(t, _mm512_set1_ps(0.0625f), _mm512_set1_ps(-786432.0f));
+  __m512 r = _mm512_fmadd_ps(k16, _mm512_set1_ps(-0.693359375f), xc);
+  r = _mm512_fmadd_ps(k16, _mm512_set1_ps(2.12194440e-4f), r);
+  const __m512 em1 = _mm512_mul_ps(
+      _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(1.0f / 6), r, _mm512_set1_ps(0.5f)), r,
+                      _mm512_set1_ps(1.0f)),
+      r);
+  const __m512 two_j = _mm512_permutexvar_ps(_mm512_castps_si512(t), _mm512_load_ps(kExp2Sixteenths));
+  return BitCast<Vf>(_mm512_maskz_scalef_ps(keep, _mm512_fmadd_ps(two_j, em1, two_j), k16));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 // K = 8: an 8-entry table (vpermps), a quartic (|r| <= ln2/16), and 2^m = 2^floor(k/8) as
 // 2^m1 * 2^m2 (m1 = floor(m/2)) built from bits: both factors are normal floats for every clamped x,
 // the first product is exact and the second rounds once, so subnormal results, 0 and overflow are
-// right with no special lanes. Measured worst 0.92 ulp.
+// right with no special lanes. Measured worst 0.92 ulp. kHigh false: x <= 89 known (ExpNonPositive).
+template <bool kHigh = true>
 TF_KLD_INLINE Vf ExpF(Vf x) {
   alignas(32) static constexpr float kExp2Eighths[8] = {  // 2^(j/8), rounded to float
       1.0f, 1.0905077457427979f, 1.1892070770263672f, 1.2968395948410034f,
       1.4142135381698608f, 1.5422108173370361f, 1.6817928552627563f, 1.8340080976486206f};
   Vf t, k;
-  const Vf r = ExpReduce<8>(x, &t, &k);
+  const Vf r = ExpReduce<8, kHigh>(x, &t, &k);
   const Vf em1 =
       Madd(Madd(Madd(Splat(1.0f / 24), r, Splat(1.0f / 6)), r, Splat(0.5f)), r, Splat(1.0f)) * r;
   const Vf two_j = BitCast<Vf>(_mm256_permutevar8x32_ps(_mm256_load_ps(kExp2Eighths), BitCast<__m256i>(t)));
@@ -109,6 +132,14 @@ TF_KLD_INLINE Vf ExpF(Vf x) {
   }
   return e;
 }
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// exp(x) for x <= 0 or NaN: ExpF less its upper clamp (the same bits for every x <= 89).
+TF_KLD_INLINE Vf ExpNonPositive(Vf x) { return ExpF<false>(x); }
+#elif !defined(__AVX512F__)
+// exp(x) for x <= 0 or NaN: ExpF.
+TF_KLD_INLINE Vf ExpNonPositive(Vf x) { return ExpF(x); }
 #endif
 
 // x / T for logits: nothing at T = 1, a multiplication where 1/T is exact (T a power of two, 2^-125
@@ -162,6 +193,9 @@ struct KlLanes {
   Vf fsum_a = {}, fcross = {}, fsum_b = {};
   Vd sum_a0 = {}, sum_a1 = {}, cross0 = {}, cross1 = {}, sum_b0 = {}, sum_b1 = {};
   Vi infinite = {};
+#if defined(__AVX512F__)
+  __mmask16 infinite_lanes = 0;  // the AVX-512 Step's form of `infinite`
+#endif
   int steps = 0;
 
 #if defined(__AVX512F__)
@@ -174,15 +208,13 @@ struct KlLanes {
     const __mmask16 up = _mm512_cmp_ps_mask(va, BitCast<__m512>(max_a), _CMP_GT_OQ) |
                          _mm512_cmp_ps_mask(vb, BitCast<__m512>(max_b), _CMP_GT_OQ);
     if (__builtin_expect(up != 0, 0)) Raise(a, b, a > max_a, b > max_b);
-    infinite = BitCast<Vi>(_mm512_mask_set1_epi32(BitCast<__m512i>(infinite),
-                                                  static_cast<__mmask16>(masked_b & ~masked_a), -1));
-    const __m512 ea = _mm512_maskz_mov_ps(static_cast<__mmask16>(~masked_a), BitCast<__m512>(ExpF(a - max_a)));
-    const __m512 eb = _mm512_maskz_mov_ps(static_cast<__mmask16>(~masked_b), BitCast<__m512>(ExpF(b - max_b)));
-    fsum_a += BitCast<Vf>(ea);
-    fsum_b += BitCast<Vf>(eb);
-    const __m512 cross = _mm512_mul_ps(ea, _mm512_sub_ps(va, vb));
-    fcross = BitCast<Vf>(_mm512_mask_add_ps(BitCast<__m512>(fcross), static_cast<__mmask16>(~(masked_a | masked_b)),
-                                            BitCast<__m512>(fcross), cross));
+    infinite_lanes |= static_cast<__mmask16>(masked_b & ~masked_a);
+    const Vf ea = ExpNonPositive(a - max_a, static_cast<__mmask16>(~masked_a));
+    const Vf eb = ExpNonPositive(b - max_b, static_cast<__mmask16>(~masked_b));
+    fsum_a += ea;
+    fsum_b += eb;
+    fcross = BitCast<Vf>(_mm512_mask3_fmadd_ps(BitCast<__m512>(ea), _mm512_sub_ps(va, vb), BitCast<__m512>(fcross),
+                                               static_cast<__mmask16>(~(masked_a | masked_b))));
     if (++steps == kFlushSteps) Flush();
   }
 #else
@@ -193,8 +225,8 @@ struct KlLanes {
     const Vi up_a = a > max_a, up_b = b > max_b;
     if (__builtin_expect(AnyLane(up_a | up_b), 0)) Raise(a, b, up_a, up_b);
     // Masked classes: exp 0, and no 0 * inf in the cross term.
-    const Vf ea = masked_a ? zero : ExpF(a - max_a);
-    const Vf eb = masked_b ? zero : ExpF(b - max_b);
+    const Vf ea = masked_a ? zero : ExpNonPositive(a - max_a);
+    const Vf eb = masked_b ? zero : ExpNonPositive(b - max_b);
     fsum_a += ea;
     fcross += (masked_a | masked_b) ? zero : ea * (a - b);
     fsum_b += eb;
@@ -206,7 +238,7 @@ struct KlLanes {
   TF_KLD_INLINE void Raise(Vf a, Vf b, Vi up_a, Vi up_b) {
     if (AnyLane(up_a)) {
       const Vf m = up_a ? a : max_a;
-      const Vf s = up_a ? ExpF(max_a - m) : Splat(1.0f);
+      const Vf s = up_a ? ExpNonPositive(max_a - m) : Splat(1.0f);
       Vd s0, s1;
       Widen(s, &s0, &s1);
       fsum_a *= s, fcross *= s;
@@ -215,7 +247,7 @@ struct KlLanes {
     }
     if (AnyLane(up_b)) {
       const Vf m = up_b ? b : max_b;
-      const Vf s = up_b ? ExpF(max_b - m) : Splat(1.0f);
+      const Vf s = up_b ? ExpNonPositive(max_b - m) : Splat(1.0f);
       Vd s0, s1;
       Widen(s, &s0, &s1);
       fsum_b *= s;
@@ -241,13 +273,16 @@ struct KlLanes {
     for (int i = 1; i < kLanes; ++i) ma = max_a[i] > ma ? max_a[i] : ma, mb = max_b[i] > mb ? max_b[i] : mb;
     const Vf top_a = Splat(ma), top_b = Splat(mb);
     Vd a0, a1, b0, b1;
-    Widen(max_a == top_a ? Splat(1.0f) : ExpF(max_a - top_a), &a0, &a1);
-    Widen(max_b == top_b ? Splat(1.0f) : ExpF(max_b - top_b), &b0, &b1);
+    Widen(max_a == top_a ? Splat(1.0f) : ExpNonPositive(max_a - top_a), &a0, &a1);
+    Widen(max_b == top_b ? Splat(1.0f) : ExpNonPositive(max_b - top_b), &b0, &b1);
     r.max_a = ma, r.max_b = mb;
     r.sum_a = SumLanes(sum_a0 * a0 + sum_a1 * a1);
     r.cross = SumLanes(cross0 * a0 + cross1 * a1);
     r.sum_b = SumLanes(sum_b0 * b0 + sum_b1 * b1);
     r.infinite = AnyLane(infinite);
+#if defined(__AVX512F__)
+    r.infinite = r.infinite || infinite_lanes != 0;
+#endif
     return r;
   }
 };
@@ -356,13 +391,19 @@ void KlPartialsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int
       infinite |= (b[j] == minus_inf) & (a[j] != minus_inf);
     }
     Vd sum_a0 = {}, sum_a1 = {}, cross0 = {}, cross1 = {}, sum_b0 = {}, sum_b1 = {};
+    Vf fsum_a = zero, fcross = zero, fsum_b = zero;
     for (int64_t j = 0; j < cols; ++j) {  // as KlLanes::Step, at the row's final maxima
       const Vi masked_a = a[j] == minus_inf, masked_b = b[j] == minus_inf;
-      const Vf ea = masked_a ? zero : ExpF(a[j] - max_a);
-      const Vf eb = masked_b ? zero : ExpF(b[j] - max_b);
-      Accumulate(ea, &sum_a0, &sum_a1);
-      Accumulate((masked_a | masked_b) ? zero : ea * (a[j] - b[j]), &cross0, &cross1);
-      Accumulate(eb, &sum_b0, &sum_b1);
+      const Vf ea = masked_a ? zero : ExpNonPositive(a[j] - max_a);
+      const Vf eb = masked_b ? zero : ExpNonPositive(b[j] - max_b);
+      fsum_a += ea;
+      fcross += (masked_a | masked_b) ? zero : ea * (a[j] - b[j]);
+      fsum_b += eb;
+      if ((j + 1) % kFlushSteps == 0 || j + 1 == cols) {  // into double as KlLanes::Flush
+        Accumulate(fsum_a, &sum_a0, &sum_a1), Accumulate(fcross, &cross0, &cross1);
+        Accumulate(fsum_b, &sum_b0, &sum_b1);
+        fsum_a = fcross = fsum_b = zero;
+      }
     }
     for (int i = 0; i < n; ++i) {
       distill::KlPartial& r = out[r0 + i];
@@ -388,44 +429,93 @@ struct KlRowGrad {
         kl(Splat(static_cast<float>(stats[4]))), g_over_t(Splat(g / t)), by_t(t) {}
 
   TF_KLD_INLINE void Compute(Vf a, Vf b, Vf* d_true, Vf* d_pred) const {
-    a = by_t(a), b = by_t(b);
+    Compute<Divider::kDivide + 1, true>(a, b, d_true, d_pred);
+  }
+  // kMode: the Divider's mode, fixed (kDivide + 1: the runtime one); kTrue: d_true wanted (else
+  // left unset, none of its arithmetic done).
+  template <int kMode, bool kTrue>
+  TF_KLD_INLINE void Compute(Vf a, Vf b, Vf* d_true, Vf* d_pred) const {
+    if (kMode > Divider::kDivide) {
+      a = by_t(a), b = by_t(b);
+    } else {
+      a = by_t.Apply<kMode>(a), b = by_t.Apply<kMode>(b);
+    }
     const Vf lp = (a - max_a) - log_a, lq = (b - max_b) - log_b;
-    const Vf p = ExpF(lp), q = ExpF(lq);
+    const Vf p = ExpNonPositive(lp), q = ExpNonPositive(lq);
     *d_pred = g_over_t * (q - p);
-    *d_true = a == Splat(-INFINITY) ? Splat(0.0f) : g_over_t * (p * ((lp - lq) - kl));
+    if (kTrue) *d_true = a == Splat(-INFINITY) ? Splat(0.0f) : g_over_t * (p * ((lp - lq) - kl));
   }
 };
 
-// Whole narrow rows [row_begin, row_end), kLanes rows at a time transposed into column vectors (as
-// KlPartialsNarrowF): each element gets exactly the arithmetic of the row-by-row path. Every element
-// of a block is read before any gradient of it is written (an output may share its input's buffer).
+// v's lanes rearranged: lane l of the result is lane idx[l] of v (0 <= idx[l] < kLanes).
+TF_KLD_INLINE Vf PermuteLanes(Vf v, Vi idx) {
+#if defined(__AVX512F__)
+  return BitCast<Vf>(_mm512_permutexvar_ps(BitCast<__m512i>(idx), BitCast<__m512>(v)));
+#elif defined(__AVX2__)
+  return BitCast<Vf>(_mm256_permutevar8x32_ps(BitCast<__m256>(v), BitCast<__m256i>(idx)));
+#else
+  Vf r;
+  for (int l = 0; l < kLanes; ++l) r[l] = v[idx[l]];
+  return r;
+#endif
+}
+
+// Whole narrow rows [row_begin, row_end), kLanes rows a block: the block's rows' statistics go one
+// row per lane, and its elements are read, computed and written kLanes contiguous ones at a time,
+// each vector's lanes given their rows' statistics by one lane permute per statistic (no
+// transposition of the elements). Each element gets exactly the arithmetic of the row-by-row path,
+// and each vector is read before its gradient is written (an output may share its input's buffer).
 template <typename E>
 void KlGradientNarrowF(const typename E::Storage* g, const typename E::Storage* t,
                        const typename E::Storage* p, const double* stats, typename E::Storage* dt,
                        typename E::Storage* dp, int64_t row_begin, int64_t row_end, int64_t cols,
                        float temperature) {
-  for (int64_t r0 = row_begin; r0 < row_end; r0 += kLanes) {
-    const int64_t n = row_end - r0 < kLanes ? row_end - r0 : kLanes;
-    Vf a[kNarrowCols], b[kNarrowCols];
-    LoadColumns<E>(t + r0 * cols, n, cols, a);
-    LoadColumns<E>(p + r0 * cols, n, cols, b);
-    KlRowGrad rg(temperature);
-    rg.max_a = rg.log_a = rg.max_b = rg.log_b = rg.kl = rg.g_over_t = Splat(0.0f);
-    for (int64_t i = 0; i < n; ++i) {
-      const double* s = stats + (r0 + i) * distill::kStats;
-      rg.max_a[i] = static_cast<float>(s[0]), rg.log_a[i] = static_cast<float>(s[1]);
-      rg.max_b[i] = static_cast<float>(s[2]), rg.log_b[i] = static_cast<float>(s[3]);
-      rg.kl[i] = static_cast<float>(s[4]), rg.g_over_t[i] = E::ToFloat(g[r0 + i]) / temperature;
-    }
-    for (int64_t j = 0; j < cols; ++j) rg.Compute(a[j], b[j], &a[j], &b[j]);  // a: d_true, b: d_pred
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t j = 0; j < cols; ++j) {
-        const int64_t k = (r0 + i) * cols + j;
-        if (dt != nullptr) dt[k] = E::FromFloat(a[j][i]);
-        if (dp != nullptr) dp[k] = E::FromFloat(b[j][i]);
-      }
-    }
+  Vi row_of[kNarrowCols];  // lane l of a block's vector v: element kLanes v + l, row (kLanes v + l) / cols
+  for (int64_t v = 0; v < cols; ++v) {
+    for (int l = 0; l < kLanes; ++l) row_of[v][l] = static_cast<int32_t>((kLanes * v + l) / cols);
   }
+  KlRowGrad rows(temperature);
+  rows.by_t.Dispatch([&](auto mode) {
+    constexpr int kMode = decltype(mode)::kMode;
+    auto blocks = [&](auto want_true) {
+      constexpr bool kTrue = decltype(want_true)::value;
+      for (int64_t r0 = row_begin; r0 < row_end; r0 += kLanes) {
+        const int64_t n = row_end - r0 < kLanes ? row_end - r0 : kLanes;
+        rows.max_a = rows.log_a = rows.max_b = rows.log_b = rows.kl = rows.g_over_t = Splat(0.0f);
+        for (int64_t i = 0; i < n; ++i) {
+          const double* s = stats + (r0 + i) * distill::kStats;
+          rows.max_a[i] = static_cast<float>(s[0]), rows.log_a[i] = static_cast<float>(s[1]);
+          rows.max_b[i] = static_cast<float>(s[2]), rows.log_b[i] = static_cast<float>(s[3]);
+          rows.kl[i] = static_cast<float>(s[4]), rows.g_over_t[i] = E::ToFloat(g[r0 + i]) / temperature;
+        }
+        const int64_t base = r0 * cols, count = n * cols;
+        KlRowGrad rg = rows;
+        for (int64_t v = 0; v * kLanes < count; ++v) {
+          const Vi idx = row_of[v];
+          rg.max_a = PermuteLanes(rows.max_a, idx), rg.log_a = PermuteLanes(rows.log_a, idx);
+          rg.max_b = PermuteLanes(rows.max_b, idx), rg.log_b = PermuteLanes(rows.log_b, idx);
+          if (kTrue) rg.kl = PermuteLanes(rows.kl, idx);
+          rg.g_over_t = PermuteLanes(rows.g_over_t, idx);
+          const int64_t i = base + v * kLanes, left = count - v * kLanes;
+          Vf vt, vp;
+          if (left >= kLanes) {
+            rg.Compute<kMode, kTrue>(E::Load(t + i), E::Load(p + i), &vt, &vp);
+            if (kTrue) E::Store(dt + i, vt);
+            if (dp != nullptr) E::Store(dp + i, vp);
+          } else {  // the last rows' last elements (rows past the block's end are zeros, unused)
+            rg.Compute<kMode, kTrue>(LoadPadded<E>(t + i, left, 0.0f), LoadPadded<E>(p + i, left, 0.0f),
+                                     &vt, &vp);
+            for (int64_t j = 0; j < left; ++j) {
+              if (kTrue) dt[i + j] = E::FromFloat(vt[j]);
+              if (dp != nullptr) dp[i + j] = E::FromFloat(vp[j]);
+            }
+          }
+        }
+      }
+      return 0;
+    };
+    return dt == nullptr ? blocks(std::false_type()) : blocks(std::true_type());
+  });
 }
 
 template <typename E>
@@ -438,6 +528,7 @@ void KlGradientF(const void* grad, const void* y_true, const void* y_pred, const
   const auto* p = static_cast<const S*>(y_pred);
   auto* dt = static_cast<S*>(d_true);
   auto* dp = static_cast<S*>(d_pred);
+  if (dt == nullptr && dp == nullptr) return;
   int64_t i = begin;
   for (int64_t row = begin / cols; i < end; ++row) {
     const int64_t stop = (row + 1) * cols < end ? (row + 1) * cols : end;
@@ -449,12 +540,36 @@ void KlGradientF(const void* grad, const void* y_true, const void* y_pred, const
     }
     const KlRowGrad rg(stats + row * distill::kStats, E::ToFloat(g[row]), temperature);
     Vf vt, vp;
-    for (; i + kLanes <= stop; i += kLanes) {
-      Prefetch(t + i), Prefetch(p + i);
-      rg.Compute(E::Load(t + i), E::Load(p + i), &vt, &vp);
-      if (dt != nullptr) E::Store(dt + i, vt);
-      if (dp != nullptr) E::Store(dp + i, vp);
-    }
+    // The loop built for the temperature's mode and for the outputs wanted (distillation wants
+    // d_pred alone: none of d_true's arithmetic).
+    // bfloat16 goes 2 x kLanes at a time as even- and odd-indexed vectors (no lane shuffles either
+    // way; each element's arithmetic is the same in any lane).
+    auto loop = [&](auto mode, auto want_true) {
+      constexpr int kMode = decltype(mode)::kMode;
+      constexpr bool kTrue = decltype(want_true)::value;
+      if constexpr (std::is_same<E, Bfloat16T>::value) {
+        for (; i + 2 * kLanes <= stop; i += 2 * kLanes) {
+          Prefetch(t + i), Prefetch(p + i);
+          Vf t_even, t_odd, p_even, p_odd, vt_odd, vp_odd;
+          Bfloat16T::LoadPairs(t + i, &t_even, &t_odd);
+          Bfloat16T::LoadPairs(p + i, &p_even, &p_odd);
+          rg.Compute<kMode, kTrue>(t_even, p_even, &vt, &vp);
+          rg.Compute<kMode, kTrue>(t_odd, p_odd, &vt_odd, &vp_odd);
+          if (kTrue) Bfloat16T::StorePairs(dt + i, vt, vt_odd);
+          if (dp != nullptr) Bfloat16T::StorePairs(dp + i, vp, vp_odd);
+        }
+      }
+      for (; i + kLanes <= stop; i += kLanes) {
+        Prefetch(t + i), Prefetch(p + i);
+        rg.Compute<kMode, kTrue>(E::Load(t + i), E::Load(p + i), &vt, &vp);
+        if (kTrue) E::Store(dt + i, vt);
+        if (dp != nullptr) E::Store(dp + i, vp);
+      }
+      return 0;
+    };
+    rg.by_t.Dispatch([&](auto mode) {
+      return dt == nullptr ? loop(mode, std::false_type()) : loop(mode, std::true_type());
+    });
     if (i < stop) {  // each element's value depends only on itself and its row: padding is free
       const int64_t n = stop - i;
       rg.Compute(LoadPadded<E>(t + i, n, 0.0f), LoadPadded<E>(p + i, n, 0.0f), &vt, &vp);
@@ -519,7 +634,7 @@ struct JsdLogs {
     const Vf x1 = *lp + log_beta, x2 = *lq + log1m_beta;
     const Vi first = x1 >= x2;
     const Vf hi = first ? x1 : x2, lo = first ? x2 : x1;
-    const Vf mixed = hi + Log1pUnit(ExpF(lo - hi));
+    const Vf mixed = hi + Log1pUnit(ExpNonPositive(lo - hi));
     *lm = (*masked_a & *masked_b) ? minus_inf : (lo == minus_inf ? hi : mixed);
   }
 };
@@ -538,8 +653,8 @@ void JsdSumsF(const void* y_true, const void* y_pred, int64_t n, const distill::
     Vf lp, lq, lm;
     Vi ma, mb;
     logs.Compute(a, b, &lp, &lq, &lm, &ma, &mb);
-    fp += ma ? zero : ExpF(lp) * (lp - lm);
-    fq += mb ? zero : ExpF(lq) * (lq - lm);
+    fp += ma ? zero : ExpNonPositive(lp) * (lp - lm);
+    fq += mb ? zero : ExpNonPositive(lq) * (lq - lm);
     if (++steps == kFlushSteps) {
       Accumulate(fp, &p0, &p1), Accumulate(fq, &q0, &q1);
       fp = fq = zero, steps = 0;
@@ -605,8 +720,8 @@ void JsdGradientF(const void* grad, const void* y_true, const void* y_pred, cons
       Vf lp, lq, lm;
       Vi ma, mb;
       logs.Compute(a, b, &lp, &lq, &lm, &ma, &mb);
-      *vt = ma ? zero : gp * (ExpF(lp) * ((lp - lm) - kl_p));
-      *vp = mb ? zero : gq * (ExpF(lq) * ((lq - lm) - kl_q));
+      *vt = ma ? zero : gp * (ExpNonPositive(lp) * ((lp - lm) - kl_p));
+      *vp = mb ? zero : gq * (ExpNonPositive(lq) * ((lq - lm) - kl_q));
     };
     Vf vt, vp;
     for (; i + kLanes <= stop; i += kLanes) {
@@ -718,11 +833,13 @@ void DistillKlGradient(Type type, const void* g, const void* t, const void* p, c
   }
 }
 
+template <bool kNonPositive>
 void DistillExp(const float* x, float* out, int64_t n) {
+  auto exp = [](Vf v) { return kNonPositive ? ExpNonPositive(v) : ExpF(v); };
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) FloatT::Store(out + i, ExpF(FloatT::Load(x + i)));
+  for (; i + kLanes <= n; i += kLanes) FloatT::Store(out + i, exp(FloatT::Load(x + i)));
   if (i < n) {
-    const Vf e = ExpF(LoadPadded<FloatT>(x + i, n - i, 0.0f));
+    const Vf e = exp(LoadPadded<FloatT>(x + i, n - i, 0.0f));
     for (int64_t j = 0; i + j < n; ++j) out[i + j] = e[j];
   }
 }
@@ -984,7 +1101,8 @@ const Kernels& TF_KLD_KERNELS_FN() {
   static const Kernels kernels = {TF_KLD_ISA_NAME,          &isa::DistillKlPartial,
                                   &isa::DistillKlPartialsNarrow, isa::kNarrowCols,
                                   &isa::DistillKlGradient,  &isa::DistillJsdSums,
-                                  &isa::DistillJsdGradient, &isa::DistillExp,
+                                  &isa::DistillJsdGradient, &isa::DistillExp<false>,
+                                  &isa::DistillExp<true>,
                                   &isa::LinearGrads,
                                   &isa::LinearLogits};
   return kernels;

@@ -481,3 +481,10 @@ extern "C" __attribute__((visibility("default"))) void TfKldDistillExp(const flo
                                                                        int64_t n) {
   tf_kld::distill::Cpu().exp(x, out, n);
 }
+
+// The same for the form the loops use on arguments <= 0 (the same bits as the above there).
+extern "C" __attribute__((visibility("default"))) void TfKldDistillExpNonPositive(const float* x,
+                                                                                  float* out,
+                                                                                  int64_t n) {
+  tf_kld::distill::Cpu().exp_nonpositive(x, out, n);
+}

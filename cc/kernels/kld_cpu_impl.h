@@ -206,6 +206,17 @@ struct Bfloat16T {
     *even = BitCast<Vf>(x << 16);
     *odd = BitCast<Vf>(x & 0xffff0000u);
   }
+  // The inverse of LoadPairs: 2 * kLanes bfloat16, each rounded as Store rounds it, from the
+  // even-indexed values and the odd-indexed ones (no lane shuffles: one shift, one mask, one or).
+  static TF_KLD_INLINE void StorePairs(Storage* p, Vf even, Vf odd) {
+    const Vu x = (RoundedHigh(odd) & 0xffff0000u) | (RoundedHigh(even) >> 16);
+    std::memcpy(p, &x, sizeof(x));
+  }
+  // v's bfloat16 (rounded to nearest even, NaN quieted) in the high 16 bits of each lane.
+  static TF_KLD_INLINE Vu RoundedHigh(Vf v) {
+    const Vu x = BitCast<Vu>(v);
+    return (v != v) ? (x | 0x400000u) : x + 0x7fffu + ((x >> 16) & 1u);
+  }
   static TF_KLD_INLINE void Store(Storage* p, Vf v) {
     const Vu x = BitCast<Vu>(v);
     const Vu rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
