@@ -362,6 +362,14 @@ constexpr int64_t kNarrowCols = 32;
 
 template <typename E>
 TF_KLD_INLINE void LoadColumns(const typename E::Storage* x, int64_t rows, int64_t cols, Vf* column) {
+  if constexpr (!std::is_same<E, FloatT>::value) {  // 16-bit: the block widened in SIMD first
+    alignas(64) float block[kLanes * kNarrowCols];
+    const int64_t n = rows * cols;
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) FloatT::Store(block + i, E::Load(x + i));
+    if (i < n) FloatT::Store(block + i, LoadPadded<E>(x + i, n - i, 0.0f));
+    return LoadColumns<FloatT>(block, rows, cols, column);
+  }
   for (int64_t j = 0; j < cols; ++j) column[j] = Splat(0.0f);
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) column[j][i] = E::ToFloat(x[i * cols + j]);
@@ -614,9 +622,13 @@ TF_KLD_INLINE Vf Log1pUnit(Vf s) {
   return d == Splat(0.0f) ? s : Log<true>(u) * (s / d);
 }
 
-// One element group's lp, lq and lm = log(beta p + (1 - beta) q) (-inf where p = q = 0).
+// One element group's lp, lq, p = exp(lp), q = exp(lq) and lm = log(beta p + (1 - beta) q) (-inf
+// where p = q = 0). lm is the log of that sum where the sum is at least 2^-125 (its larger term then
+// a normal float, to an ulp: lm as accurate as by log-sum-exp, one log instead of an exp and a
+// log1p), and by log-sum-exp, lm = hi + log1p(exp(lo - hi)) over log beta + lp and log(1 - beta) + lq,
+// in any vector with a lane below that (probabilities that underflow: never a log of their sum).
 struct JsdLogs {
-  Vf max_a, log_a, max_b, log_b, log_beta, log1m_beta;
+  Vf max_a, log_a, max_b, log_b, log_beta, log1m_beta, beta, one_minus_beta;
   Divider by_t;
 
   JsdLogs(const double* stats, const distill::JsdParams& params)
@@ -624,18 +636,28 @@ struct JsdLogs {
         max_b(Splat(static_cast<float>(stats[2]))), log_b(Splat(static_cast<float>(stats[3]))),
         log_beta(Splat(static_cast<float>(params.log_beta))),
         log1m_beta(Splat(static_cast<float>(params.log1m_beta))),
+        beta(Splat(static_cast<float>(params.beta))),
+        one_minus_beta(Splat(static_cast<float>(1.0 - params.beta))),
         by_t(static_cast<float>(params.temperature)) {}
 
-  TF_KLD_INLINE void Compute(Vf a, Vf b, Vf* lp, Vf* lq, Vf* lm, Vi* masked_a, Vi* masked_b) const {
+  TF_KLD_INLINE void Compute(Vf a, Vf b, Vf* lp, Vf* lq, Vf* p, Vf* q, Vf* lm, Vi* masked_a,
+                             Vi* masked_b) const {
     a = by_t(a), b = by_t(b);
     const Vf minus_inf = Splat(-INFINITY);
     *masked_a = a == minus_inf, *masked_b = b == minus_inf;
     *lp = (a - max_a) - log_a, *lq = (b - max_b) - log_b;
-    const Vf x1 = *lp + log_beta, x2 = *lq + log1m_beta;
-    const Vi first = x1 >= x2;
-    const Vf hi = first ? x1 : x2, lo = first ? x2 : x1;
-    const Vf mixed = hi + Log1pUnit(ExpNonPositive(lo - hi));
-    *lm = (*masked_a & *masked_b) ? minus_inf : (lo == minus_inf ? hi : mixed);
+    *p = ExpNonPositive(*lp), *q = ExpNonPositive(*lq);
+    const Vf m = Madd(beta, *p, one_minus_beta * *q);
+    *lm = Log<true>(m);  // every lane positive normal or NaN, but for the lanes below
+    const Vi small = m < Splat(0x1p-125f);
+    if (__builtin_expect(AnyLane(small), 0)) {
+      const Vf x1 = *lp + log_beta, x2 = *lq + log1m_beta;
+      const Vi first = x1 >= x2;
+      const Vf hi = first ? x1 : x2, lo = first ? x2 : x1;
+      const Vf mixed = hi + Log1pUnit(ExpNonPositive(lo - hi));
+      const Vf lse = (*masked_a & *masked_b) ? minus_inf : (lo == minus_inf ? hi : mixed);
+      *lm = small ? lse : *lm;
+    }
   }
 };
 
@@ -650,11 +672,11 @@ void JsdSumsF(const void* y_true, const void* y_pred, int64_t n, const distill::
   Vd p0 = {}, p1 = {}, q0 = {}, q1 = {};
   int steps = 0;
   auto step = [&](Vf a, Vf b) {
-    Vf lp, lq, lm;
+    Vf lp, lq, pe, qe, lm;
     Vi ma, mb;
-    logs.Compute(a, b, &lp, &lq, &lm, &ma, &mb);
-    fp += ma ? zero : ExpNonPositive(lp) * (lp - lm);
-    fq += mb ? zero : ExpNonPositive(lq) * (lq - lm);
+    logs.Compute(a, b, &lp, &lq, &pe, &qe, &lm, &ma, &mb);
+    fp += ma ? zero : pe * (lp - lm);
+    fq += mb ? zero : qe * (lq - lm);
     if (++steps == kFlushSteps) {
       Accumulate(fp, &p0, &p1), Accumulate(fq, &q0, &q1);
       fp = fq = zero, steps = 0;
@@ -717,11 +739,11 @@ void JsdGradientF(const void* grad, const void* y_true, const void* y_pred, cons
     const Vf gq = Splat(gt * static_cast<float>(1.0 - params.beta));
     const Vf kl_p = Splat(static_cast<float>(st[4])), kl_q = Splat(static_cast<float>(st[5]));
     auto compute = [&](Vf a, Vf b, Vf* vt, Vf* vp) {
-      Vf lp, lq, lm;
+      Vf lp, lq, pe, qe, lm;
       Vi ma, mb;
-      logs.Compute(a, b, &lp, &lq, &lm, &ma, &mb);
-      *vt = ma ? zero : gp * (ExpNonPositive(lp) * ((lp - lm) - kl_p));
-      *vp = mb ? zero : gq * (ExpNonPositive(lq) * ((lq - lm) - kl_q));
+      logs.Compute(a, b, &lp, &lq, &pe, &qe, &lm, &ma, &mb);
+      *vt = ma ? zero : gp * (pe * ((lp - lm) - kl_p));
+      *vp = mb ? zero : gq * (qe * ((lq - lm) - kl_q));
     };
     Vf vt, vp;
     for (; i + kLanes <= stop; i += kLanes) {
