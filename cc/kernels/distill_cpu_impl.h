@@ -65,15 +65,16 @@ TF_KLD_INLINE Vf ExpF(Vf x) {
 }
 
 // exp(x) for x <= 0 or NaN (the shifted logits every loop here takes the exp of), 0 in the lanes
-// outside `keep`: ExpF's arithmetic less its upper clamp, with k / 16 taken straight from t by one
-// multiply-add (exact: t / 16, 1.5 * 2^19 and their difference all are) and r from k / 16 (the same
-// products as k * (ln 2 / 16)), and the zeroing done by the final vscalefps: two operations fewer
-// per call (three where lanes are zeroed), the same bits as ExpF for every x <= 89.
+// outside `keep`: ExpF's arithmetic less its upper clamp, with t = x log2 e + 1.5 * 2^19 rounded to
+// a multiple of 1/16 (t / 16 of ExpF's t, exactly: the same k, the same low bits for the table), so
+// k / 16 is t - 1.5 * 2^19 (an add, not a multiply), r from k / 16 (the same products as
+// k * (ln 2 / 16)), and the zeroing done by the final vscalefps: two operations fewer per call (the
+// upper clamp and a multiply; three where lanes are zeroed), the same bits as ExpF for every x <= 89.
 TF_KLD_INLINE Vf ExpNonPositive(Vf x, __mmask16 keep = 0xffff) {
   const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-110.0f), BitCast<__m512>(x));
-  const __m512 t = _mm512_fmadd_ps(xc, _mm512_set1_ps(static_cast<float>(16 * 1.4426950408889634)),
-                                   _mm512_set1_ps(12582912.0f));
-  const __m512 k16 = _mm512_fmadd_ps(t, _mm512_set1_ps(0.0625f), _mm512_set1_ps(-786432.0f));
+  const __m512 t = _mm512_fmadd_ps(xc, _mm512_set1_ps(static_cast<float>(1.4426950408889634)),
+                                   _mm512_set1_ps(786432.0f));
+  const __m512 k16 = _mm512_sub_ps(t, _mm512_set1_ps(786432.0f));
   __m512 r = _mm512_fmadd_ps(k16, _mm512_set1_ps(-0.693359375f), xc);
   r = _mm512_fmadd_ps(k16, _mm512_set1_ps(2.12194440e-4f), r);
   const __m512 em1 = _mm512_mul_ps(
