@@ -72,8 +72,8 @@ def generalized_jsd_with_logits(y_true, y_pred, beta=0.5, temperature=1.0):
 
     over the last axis, with `log m` never taken of a sum of underflowed probabilities (log-sum-exp
     over `log p + log beta` and `log q + log(1 - beta)`; the CPU kernels take the log of the sum
-    itself where it is at least 2^-125, as accurate there). As TRL's `generalized_jsd_loss` (so code ported
-    from it gives the same numbers), `beta == 0` gives `KL(p || q)` and `beta == 1` gives
+    itself where it is at least 2^-125, as accurate there). As TRL's `generalized_jsd_loss` (so
+    code ported from it gives the same numbers), `beta == 0` gives `KL(p || q)` and `beta == 1` gives
     `KL(q || p)`, although the formula's limit at both ends is 0. `beta = 0.5` is the symmetric
     Jensen-Shannon divergence (at most log 2). Conventions and dtypes as
     `kl_divergence_with_logits`.
