@@ -54,14 +54,18 @@ alignas(64) constexpr float kExp2Sixteenths[16] = {  // 2^(j/16), rounded to flo
 // in one rounding, so overflow, subnormal results and 0 come out right with no special lanes.
 // Measured worst 1.07 ulp. Fewer floating-point operations than the degree-6 form below: on cores
 // with one 512-bit FMA unit, they bound the loops.
+// 2^(j/16) exp(r), j = k mod 16 from t's low bits: exp(r) - 1 = r (1 + r/2 + r^2/6), added to 1
+// only in the last multiply-add (one rounding). Both exps below end with it.
+TF_KLD_INLINE __m512 TableTimesExp(Vf r, Vf t) {
+  const Vf em1 = Madd(Madd(Splat(1.0f / 6), r, Splat(0.5f)), r, Splat(1.0f)) * r;
+  const Vf two_j = BitCast<Vf>(_mm512_permutexvar_ps(BitCast<__m512i>(t), _mm512_load_ps(kExp2Sixteenths)));
+  return BitCast<__m512>(Madd(two_j, em1, two_j));
+}
+
 TF_KLD_INLINE Vf ExpF(Vf x) {
   Vf t, k;
   const Vf r = ExpReduce<16>(x, &t, &k);
-  // exp(r) - 1 = r (1 + r/2 + r^2/6), added to 1 only in the last multiply-add: one rounding.
-  const Vf em1 = Madd(Madd(Splat(1.0f / 6), r, Splat(0.5f)), r, Splat(1.0f)) * r;
-  const Vf two_j = BitCast<Vf>(_mm512_permutexvar_ps(BitCast<__m512i>(t), _mm512_load_ps(kExp2Sixteenths)));
-  return BitCast<Vf>(_mm512_scalef_ps(BitCast<__m512>(Madd(two_j, em1, two_j)),
-                                      BitCast<__m512>(k * Splat(0.0625f))));
+  return BitCast<Vf>(_mm512_scalef_ps(TableTimesExp(r, t), BitCast<__m512>(k * Splat(0.0625f))));
 }
 
 // exp(x) for x <= 0 or NaN (the shifted logits every loop here takes the exp of), 0 in the lanes
@@ -77,12 +81,7 @@ TF_KLD_INLINE Vf ExpNonPositive(Vf x, __mmask16 keep = 0xffff) {
   const __m512 k16 = _mm512_sub_ps(t, _mm512_set1_ps(786432.0f));
   __m512 r = _mm512_fmadd_ps(k16, _mm512_set1_ps(-0.693359375f), xc);
   r = _mm512_fmadd_ps(k16, _mm512_set1_ps(2.12194440e-4f), r);
-  const __m512 em1 = _mm512_mul_ps(
-      _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(1.0f / 6), r, _mm512_set1_ps(0.5f)), r,
-                      _mm512_set1_ps(1.0f)),
-      r);
-  const __m512 two_j = _mm512_permutexvar_ps(_mm512_castps_si512(t), _mm512_load_ps(kExp2Sixteenths));
-  return BitCast<Vf>(_mm512_maskz_scalef_ps(keep, _mm512_fmadd_ps(two_j, em1, two_j), k16));
+  return BitCast<Vf>(_mm512_maskz_scalef_ps(keep, TableTimesExp(BitCast<Vf>(r), BitCast<Vf>(t)), k16));
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 // K = 8: an 8-entry table (vpermps), a quartic (|r| <= ln2/16), and 2^m = 2^floor(k/8) as
@@ -193,9 +192,10 @@ struct KlLanes {
   Vf max_a = Splat(-INFINITY), max_b = Splat(-INFINITY);
   Vf fsum_a = {}, fcross = {}, fsum_b = {};
   Vd sum_a0 = {}, sum_a1 = {}, cross0 = {}, cross1 = {}, sum_b0 = {}, sum_b1 = {};
-  Vi infinite = {};
 #if defined(__AVX512F__)
-  __mmask16 infinite_lanes = 0;  // the AVX-512 Step's form of `infinite`
+  __mmask16 infinite = 0;  // lanes with a class of p > 0, q = 0 (a mask register here)
+#else
+  Vi infinite = {};
 #endif
   int steps = 0;
 
@@ -209,7 +209,7 @@ struct KlLanes {
     const __mmask16 up = _mm512_cmp_ps_mask(va, BitCast<__m512>(max_a), _CMP_GT_OQ) |
                          _mm512_cmp_ps_mask(vb, BitCast<__m512>(max_b), _CMP_GT_OQ);
     if (__builtin_expect(up != 0, 0)) Raise(a, b, a > max_a, b > max_b);
-    infinite_lanes |= static_cast<__mmask16>(masked_b & ~masked_a);
+    infinite |= static_cast<__mmask16>(masked_b & ~masked_a);
     const Vf ea = ExpNonPositive(a - max_a, static_cast<__mmask16>(~masked_a));
     const Vf eb = ExpNonPositive(b - max_b, static_cast<__mmask16>(~masked_b));
     fsum_a += ea;
@@ -280,9 +280,10 @@ struct KlLanes {
     r.sum_a = SumLanes(sum_a0 * a0 + sum_a1 * a1);
     r.cross = SumLanes(cross0 * a0 + cross1 * a1);
     r.sum_b = SumLanes(sum_b0 * b0 + sum_b1 * b1);
-    r.infinite = AnyLane(infinite);
 #if defined(__AVX512F__)
-    r.infinite = r.infinite || infinite_lanes != 0;
+    r.infinite = infinite != 0;
+#else
+    r.infinite = AnyLane(infinite);
 #endif
     return r;
   }

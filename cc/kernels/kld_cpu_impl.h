@@ -218,10 +218,7 @@ struct Bfloat16T {
     return (v != v) ? (x | 0x400000u) : x + 0x7fffu + ((x >> 16) & 1u);
   }
   static TF_KLD_INLINE void Store(Storage* p, Vf v) {
-    const Vu x = BitCast<Vu>(v);
-    const Vu rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
-    const Vu quiet_nan = (x >> 16) | 0x40u;
-    const Vu r = (v != v) ? quiet_nan : rounded;
+    const Vu r = RoundedHigh(v) >> 16;
 #if defined(__AVX512F__)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(BitCast<__m512i>(r)));
 #elif defined(__AVX2__)
