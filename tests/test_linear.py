@@ -486,6 +486,192 @@ def test_custom_path_runs_the_fused_ops(require_custom, rng):
         assert not any(t.startswith("TfKld>") for t in _op_types(step(0.5)))
 
 
+# Column blocks (the path for vocabularies where row chunks would be tiny: V >= 131073), forced on
+# small problems by lowering its thresholds: blocks of a few columns, super-chunks of a few rows.
+
+@pytest.fixture
+def by_columns(monkeypatch):
+    """Every call takes the column-blocked path where it applies; records the calls."""
+    monkeypatch.setattr(tf_kld.linear, "_COLUMNS_FROM_CLASSES", 1)
+    monkeypatch.setattr(tf_kld.linear, "_MIN_COLUMN_BLOCK", 1)
+    calls = []
+    blocked = tf_kld.linear._column_blocked
+
+    def spy(*args):
+        calls.append(args)
+        return blocked(*args)
+
+    monkeypatch.setattr(tf_kld.linear, "_column_blocked", spy)
+    return calls
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("rows_at_once, block_bytes", [(4096, 4 << 20), (7, 4 * 7 * 16), (5, 4 * 5 * 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_column_blocks_float64(beta, rows_at_once, block_bytes, bias, by_columns, monkeypatch,
+                               require_custom, rng):
+    # One super-chunk with one block of all 50 columns; 7-row super-chunks (37 rows: a partial
+    # last one) of 16-column blocks (a partial last block); 5-row super-chunks of 3-column blocks.
+    monkeypatch.setattr(tf_kld.linear, "_COLUMN_ROWS", rows_at_once)
+    monkeypatch.setattr(tf_kld.linear, "_COLUMN_BLOCK_BYTES", block_bytes)
+    x = _problem(rng)
+    x["sample_weight"][[0, 3, 36]] = 0.0
+    _assert_matches(x, beta, 1.5, None, bias=bias)
+    assert by_columns
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16, tf.float16])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_column_blocks_agree_with_row_chunks(dtype, beta, by_columns, monkeypatch, require_custom, rng):
+    # The two paths in the inputs' dtype (the kernel gradient in the kernel's dtype on the column
+    # path), with masked (-inf bias) teacher classes (KL) and rows of weight 0, in tf.function with unknown rows
+    # (the kernel gradient then summed in float32) and eagerly; and both near float64.
+    monkeypatch.setattr(tf_kld.linear, "_COLUMN_ROWS", 16)
+    monkeypatch.setattr(tf_kld.linear, "_COLUMN_BLOCK_BYTES", 4 * 16 * 8)
+    x = _problem(rng, rows=40, classes=61)
+    x["sample_weight"][[2, 5]] = 0.0
+    if beta == 0.0:  # classes the teacher never predicts (reverse KL would be +inf)
+        x["teacher_bias"][[4, 9]] = -np.inf
+    want64, want64_grads = _loss_and_grads(_materialised, {**x, "teacher_bias": np.where(
+        np.isinf(x["teacher_bias"]), -1e300, x["teacher_bias"])}, beta=beta, temperature=2.0)
+    xs = {k: tf.cast(v, dtype) for k, v in x.items()}
+
+    def run(fused_fn):
+        with tf.GradientTape() as tape:
+            args = [xs[k] for k in STUDENT]
+            tape.watch(args)
+            loss = fused_fn(*args)
+        return [loss] + tape.gradient(loss, args)
+
+    def fused(hs, ws, bs):
+        return tf_kld.linear_distillation_loss(hs, ws, xs["teacher_hidden"], xs["teacher_kernel"],
+                                               student_bias=bs, teacher_bias=xs["teacher_bias"],
+                                               temperature=2.0, beta=beta,
+                                               sample_weight=xs["sample_weight"])
+
+    unknown_rows = tf.function(fused, input_signature=[
+        tf.TensorSpec([None, 8], dtype), tf.TensorSpec([8, 61], dtype), tf.TensorSpec([61], dtype)])
+    by_cols = run(fused)
+    by_cols_graph = run(unknown_rows)
+    assert len(by_columns) >= 2
+    monkeypatch.setattr(tf_kld.linear, "_COLUMNS_FROM_CLASSES", 10**9)
+    by_rows = run(fused)
+    assert by_cols[2].dtype == dtype and by_cols_graph[2].dtype == dtype
+    tol = {tf.float32: 1e-5, tf.bfloat16: 2e-2, tf.float16: 2e-3}[dtype]
+    for got in (by_cols, by_cols_graph, by_rows):
+        for name, a, b in zip(("loss",) + STUDENT, got, [want64] + want64_grads):
+            a, b = tf.cast(a, tf.float64).numpy(), b.numpy()
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max(), err_msg=name)
+
+
+def test_column_blocks_run_their_ops(by_columns, require_custom, rng):
+    # The column path's ops (and not the row chunks' accumulation) for KL and reverse KL; the
+    # generalized JSD (0 < beta < 1) keeps the row chunks.
+    if tf.config.list_logical_devices("GPU"):
+        pytest.skip("the column path is CPU only")
+    x = {k: tf.constant(v, tf.float32) for k, v in _problem(rng).items()}
+
+    def step(beta):
+        @tf.function
+        def fn(hs, ws):
+            with tf.GradientTape() as tape:
+                tape.watch([hs, ws])
+                loss = tf_kld.linear_distillation_loss(hs, ws, x["teacher_hidden"],
+                                                       x["teacher_kernel"], beta=beta)
+            return loss, tape.gradient(loss, [hs, ws])
+        return _op_types(fn.get_concrete_function(x["student_hidden"], x["student_kernel"]))
+
+    cols = {"TfKld>KlDivergenceWithLogitsBlock", "TfKld>KlDivergenceWithLogitsGrad", "TfKld>AddColumns"}
+    for beta in (0.0, 1.0):
+        types = step(beta)
+        assert cols <= types and "TfKld>AccumulateLinearGrads" not in types, types
+    assert "TfKld>AccumulateLinearGrads" in step(0.5)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs /proc/self/clear_refs")
+@pytest.mark.parametrize("dtype, bound", [("float32", 1.15), ("bfloat16", 0.65)])
+def test_column_blocks_write_the_kernel_gradient_once(dtype, bound, tmp_path, require_custom):
+    # V = 262144 (column blocks): the kernel gradient [128, V] (128 MiB in float32) is the only
+    # [H, V] buffer, in the kernel's dtype: for bfloat16 half of that. A float32 sum (what the row
+    # chunks keep) or a second [H, V] buffer would break the bound; so would [rows, V] logits.
+    out = _peak_of_a_step(tmp_path, 256, 128, 262144, dtype=dtype)
+    assert out["peak"] <= bound * out["kernel_bytes"], (
+        f"a {dtype} step by column blocks took {out['peak'] / 2**20:.1f} MiB; the float32 kernel "
+        f"gradient is {out['kernel_bytes'] / 2**20:.1f} MiB")
+
+
+def _block_ops_full_and_blocked(t, s, temperature, block):
+    loss, stats = tf_kld.ops._module.tf_kld_kl_divergence_with_logits(
+        t, s, temperature=temperature, temperature_f64=repr(temperature) if t.dtype == tf.float64 else "")
+    state = tf_kld.ops.kl_block_initial_state(t.shape[0])
+    for c0 in range(0, t.shape[1], block):
+        state, b_loss, b_stats = tf_kld.ops.kl_divergence_with_logits_block(
+            t[:, c0:c0 + block], s[:, c0:c0 + block], state, temperature)
+    return loss.numpy(), stats.numpy(), b_loss.numpy(), b_stats.numpy()
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16, tf.float64])
+@pytest.mark.parametrize("block", [1, 7, 128, 1000, 40000])
+def test_kl_block_op_is_the_full_op_by_blocks(dtype, block, require_custom, rng):
+    # Rows given a block of columns at a time end where the full op does: masked teacher blocks,
+    # all -inf rows of either (NaN), a student -inf under teacher mass (+inf), NaN and +inf logits (NaN),
+    # NaN under a masked teacher block, huge logits; the stats agree as well.
+    rows, cols = 13, 1000
+    t = rng.normal(size=(rows, cols)) * 3
+    s = rng.normal(size=(rows, cols)) * 3
+    t[1, :500] = -np.inf
+    t[2] = -np.inf
+    s[3] = -np.inf
+    s[4, 700] = -np.inf
+    t[5, 10] = np.nan
+    s[6, 900] = np.nan
+    t[7, :500], s[7, :500] = -np.inf, np.nan
+    t[8, 3] = np.inf
+    t[9] = rng.normal(size=cols) * 1e4
+    t[10, :600] = s[10, :600] = -np.inf
+    t[11] = s[11] = -np.inf
+    t, s = tf.cast(t, dtype), tf.cast(s, dtype)
+    for temperature in (1.0, 2.5):
+        loss, stats, b_loss, b_stats = _block_ops_full_and_blocked(t, s, temperature, block)
+        loss, b_loss = loss.astype(np.float64), b_loss.astype(np.float64)
+        tol = 1e-12 if dtype == tf.float64 else 1e-5
+        np.testing.assert_allclose(b_loss, loss, rtol=tol, atol=tol, equal_nan=True)
+        np.testing.assert_allclose(b_stats, stats, rtol=10 * tol, atol=10 * tol, equal_nan=True)
+        assert np.isnan(b_loss[[2, 3, 5, 6, 7, 8, 11]]).all() and b_loss[4] == np.inf
+
+
+def test_kl_block_op_and_add_columns_check_their_inputs(require_custom):
+    ops = tf_kld.ops
+    z = tf.zeros([3, 4])
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="state must have shape"):
+        ops.kl_divergence_with_logits_block(z, z, tf.zeros([2, 7], tf.float64), 1.0)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="one shape"):
+        ops.kl_divergence_with_logits_block(z, tf.zeros([3, 5]), ops.kl_block_initial_state(3), 1.0)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="not all in acc"):
+        ops.add_columns(tf.zeros([3, 10]), tf.ones([3, 4]), 7)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="not all in acc"):
+        ops.add_columns(tf.zeros([3, 10]), tf.ones([3, 4]), -1)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="same rows"):
+        ops.add_columns(tf.zeros([3, 10]), tf.ones([2, 4]), 0)
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16, tf.float16, tf.float64])
+def test_add_columns_values(dtype, require_custom, rng):
+    acc = rng.normal(size=(5, 37))
+    block = rng.normal(size=(5, 11))
+    acc_t, block_t = tf.cast(acc, dtype), tf.cast(block, dtype)
+    for offset in (0, 13, 26):
+        got = tf_kld.ops.add_columns(acc_t, block_t, offset)
+        want = acc_t.numpy().astype(np.float64)
+        # 16-bit: the sum of the two rounded values in float32, rounded once.
+        want[:, offset:offset + 11] = (want[:, offset:offset + 11].astype(np.float32)
+                                       + block_t.numpy().astype(np.float32)) if dtype != tf.float64 \
+            else want[:, offset:offset + 11] + block
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got.numpy(), tf.cast(want, dtype).numpy())
+        np.testing.assert_array_equal(acc_t.numpy(), tf.cast(acc, dtype).numpy())  # acc untouched
+
+
 # TfKld>AccumulateLinearGrads: (acc + a^T b in acc's buffer, b w^T).
 
 def _linear_grads_bounds(acc, a, b, w, dtype):

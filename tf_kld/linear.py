@@ -12,6 +12,8 @@ student logits `[chunk, V]` exist only while that chunk is processed, its logit 
 in the same pass as its loss and folded at once into the gradients of the student's hidden states,
 kernel and bias. The loss is a scalar, so the backward pass only scales those three by the upstream
 gradient: peak memory is a few `[chunk, V]` buffers plus the kernel gradient, never `[rows, V]`.
+From 131073 classes (KL and reverse KL) the loop runs over blocks of the kernels' columns instead
+(`_column_blocked`): each column of the kernel gradient is then computed once, in its own dtype.
 The teacher gets no gradient (as `tf.stop_gradient`).
 
 The loop is a `tf.while_loop` over chunks of one static shape (the rows are padded with weight-0 rows
@@ -165,7 +167,8 @@ def linear_distillation_loss(student_hidden, student_kernel, teacher_hidden, tea
       sample_weight: optional weights of the leading shape (or a scalar); rows of weight 0 (e.g.
         padding) contribute nothing.
       chunk_size: rows per chunk; None picks one from V (a [chunk, V] float32 buffer of <= 32 MiB),
-        no more than the rows where their number is static.
+        no more than the rows where their number is static; and from V = 131073 (beta 0 or 1,
+        outside XLA) blocks of the kernels' columns instead (docs/linear.md).
 
     Returns:
       A float32 scalar (float64 for float64 student inputs).
@@ -196,9 +199,10 @@ def linear_distillation_loss(student_hidden, student_kernel, teacher_hidden, tea
     _check_shapes(hs, ws, ht, wt, bs, bt, w)
 
     classes = _dim(ws.shape, 1)
+    static_rows = hs.shape[:-1].num_elements()
+    by_columns = chunk_size is None and _columns_pay(classes)
     if chunk_size is None:  # capped at the rows where they are static: padding to a chunk is wasted work
-        chunk_size = auto_chunk_size(classes if classes is not None else 32000,
-                                     hs.shape[:-1].num_elements())
+        chunk_size = auto_chunk_size(classes if classes is not None else 32000, static_rows)
     hs2 = tf.reshape(hs, [-1, tf.shape(hs)[-1]])
     ht2 = tf.stop_gradient(tf.reshape(ht, [-1, tf.shape(ht)[-1]]))
     rows = tf.shape(hs2)[0]
@@ -212,14 +216,20 @@ def linear_distillation_loss(student_hidden, student_kernel, teacher_hidden, tea
 
     @tf.custom_gradient
     def loss_fn(hs2, ws, bs_in):
-        loss, d_h, d_w, d_b = _chunked(hs2, ws, bs_in if with_bias else None, ht2, tf.stop_gradient(wt),
-                                       bt_in, w, beta, temperature, chunk_size, work)
+        args = (hs2, ws, bs_in if with_bias else None, ht2, tf.stop_gradient(wt), bt_in, w, beta,
+                temperature)
+        if by_columns and beta in (0.0, 1.0) and _use_fused_ops() and _accumulate_in_place() and \
+                _column_ops_loaded():
+            loss, d_h, d_w, d_b = _column_blocked(*args, static_rows, work)
+        else:
+            loss, d_h, d_w, d_b = _chunked(*args, chunk_size, work)
 
         def grad(upstream):
             u = tf.cast(upstream, work)
 
             def scaled(x, dtype):  # upstream 1 (the usual case): x itself, no [H_s, V] copy
-                return tf.cast(tf.cond(tf.equal(u, 1), lambda: x, lambda: u * x), dtype)
+                return tf.cast(tf.cond(tf.equal(u, 1), lambda: x,
+                                       lambda: tf.cast(u * tf.cast(x, work), x.dtype)), dtype)
             return (tf.cast(u * tf.cast(d_h, work), hs2.dtype), scaled(d_w, ws.dtype),
                     scaled(d_b, bs_in.dtype))
         return loss, grad
@@ -251,6 +261,136 @@ def _accumulate_in_place():
     the device)."""
     from tf_kld import ops  # pylint: disable=import-outside-toplevel
     return ops.linear_grads_op_loaded() and not tf.config.list_logical_devices("GPU")
+
+
+# Column blocks (see _column_blocked) for vocabularies from this many classes, where the automatic
+# row chunk would be under 64 rows and each chunk's pass over the [H, V] kernels and kernel-gradient
+# sum costs more than computing the logits twice.
+_COLUMNS_FROM_CLASSES = 131073
+# Column blocks: a [rows, block] float32 buffer of at most this many bytes (the blocks' logits and
+# logit gradient live a few at a time), rows a super-chunk of at most _COLUMN_ROWS rows at a time.
+_COLUMN_BLOCK_BYTES = 4 << 20
+_COLUMN_ROWS = 4096
+_MIN_COLUMN_BLOCK, _MAX_COLUMN_BLOCK = 256, 32768
+
+
+def _columns_pay(classes):
+    return classes is not None and classes >= _COLUMNS_FROM_CLASSES
+
+
+def _column_ops_loaded():
+    from tf_kld import ops  # pylint: disable=import-outside-toplevel
+    return ops.column_block_ops_loaded()
+
+
+def column_block_size(classes, rows):
+    """Columns per block of the column-blocked path for `rows` rows at a time (None: unknown, taken
+    as _COLUMN_ROWS): a [rows, block] float32 buffer of at most _COLUMN_BLOCK_BYTES, a power of two
+    in [_MIN_COLUMN_BLOCK, _MAX_COLUMN_BLOCK], no more than the classes."""
+    rows = _COLUMN_ROWS if rows is None else max(1, min(rows, _COLUMN_ROWS))
+    block = max(1, _COLUMN_BLOCK_BYTES // (4 * rows))
+    block = min(_MAX_COLUMN_BLOCK, max(_MIN_COLUMN_BLOCK, 1 << (block.bit_length() - 1)))
+    return max(1, min(block, classes))
+
+
+def _column_blocked(hs, ws, bs, ht, wt, bt, w, beta, temperature, static_rows, work):
+    """KL (beta 0) or reverse KL (beta 1) by blocks of the kernels' columns: (loss, d/d hs, d/d ws,
+    d/d bs) as _chunked's.
+
+    Rows go up to _COLUMN_ROWS at a time (one such super-chunk for most batches). For each, a first
+    pass over the column blocks computes the block's logits and merges them into the rows' running
+    softmax statistics (TfKld>KlDivergenceWithLogitsBlock: online max and log-sum-exp, the full op's
+    own merge), and a second pass computes the logits again, their gradient from the whole rows'
+    statistics (the fused gradient op), and at once that block's columns of the kernel gradient
+    (`h^T dS`, written into the [H, V] gradient in place by TfKld>AddColumns), its part of the
+    hidden states' gradient (`dS W_block^T`) and its bias entries. Each column of the kernel gradient
+    is thus computed once, in its own dtype where one super-chunk holds every row (no float32 sum,
+    no final cast), and the [H, V] kernels are read twice per super-chunk instead of once per row
+    chunk; the price is computing the logits twice."""
+    from tf_kld import ops  # pylint: disable=import-outside-toplevel
+    to_true = beta == 1.0  # reverse KL(q || p): the student is y_true
+    h_dim, v_dim = tf.shape(ws)[0], tf.shape(ws)[1]
+    classes = ws.shape[1]
+    block = column_block_size(classes, static_rows)
+    n_blocks = (classes + block - 1) // block
+    project_by_matmul = ops.onednn_enabled()
+    logits_by_op = not project_by_matmul and work == tf.float32
+    # The kernel gradient in its own dtype when one super-chunk has every row (each column written
+    # once), else summed over super-chunks in `work`.
+    one_pass = static_rows is not None and static_rows <= _COLUMN_ROWS
+    dw_dtype = ws.dtype if one_pass else work
+
+    total = tf.reduce_sum(w)
+    g_all = tf.math.divide_no_nan(w, total)
+    rows_all = tf.shape(hs)[0]
+    keep = tf.where(tf.not_equal(w, 0))[:, 0]  # rows of weight 0 cost nothing
+    hs_k, ht_k, g_k = tf.gather(hs, keep), tf.gather(ht, keep), tf.gather(g_all, keep)
+    rows = tf.shape(hs_k)[0]
+    n_super = tf.maximum((rows + _COLUMN_ROWS - 1) // _COLUMN_ROWS, 1)
+
+    def logits(h, kernel, bias, c0, nb):
+        k = tf.slice(kernel, [0, c0], [tf.shape(kernel)[0], nb])
+        b = None if bias is None else tf.slice(bias, [c0], [nb])
+        if logits_by_op:
+            return ops.linear_logits(h, k, b), k
+        z = tf.matmul(h, k)
+        if b is not None:
+            z += b
+        return tf.cast(z, work), k
+
+    def super_chunk(i, loss, d_w, d_b, d_h_parts):
+        r0 = i * _COLUMN_ROWS
+        rc = tf.minimum(_COLUMN_ROWS, rows - r0)
+        h_c = tf.slice(hs_k, [r0, 0], [rc, -1])
+        t_c = tf.slice(ht_k, [r0, 0], [rc, -1])
+        g_c = tf.slice(g_k, [r0], [rc])
+
+        def pair(j):
+            c0 = j * block
+            nb = tf.minimum(block, v_dim - c0)
+            s_z, w_blk = logits(h_c, ws, bs, c0, nb)
+            t_z, _ = logits(t_c, wt, bt, c0, nb)
+            return c0, (s_z, t_z) if to_true else (t_z, s_z), w_blk
+
+        def stats_step(j, state, unused_d, unused_stats):
+            _, (y_true, y_pred), _ = pair(j)
+            state, d, stats = ops.kl_divergence_with_logits_block(y_true, y_pred, state, temperature)
+            return j + 1, state, d, stats
+
+        _, _, d, stats = tf.while_loop(
+            lambda j, *_: j < n_blocks, stats_step,
+            (tf.constant(0), ops.kl_block_initial_state(rc), tf.zeros([rc], work),
+             tf.zeros([rc, 5], tf.float64)), parallel_iterations=1)
+        loss += tf.reduce_sum(g_c * d)
+        h_w = tf.cast(h_c, work)
+
+        def grad_step(j, d_w, d_b, d_h):
+            c0, (y_true, y_pred), w_blk = pair(j)
+            ds = ops.kl_divergence_with_logits_grad(g_c, y_true, y_pred, stats, temperature,
+                                                    wrt_true=to_true)
+            d_w = ops.add_columns(d_w, tf.cast(tf.matmul(h_w, ds, transpose_a=True), dw_dtype), c0)
+            if bs is not None:
+                d_b = ops.add_columns(d_b, tf.reduce_sum(ds, axis=0, keepdims=True), c0)
+            if project_by_matmul:  # oneDNN's matmul in the kernel's dtype, as the row chunks'
+                d_h += tf.cast(tf.matmul(tf.cast(ds, ws.dtype), w_blk, transpose_b=True), work)
+            else:
+                d_h += tf.matmul(ds, tf.cast(w_blk, work), transpose_b=True)
+            return j + 1, d_w, d_b, d_h
+
+        _, d_w, d_b, d_h = tf.while_loop(
+            lambda j, *_: j < n_blocks, grad_step,
+            (tf.constant(0), d_w, d_b, tf.zeros([rc, h_dim], work)), parallel_iterations=1)
+        return i + 1, loss, d_w, d_b, d_h_parts.write(i, tf.cast(d_h, hs.dtype))
+
+    d_h_parts = tf.TensorArray(hs.dtype, size=n_super, infer_shape=False,
+                               element_shape=tf.TensorShape([None, hs.shape[1]]))
+    _, loss, d_w, d_b, d_h_parts = tf.while_loop(
+        lambda i, *_: i < n_super, super_chunk,
+        (tf.constant(0), tf.zeros([], work), tf.zeros([h_dim, v_dim], dw_dtype),
+         tf.zeros([1, v_dim], work), d_h_parts), parallel_iterations=1)
+    d_h = d_h_parts.concat()
+    d_h = tf.scatter_nd(keep[:, tf.newaxis], d_h, tf.cast(tf.stack([rows_all, h_dim]), tf.int64))
+    return loss, d_h, d_w, d_b[0]
 
 
 def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):

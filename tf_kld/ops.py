@@ -14,6 +14,7 @@ overridden, per thread, by the :func:`implementation` context manager.
 
 import contextlib
 import ctypes
+import math
 import os
 import re
 import threading
@@ -465,6 +466,44 @@ def linear_grads_op_loaded():
     """True when the loaded library has TfKld>AccumulateLinearGrads and TfKld>LinearLogits (CPU)."""
     return _module is not None and hasattr(_module, "tf_kld_accumulate_linear_grads") and \
         hasattr(_module, "tf_kld_linear_logits")
+
+
+def column_block_ops_loaded():
+    """True when the loaded library has TfKld>KlDivergenceWithLogitsBlock and TfKld>AddColumns
+    (CPU; tf_kld.linear's column blocks)."""
+    return _module is not None and hasattr(_module, "tf_kld_kl_divergence_with_logits_block") and \
+        hasattr(_module, "tf_kld_add_columns")
+
+
+def kl_block_initial_state(rows):
+    """The running state of `rows` rows before any column ([rows, 7] float64: maxima -inf, sums and
+    flags 0), for kl_divergence_with_logits_block."""
+    ninf = tf.fill([rows, 1], tf.constant(-math.inf, tf.float64))
+    zero = tf.zeros([rows, 1], tf.float64)
+    return tf.concat([ninf, zero, zero, ninf, zero, zero, zero], axis=1)
+
+
+def kl_divergence_with_logits_block(y_true, y_pred, state, temperature):
+    """The next block of columns ([rows, block], one dtype) of KL(softmax(y_true / T) ||
+    softmax(y_pred / T)) merged into the rows' running state: (state, loss, stats) of the columns
+    seen so far (after the last block, the whole rows' loss and the stats the gradient op reads)."""
+    return _module.tf_kld_kl_divergence_with_logits_block(
+        y_true, y_pred, state, **_temperature_attrs(temperature, y_pred.dtype))
+
+
+def kl_divergence_with_logits_grad(g, y_true, y_pred, stats, temperature, wrt_true):
+    """d/dy_true (wrt_true) or d/dy_pred of KL(softmax(y_true / T) || softmax(y_pred / T)) scaled
+    by the per-row g, on any block of columns given the whole rows' stats."""
+    d_true, d_pred = _module.tf_kld_kl_divergence_with_logits_grad(
+        g, y_true, y_pred, stats, need_y_true=wrt_true, need_y_pred=not wrt_true,
+        **_temperature_attrs(temperature, y_pred.dtype))
+    return d_true if wrt_true else d_pred
+
+
+def add_columns(acc, block, offset):
+    """acc with block ([m, nb]) added to its columns [offset, offset + nb), in acc's buffer where
+    TensorFlow allows it (16-bit sums in float32, rounded once). CPU."""
+    return _module.tf_kld_add_columns(acc, block, tf.cast(offset, tf.int64))
 
 
 def linear_logits(h, w, bias=None):

@@ -57,6 +57,20 @@ inline KlPartial Merge(const KlPartial& x, const KlPartial& y) {
   return r;
 }
 
+// A KlPartial as kBlockState doubles (the flags as 0 / 1), for states kept between ops
+// (TfKld>KlDivergenceWithLogitsBlock); the initial state (no columns yet) is KlPartial{}.
+constexpr int kBlockState = 7;
+inline void Save(const KlPartial& s, double* out) {
+  out[0] = s.max_a, out[1] = s.sum_a, out[2] = s.cross, out[3] = s.max_b, out[4] = s.sum_b;
+  out[5] = s.nan ? 1.0 : 0.0, out[6] = s.infinite ? 1.0 : 0.0;
+}
+inline KlPartial Load(const double* in) {
+  KlPartial s;
+  s.max_a = in[0], s.sum_a = in[1], s.cross = in[2], s.max_b = in[3], s.sum_b = in[4];
+  s.nan = in[5] != 0.0, s.infinite = in[6] != 0.0;
+  return s;
+}
+
 // The row's KL and statistics (stats[kStats]) from its whole-row state; cols > 0.
 inline double Finish(const KlPartial& s, double* stats) {
   const double nan = NAN;

@@ -188,6 +188,65 @@ class KlDivergenceWithLogitsOp : public OpKernel {
   double temperature_ = 1.0;
 };
 
+// TfKld>KlDivergenceWithLogitsBlock: the next block of columns of each row merged into the rows'
+// running states (in order, as the op above merges its chunks of a wide row), and the loss and
+// stats of the columns seen so far.
+template <typename T>
+class KlDivergenceWithLogitsBlockOp : public OpKernel {
+ public:
+  explicit KlDivergenceWithLogitsBlockOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_VALUE(temperature_, ctx, ReadTemperature(ctx));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& y_true = ctx->input(0);
+    const Tensor& y_pred = ctx->input(1);
+    const Tensor& state = ctx->input(2);
+    OP_REQUIRES(ctx, y_true.dims() == 2 && y_true.shape() == y_pred.shape(),
+                absl::InvalidArgumentError(absl::StrCat(
+                    "y_true and y_pred must be matrices of one shape [rows, block], got y_true ",
+                    y_true.shape().DebugString(), " and y_pred ", y_pred.shape().DebugString())));
+    const int64_t rows = y_true.dim_size(0), cols = y_true.dim_size(1);
+    OP_REQUIRES(ctx, state.dims() == 2 && state.dim_size(0) == rows &&
+                         state.dim_size(1) == distill::kBlockState,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "state must have shape [", rows, ", ", distill::kBlockState,
+                    "] (y_true's rows), got ", state.shape().DebugString())));
+    Tensor* state_out = nullptr;
+    Tensor* loss_t = nullptr;
+    Tensor* stats_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({2}, 0, state.shape(), &state_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({rows}), &loss_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({rows, distill::kStats}), &stats_t));
+    if (rows == 0) return;
+    const T* t = y_true.flat<T>().data();
+    const T* p = y_pred.flat<T>().data();
+    const double* in = state.flat<double>().data();
+    double* out = state_out->flat<double>().data();
+    T* loss = loss_t->flat<T>().data();
+    double* stats = stats_t->flat<double>().data();
+    const distill::Kernels& k = distill::Cpu();
+    constexpr cpu::Type type = CpuType<T>::value;
+    const double temperature = temperature_;
+    ctx->eigen_device<CPUDevice>().parallelFor(
+        rows, Cost(cols, 2 * cols * sizeof(T), sizeof(T) + 8 * (distill::kStats + distill::kBlockState)),
+        [&](Eigen::Index begin, Eigen::Index end) {
+          for (Eigen::Index r = begin; r < end; ++r) {
+            distill::KlPartial s = distill::Load(in + r * distill::kBlockState);
+            for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {  // the full op's chunks of wide rows
+              s = distill::Merge(s, k.kl_partial(type, t + r * cols + c0, p + r * cols + c0,
+                                                 std::min(kChunk, cols - c0), temperature));
+            }
+            distill::Save(s, out + r * distill::kBlockState);
+            loss[r] = Round<T>(distill::Finish(s, stats + r * distill::kStats));
+          }
+        });
+  }
+
+ private:
+  double temperature_ = 1.0;
+};
+
 // What differs between the families' gradient ops: the stats per row, the parameters, the core call.
 struct KlFamily {
   static constexpr int kStats = distill::kStats;
@@ -455,6 +514,10 @@ const bool distill_gpu_kernels_registered [[maybe_unused]] = [] {
   TF_KLD_REGISTER_KERNEL(                                                                     \
       Name("TfKld>KlDivergenceWithLogits").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
       KlDivergenceWithLogitsOp<T>);                                                            \
+  TF_KLD_REGISTER_KERNEL(Name("TfKld>KlDivergenceWithLogitsBlock")                            \
+                              .Device(tensorflow::DEVICE_CPU)                                  \
+                              .TypeConstraint<T>("T"),                                         \
+                          KlDivergenceWithLogitsBlockOp<T>);                                   \
   TF_KLD_REGISTER_KERNEL(Name("TfKld>KlDivergenceWithLogitsGrad")                             \
                               .Device(tensorflow::DEVICE_CPU)                                  \
                               .TypeConstraint<T>("T"),                                         \

@@ -197,6 +197,53 @@ class AccumulateLinearGradsOp : public OpKernel {
   bool with_d_a_ = true;
 };
 
+template <typename T>
+class AddColumnsOp : public OpKernel {
+ public:
+  explicit AddColumnsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& acc = ctx->input(0);
+    const Tensor& block = ctx->input(1);
+    const Tensor& offset_t = ctx->input(2);
+    OP_REQUIRES(ctx, acc.dims() == 2 && block.dims() == 2 && acc.dim_size(0) == block.dim_size(0),
+                absl::InvalidArgumentError(absl::StrCat(
+                    "acc [m, n] and block [m, nb] must be matrices with the same rows, got acc ",
+                    acc.shape().DebugString(), ", block ", block.shape().DebugString())));
+    OP_REQUIRES(ctx, offset_t.dims() == 0,
+                absl::InvalidArgumentError(absl::StrCat("offset must be a scalar, got ",
+                                                        offset_t.shape().DebugString())));
+    const int64_t m = acc.dim_size(0), n = acc.dim_size(1), nb = block.dim_size(1);
+    const int64_t offset = offset_t.scalar<int64_t>()();
+    OP_REQUIRES(ctx, offset >= 0 && offset <= n - nb,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "columns [", offset, ", ", offset + nb, ") are not all in acc's ", n,
+                    " columns (acc ", acc.shape().DebugString(), ", block ",
+                    block.shape().DebugString(), ")")));
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, acc.shape(), &out));
+    T* o = out->flat<T>().data();
+    const T* in = acc.flat<T>().data();
+    if (o != in && acc.NumElements() > 0) {  // acc has another reader: leave it as it is
+      std::memcpy(o, in, acc.NumElements() * sizeof(T));
+    }
+    if (m == 0 || nb == 0) return;
+    const T* b = block.flat<T>().data();
+    using Sum = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    ctx->eigen_device<CPUDevice>().parallelFor(
+        m, Eigen::TensorOpCost(2 * sizeof(T) * nb, sizeof(T) * nb, nb),
+        [&](Eigen::Index begin, Eigen::Index end) {
+          for (Eigen::Index i = begin; i < end; ++i) {
+            T* row = o + i * n + offset;
+            const T* src = b + i * nb;
+            for (int64_t j = 0; j < nb; ++j) {
+              row[j] = static_cast<T>(static_cast<Sum>(row[j]) + static_cast<Sum>(src[j]));
+            }
+          }
+        });
+  }
+};
+
 }  // namespace
 
 #define TF_KLD_REGISTER_LINEAR_GRADS(T, Tw)                                                   \
@@ -224,5 +271,16 @@ TF_KLD_REGISTER_LINEAR_LOGITS(float, Eigen::bfloat16);
 TF_KLD_REGISTER_LINEAR_LOGITS(float, float);
 TF_KLD_REGISTER_LINEAR_LOGITS(double, double);
 #undef TF_KLD_REGISTER_LINEAR_LOGITS
+
+#define TF_KLD_REGISTER_ADD_COLUMNS(T)                                                        \
+  TF_KLD_REGISTER_KERNEL(                                                                     \
+      Name("TfKld>AddColumns").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"),         \
+      AddColumnsOp<T>)
+
+TF_KLD_REGISTER_ADD_COLUMNS(Eigen::half);
+TF_KLD_REGISTER_ADD_COLUMNS(Eigen::bfloat16);
+TF_KLD_REGISTER_ADD_COLUMNS(float);
+TF_KLD_REGISTER_ADD_COLUMNS(double);
+#undef TF_KLD_REGISTER_ADD_COLUMNS
 
 }  // namespace tf_kld

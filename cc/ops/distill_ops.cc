@@ -12,6 +12,7 @@ using tensorflow::shape_inference::ShapeHandle;
 
 constexpr int kKlStats = 5;   // distill::kStats
 constexpr int kJsdStats = 6;  // distill::kJsdStats
+constexpr int kBlockState = 7;  // distill::kBlockState
 
 // y_true (input first) and y_pred (first + 1): one shape of rank >= 1, into *merged and, without
 // its last axis, *rows.
@@ -63,6 +64,29 @@ absl::Status GradShape(InferenceContext* c) {
   return absl::OkStatus();
 }
 
+// y_true, y_pred [rows, n] and state [rows, kBlockState]: state_out, loss [rows], stats [rows, kKlStats].
+absl::Status BlockShape(InferenceContext* c) {
+  ShapeHandle t, p, state, merged;
+  if (!c->WithRank(c->input(0), 2, &t).ok() || !c->WithRank(c->input(1), 2, &p).ok() ||
+      !c->Merge(t, p, &merged).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "y_true and y_pred must be matrices of one shape [rows, block], got y_true ",
+        c->DebugString(c->input(0)), " and y_pred ", c->DebugString(c->input(1))));
+  }
+  DimensionHandle rows, width;
+  if (!c->WithRank(c->input(2), 2, &state).ok() ||
+      !c->Merge(c->Dim(state, 0), c->Dim(merged, 0), &rows).ok() ||
+      !c->WithValue(c->Dim(state, 1), kBlockState, &width).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("state must have shape [rows, ", kBlockState,
+                                                   "] with y_true's rows ", c->DebugString(merged),
+                                                   ", got ", c->DebugString(c->input(2))));
+  }
+  c->set_output(0, c->Matrix(rows, kBlockState));
+  c->set_output(1, c->Vector(rows));
+  c->set_output(2, c->Matrix(rows, kKlStats));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 REGISTER_OP("TfKld>KlDivergenceWithLogits")
@@ -85,6 +109,28 @@ stats: per row [max_a, log sum exp(a - max_a), max_b, log sum exp(b - max_b), KL
 temperature: T (rounded to float32, as float16/bfloat16/float32 compute).
 temperature_f64: for T=double, the exact T as decimal text (a float attr has 32 bits); empty means
   use temperature.
+)doc");
+
+REGISTER_OP("TfKld>KlDivergenceWithLogitsBlock")
+    .Input("y_true: T")
+    .Input("y_pred: T")
+    .Input("state: double")
+    .Output("state_out: double")
+    .Output("loss: T")
+    .Output("stats: double")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("temperature: float = 1.0")
+    .Attr("temperature_f64: string = ''")
+    .SetShapeFn(BlockShape)
+    .Doc(R"doc(
+TfKld>KlDivergenceWithLogits over rows given a block of columns at a time (tf_kld.linear's column
+blocks, whose logits never exist whole): y_true, y_pred [rows, block] are the next columns of each
+row, state [rows, 7] the running state of the columns before them (max_a, sum exp(a - max_a),
+cross, max_b, sum exp(b - max_b), a NaN flag, an infinity flag; start from
+tf_kld.ops.kl_block_initial_state). state_out adds the block (it may take over state's buffer);
+loss and stats are what TfKld>KlDivergenceWithLogits gives for the columns seen so far, so after
+the last block they are the whole rows' (stats read by TfKld>KlDivergenceWithLogitsGrad, which
+takes any block of columns with the whole rows' stats). An empty block changes nothing. CPU only.
 )doc");
 
 REGISTER_OP("TfKld>KlDivergenceWithLogitsGrad")

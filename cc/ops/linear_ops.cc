@@ -83,6 +83,28 @@ absl::Status LinearLogitsShape(InferenceContext* c) {
   return absl::OkStatus();
 }
 
+// acc [m, n], block [m, nb], offset []: out is acc's shape.
+absl::Status AddColumnsShape(InferenceContext* c) {
+  ShapeHandle acc, block, offset;
+  if (!c->WithRank(c->input(0), 2, &acc).ok() || !c->WithRank(c->input(1), 2, &block).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("acc and block must be matrices, got acc ",
+                                                   c->DebugString(c->input(0)), ", block ",
+                                                   c->DebugString(c->input(1))));
+  }
+  if (!c->WithRank(c->input(2), 0, &offset).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("offset must be a scalar, got ",
+                                                   c->DebugString(c->input(2))));
+  }
+  DimensionHandle m;
+  if (!c->Merge(c->Dim(acc, 0), c->Dim(block, 0), &m).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("acc [m, n] and block [m, nb] must have the same "
+                                                   "rows, got acc ", c->DebugString(acc),
+                                                   ", block ", c->DebugString(block)));
+  }
+  c->set_output(0, c->Matrix(m, c->Dim(acc, 1)));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 REGISTER_OP("TfKld>LinearLogits")
@@ -120,6 +142,20 @@ a [k, m] and b [k, n]. out takes over acc's buffer whenever TensorFlow allows it
 reader); otherwise acc is copied first, so the op is pure either way. w may be 16-bit (read as
 float32); T=double needs Tw=double. with_d_a=false leaves d_a out (shape [0, m]; w is not read).
 Sums run in a fixed order: results never depend on the number of threads. CPU only.
+)doc");
+
+REGISTER_OP("TfKld>AddColumns")
+    .Input("acc: T")
+    .Input("block: T")
+    .Input("offset: int64")
+    .Output("out: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .SetShapeFn(AddColumnsShape)
+    .Doc(R"doc(
+acc with block added to its columns [offset, offset + nb): out[:, offset + j] = acc[:, offset + j] +
+block[:, j] for acc [m, n] and block [m, nb] (16-bit sums in float32, rounded once). out takes over
+acc's buffer whenever TensorFlow allows it (tf_kld.linear writes each column block of a kernel
+gradient into one [H, V] buffer this way); otherwise acc is copied first. CPU only.
 )doc");
 
 }  // namespace tf_kld
