@@ -589,11 +589,13 @@ def test_column_blocks_run_their_ops(by_columns, require_custom, rng):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs /proc/self/clear_refs")
-@pytest.mark.parametrize("dtype, bound", [("float32", 1.15), ("bfloat16", 0.65)])
+@pytest.mark.parametrize("dtype, bound", [("float32", 1.3), ("bfloat16", 0.85)])
 def test_column_blocks_write_the_kernel_gradient_once(dtype, bound, tmp_path, require_custom):
     # V = 262144 (column blocks): the kernel gradient [128, V] (128 MiB in float32) is the only
-    # [H, V] buffer, in the kernel's dtype: for bfloat16 half of that. A float32 sum (what the row
-    # chunks keep) or a second [H, V] buffer would break the bound; so would [rows, V] logits.
+    # [H, V] buffer, in the kernel's dtype: for bfloat16 half of that (measured on Zen 4: 1.11x and
+    # 0.61x of the float32 gradient, with 4 MiB block buffers). A float32 sum (the row chunks'
+    # 1.5x in float32 with their two 32 MiB chunks, 1.5x in bfloat16 with the final cast) or a
+    # second [H, V] buffer would break the bound; so would [rows, V] logits (256 MiB).
     out = _peak_of_a_step(tmp_path, 256, 128, 262144, dtype=dtype)
     assert out["peak"] <= bound * out["kernel_bytes"], (
         f"a {dtype} step by column blocks took {out['peak'] / 2**20:.1f} MiB; the float32 kernel "
