@@ -247,6 +247,16 @@ def test_automatic_chunk_is_no_larger_than_the_rows(monkeypatch, rng):
     assert seen == [10, 6], seen
 
 
+def test_automatic_chunk_from_classes_and_hidden_size():
+    # A 32 MiB [chunk, V] float32 buffer, or H_s / 2 rows when more; a power of two <= 1024, no
+    # more than the rows.
+    chunk = tf_kld.linear.auto_chunk_size
+    assert chunk(128256) == chunk(128256, 512, 128) == 64
+    assert chunk(128256, 2048, 256) == 128 and chunk(128256, 100, 256) == 100
+    assert chunk(32000, None, 512) == 256 and chunk(32000, None, 1024) == 512
+    assert chunk(32000, None, 4096) == 1024 and chunk(10, 5000) == 1024 and chunk(10, 3) == 3
+
+
 def test_savedmodel_reload(tmp_path, rng):
     x = {k: tf.constant(v, tf.float32) for k, v in _problem(rng).items()}
 

@@ -34,10 +34,11 @@ _NAME = "linear_distillation_loss"
 # Rows per chunk when chunk_size is None: a [chunk, V] float32 buffer of at most this many bytes.
 # Two such buffers live at once (the teacher's and the student's logits; the logit gradient takes
 # over the student's), and each chunk reads the kernels and the kernel gradient ([H, V] each) once
-# more: smaller chunks save memory, larger ones spend less time on that traffic. Measured on 2 CPU
-# cores at V = 128256 (docs/linear.md): 64 rows a chunk (32 MiB) is 1.2x the materialised path's
-# time, 128 rows 1.1x but, from 128 rows, TensorFlow's matmul (Eigen's, with oneDNN off) also packs
-# a copy of the whole [H, V] kernel: 2.6x the memory.
+# more: smaller chunks save memory, larger ones spend less time on that traffic. So chunks have at
+# least H_s / 2 rows as well (the two chunk buffers then take at most what the float32 kernel
+# gradient takes): measured on 2 CPU cores at 2048 x 256 x 128256 (docs/linear.md), 64 rows a chunk
+# (32 MiB) took 1.22x the materialised path's time in float32 and 1.48x in bfloat16, 128 rows 1.01x
+# and 1.30x.
 _CHUNK_BYTES = 32 << 20
 _MAX_AUTO_CHUNK = 1024
 
@@ -98,10 +99,12 @@ def _check_shapes(hs, ws, ht, wt, bs, bt, sample_weight):
                          f"states' leading shape {lead_s}, got {sample_weight.shape}")
 
 
-def auto_chunk_size(classes, rows=None):
-    """Rows per chunk for `classes` classes: a [chunk, classes] float32 buffer of at most 32 MiB (a
-    power of two, at most 1024), and no more than the rows there are."""
-    chunk = max(1, _CHUNK_BYTES // (4 * max(1, classes)))
+def auto_chunk_size(classes, rows=None, hidden=None):
+    """Rows per chunk for `classes` classes and a student hidden size `hidden`: a [chunk, classes]
+    float32 buffer of at most 32 MiB or, when more, hidden / 2 rows (two chunk buffers at most the
+    size of the float32 kernel gradient, and the kernel's traffic spread over as many rows); a power
+    of two, at most 1024, and no more than the rows there are."""
+    chunk = max(1, _CHUNK_BYTES // (4 * max(1, classes)), (hidden or 0) // 2)
     chunk = min(_MAX_AUTO_CHUNK, 1 << (chunk.bit_length() - 1))
     if rows is not None:
         chunk = max(1, min(chunk, rows))
@@ -166,8 +169,8 @@ def linear_distillation_loss(student_hidden, student_kernel, teacher_hidden, tea
       beta: float in [0, 1].
       sample_weight: optional weights of the leading shape (or a scalar); rows of weight 0 (e.g.
         padding) contribute nothing.
-      chunk_size: rows per chunk; None picks one from V (a [chunk, V] float32 buffer of <= 32 MiB),
-        no more than the rows where their number is static; and from V = 131073 (beta 0 or 1,
+      chunk_size: rows per chunk; None picks one from V and H_s (a [chunk, V] float32 buffer of
+        <= 32 MiB, or H_s / 2 rows when more), no more than the rows where their number is static; and from V = 131073 (beta 0 or 1,
         outside XLA) blocks of the kernels' columns instead (docs/linear.md).
 
     Returns:
@@ -202,7 +205,8 @@ def linear_distillation_loss(student_hidden, student_kernel, teacher_hidden, tea
     static_rows = hs.shape[:-1].num_elements()
     by_columns = chunk_size is None and _columns_pay(classes)
     if chunk_size is None:  # capped at the rows where they are static: padding to a chunk is wasted work
-        chunk_size = auto_chunk_size(classes if classes is not None else 32000, static_rows)
+        chunk_size = auto_chunk_size(classes if classes is not None else 32000, static_rows,
+                                     _dim(ws.shape, 0))
     hs2 = tf.reshape(hs, [-1, tf.shape(hs)[-1]])
     ht2 = tf.stop_gradient(tf.reshape(ht, [-1, tf.shape(ht)[-1]]))
     rows = tf.shape(hs2)[0]
