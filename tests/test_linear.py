@@ -515,7 +515,7 @@ def by_columns(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 1.0])
 @pytest.mark.parametrize("rows_at_once, block_bytes", [(4096, 4 << 20), (7, 4 * 7 * 16), (5, 4 * 5 * 3)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_column_blocks_float64(beta, rows_at_once, block_bytes, bias, by_columns, monkeypatch,
@@ -531,7 +531,7 @@ def test_column_blocks_float64(beta, rows_at_once, block_bytes, bias, by_columns
 
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16, tf.float16])
-@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("beta", [0.0, 0.7, 1.0])
 def test_column_blocks_agree_with_row_chunks(dtype, beta, by_columns, monkeypatch, require_custom, rng):
     # The two paths in the inputs' dtype (the kernel gradient in the kernel's dtype on the column
     # path), with masked (-inf bias) teacher classes (KL) and rows of weight 0, in tf.function with unknown rows
@@ -575,8 +575,8 @@ def test_column_blocks_agree_with_row_chunks(dtype, beta, by_columns, monkeypatc
 
 
 def test_column_blocks_run_their_ops(by_columns, require_custom, rng):
-    # The column path's ops (and not the row chunks' accumulation) for KL and reverse KL; the
-    # generalized JSD (0 < beta < 1) keeps the row chunks.
+    # The column path's ops (and not the row chunks' accumulation) for KL, reverse KL and the
+    # generalized JSD (with its second pass).
     if tf.config.list_logical_devices("GPU"):
         pytest.skip("the column path is CPU only")
     x = {k: tf.constant(v, tf.float32) for k, v in _problem(rng).items()}
@@ -591,11 +591,12 @@ def test_column_blocks_run_their_ops(by_columns, require_custom, rng):
             return loss, tape.gradient(loss, [hs, ws])
         return _op_types(fn.get_concrete_function(x["student_hidden"], x["student_kernel"]))
 
-    cols = {"TfKld>KlDivergenceWithLogitsBlock", "TfKld>KlDivergenceWithLogitsGrad", "TfKld>AddColumns"}
-    for beta in (0.0, 1.0):
+    cols = {"TfKld>KlDivergenceWithLogitsBlock", "TfKld>AddColumns"}
+    kl = cols | {"TfKld>KlDivergenceWithLogitsGrad"}
+    jsd = cols | {"TfKld>GeneralizedJsdWithLogitsBlock", "TfKld>GeneralizedJsdWithLogitsGrad"}
+    for beta, wanted in ((0.0, kl), (1.0, kl), (0.5, jsd)):
         types = step(beta)
-        assert cols <= types and "TfKld>AccumulateLinearGrads" not in types, types
-    assert "TfKld>AccumulateLinearGrads" in step(0.5)
+        assert wanted <= types and "TfKld>AccumulateLinearGrads" not in types, (beta, types)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs /proc/self/clear_refs")
@@ -652,13 +653,52 @@ def test_kl_block_op_is_the_full_op_by_blocks(dtype, block, require_custom, rng)
         assert np.isnan(b_loss[[2, 3, 5, 6, 7, 8, 11]]).all() and b_loss[4] == np.inf
 
 
-def test_kl_block_op_and_add_columns_check_their_inputs(require_custom):
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16, tf.float64])
+@pytest.mark.parametrize("block", [1, 7, 1000, 40000])
+def test_jsd_block_op_is_the_full_op_by_blocks(dtype, block, require_custom, rng):
+    # The first pass by KL blocks, the second by JSD blocks: the full JSD op's loss and stats, with
+    # masked classes on either side, all -inf rows, NaN and +inf logits and huge logits.
+    rows, cols = 9, 1000
+    t = rng.normal(size=(rows, cols)) * 3
+    s = rng.normal(size=(rows, cols)) * 3
+    t[1, :500] = -np.inf
+    s[2, 100:900] = -np.inf
+    t[3] = -np.inf
+    t[4, 10] = np.nan
+    s[5, 3] = np.inf
+    t[6] = rng.normal(size=cols) * 1e4
+    t[7, :600] = s[7, :600] = -np.inf
+    t, s = tf.cast(t, dtype), tf.cast(s, dtype)
+    ops = tf_kld.ops
+    for beta, temperature in ((0.5, 1.0), (0.1, 2.5), (0.9, 0.5)):
+        loss, stats = ops._module.tf_kld_generalized_jsd_with_logits(
+            t, s, beta=beta, beta_f64=repr(beta),
+            **ops._temperature_attrs(temperature, dtype))  # pylint: disable=protected-access
+        state = ops.kl_block_initial_state(rows)
+        for c0 in range(0, cols, block):
+            state, _, kl_stats = ops.kl_divergence_with_logits_block(
+                t[:, c0:c0 + block], s[:, c0:c0 + block], state, temperature)
+        b_stats = tf.concat([kl_stats[:, :4], tf.zeros([rows, 2], tf.float64)], axis=1)
+        for c0 in range(0, cols, block):
+            b_stats, b_loss = ops.generalized_jsd_with_logits_block(
+                t[:, c0:c0 + block], s[:, c0:c0 + block], b_stats, beta, temperature)
+        tol = 1e-12 if dtype == tf.float64 else 1e-5
+        got, want = b_loss.numpy().astype(np.float64), loss.numpy().astype(np.float64)
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol, equal_nan=True)
+        np.testing.assert_allclose(b_stats.numpy(), stats.numpy(), rtol=10 * tol, atol=10 * tol,
+                                   equal_nan=True)
+        assert np.isnan(got[[3, 4, 5]]).all() and np.isfinite(got[[0, 1, 2, 6, 7, 8]]).all()
+
+
+def test_block_ops_and_add_columns_check_their_inputs(require_custom):
     ops = tf_kld.ops
     z = tf.zeros([3, 4])
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="state must have shape"):
         ops.kl_divergence_with_logits_block(z, z, tf.zeros([2, 7], tf.float64), 1.0)
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="one shape"):
         ops.kl_divergence_with_logits_block(z, tf.zeros([3, 5]), ops.kl_block_initial_state(3), 1.0)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="stats must have shape"):
+        ops.generalized_jsd_with_logits_block(z, z, tf.zeros([3, 5], tf.float64), 0.5, 1.0)
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="not all in acc"):
         ops.add_columns(tf.zeros([3, 10]), tf.ones([3, 4]), 7)
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="not all in acc"):

@@ -12,7 +12,7 @@ student logits `[chunk, V]` exist only while that chunk is processed, its logit 
 in the same pass as its loss and folded at once into the gradients of the student's hidden states,
 kernel and bias. The loss is a scalar, so the backward pass only scales those three by the upstream
 gradient: peak memory is a few `[chunk, V]` buffers plus the kernel gradient, never `[rows, V]`.
-From 131073 classes (KL and reverse KL) the loop runs over blocks of the kernels' columns instead
+From 131073 classes (outside XLA) the loop runs over blocks of the kernels' columns instead
 (`_column_blocked`): each column of the kernel gradient is then computed once, in its own dtype.
 The teacher gets no gradient (as `tf.stop_gradient`).
 
@@ -170,8 +170,9 @@ def linear_distillation_loss(student_hidden, student_kernel, teacher_hidden, tea
       sample_weight: optional weights of the leading shape (or a scalar); rows of weight 0 (e.g.
         padding) contribute nothing.
       chunk_size: rows per chunk; None picks one from V and H_s (a [chunk, V] float32 buffer of
-        <= 32 MiB, or H_s / 2 rows when more), no more than the rows where their number is static; and from V = 131073 (beta 0 or 1,
-        outside XLA) blocks of the kernels' columns instead (docs/linear.md).
+        <= 32 MiB, or H_s / 2 rows when more), no more than the rows where their number is
+        static; from V = 131073 (outside XLA) blocks of the kernels' columns instead
+        (docs/linear.md).
 
     Returns:
       A float32 scalar (float64 for float64 student inputs).
@@ -222,8 +223,7 @@ def linear_distillation_loss(student_hidden, student_kernel, teacher_hidden, tea
     def loss_fn(hs2, ws, bs_in):
         args = (hs2, ws, bs_in if with_bias else None, ht2, tf.stop_gradient(wt), bt_in, w, beta,
                 temperature)
-        if by_columns and beta in (0.0, 1.0) and _use_fused_ops() and _accumulate_in_place() and \
-                _column_ops_loaded():
+        if by_columns and _use_fused_ops() and _accumulate_in_place() and _column_ops_loaded():
             loss, d_h, d_w, d_b = _column_blocked(*args, static_rows, work)
         else:
             loss, d_h, d_w, d_b = _chunked(*args, chunk_size, work)
@@ -267,9 +267,10 @@ def _accumulate_in_place():
     return ops.linear_grads_op_loaded() and not tf.config.list_logical_devices("GPU")
 
 
-# Column blocks (see _column_blocked) for vocabularies from this many classes, where the automatic
-# row chunk would be under 64 rows and each chunk's pass over the [H, V] kernels and kernel-gradient
-# sum costs more than computing the logits twice.
+# Column blocks (see _column_blocked) for vocabularies from this many classes: there row chunks
+# of 32 MiB would be under 64 rows (each chunk's pass over the [H, V] kernels and kernel-gradient
+# sum then costs more than the matmuls), and chunks of efficient size hold [chunk, V] buffers as
+# large as the kernel gradient; column blocks leave the kernel gradient the only large buffer.
 _COLUMNS_FROM_CLASSES = 131073
 # Column blocks: a [rows, block] float32 buffer of at most this many bytes (the blocks' logits and
 # logit gradient live a few at a time), rows a super-chunk of at most _COLUMN_ROWS rows at a time.
@@ -298,8 +299,8 @@ def column_block_size(classes, rows):
 
 
 def _column_blocked(hs, ws, bs, ht, wt, bt, w, beta, temperature, static_rows, work):
-    """KL (beta 0) or reverse KL (beta 1) by blocks of the kernels' columns: (loss, d/d hs, d/d ws,
-    d/d bs) as _chunked's.
+    """The divergence by blocks of the kernels' columns: (loss, d/d hs, d/d ws, d/d bs) as
+    _chunked's.
 
     Rows go up to _COLUMN_ROWS at a time (one such super-chunk for most batches). For each, a first
     pass over the column blocks computes the block's logits and merges them into the rows' running
@@ -310,9 +311,12 @@ def _column_blocked(hs, ws, bs, ht, wt, bt, w, beta, temperature, static_rows, w
     hidden states' gradient (`dS W_block^T`) and its bias entries. Each column of the kernel gradient
     is thus computed once, in its own dtype where one super-chunk holds every row (no float32 sum,
     no final cast), and the [H, V] kernels are read twice per super-chunk instead of once per row
-    chunk; the price is computing the logits twice."""
+    chunk; the price is computing the logits twice. The generalized JSD (0 < beta < 1) needs a pass
+    more between those two (TfKld>GeneralizedJsdWithLogitsBlock: the sums KL(p || m), KL(q || m)
+    given the whole rows' statistics, which its gradient reads): the logits three times."""
     from tf_kld import ops  # pylint: disable=import-outside-toplevel
     to_true = beta == 1.0  # reverse KL(q || p): the student is y_true
+    jsd = 0.0 < beta < 1.0
     h_dim, v_dim = tf.shape(ws)[0], tf.shape(ws)[1]
     classes = ws.shape[1]
     block = column_block_size(classes, static_rows)
@@ -365,13 +369,28 @@ def _column_blocked(hs, ws, bs, ht, wt, bt, w, beta, temperature, static_rows, w
             lambda j, *_: j < n_blocks, stats_step,
             (tf.constant(0), ops.kl_block_initial_state(rc), tf.zeros([rc], work),
              tf.zeros([rc, 5], tf.float64)), parallel_iterations=1)
+        if jsd:  # the second pass: KL(p || m) and KL(q || m) from the whole rows' statistics
+            def sums_step(j, stats, unused_d):
+                _, (y_true, y_pred), _ = pair(j)
+                stats, d = ops.generalized_jsd_with_logits_block(y_true, y_pred, stats, beta,
+                                                                 temperature)
+                return j + 1, stats, d
+
+            _, stats, d = tf.while_loop(
+                lambda j, *_: j < n_blocks, sums_step,
+                (tf.constant(0), tf.concat([stats[:, :4], tf.zeros([rc, 2], tf.float64)], axis=1),
+                 tf.zeros([rc], work)), parallel_iterations=1)
         loss += tf.reduce_sum(g_c * d)
         h_w = tf.cast(h_c, work)
 
         def grad_step(j, d_w, d_b, d_h):
             c0, (y_true, y_pred), w_blk = pair(j)
-            ds = ops.kl_divergence_with_logits_grad(g_c, y_true, y_pred, stats, temperature,
-                                                    wrt_true=to_true)
+            if jsd:
+                ds = ops.generalized_jsd_with_logits_student_grad(g_c, y_true, y_pred, stats, beta,
+                                                                  temperature)
+            else:
+                ds = ops.kl_divergence_with_logits_grad(g_c, y_true, y_pred, stats, temperature,
+                                                        wrt_true=to_true)
             d_w = ops.add_columns(d_w, tf.cast(tf.matmul(h_w, ds, transpose_a=True), dw_dtype), c0)
             if bs is not None:
                 d_b = ops.add_columns(d_b, tf.reduce_sum(ds, axis=0, keepdims=True), c0)

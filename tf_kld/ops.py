@@ -469,9 +469,10 @@ def linear_grads_op_loaded():
 
 
 def column_block_ops_loaded():
-    """True when the loaded library has TfKld>KlDivergenceWithLogitsBlock and TfKld>AddColumns
-    (CPU; tf_kld.linear's column blocks)."""
+    """True when the loaded library has TfKld>KlDivergenceWithLogitsBlock,
+    TfKld>GeneralizedJsdWithLogitsBlock and TfKld>AddColumns (CPU; tf_kld.linear's column blocks)."""
     return _module is not None and hasattr(_module, "tf_kld_kl_divergence_with_logits_block") and \
+        hasattr(_module, "tf_kld_generalized_jsd_with_logits_block") and \
         hasattr(_module, "tf_kld_add_columns")
 
 
@@ -489,6 +490,24 @@ def kl_divergence_with_logits_block(y_true, y_pred, state, temperature):
     seen so far (after the last block, the whole rows' loss and the stats the gradient op reads)."""
     return _module.tf_kld_kl_divergence_with_logits_block(
         y_true, y_pred, state, **_temperature_attrs(temperature, y_pred.dtype))
+
+
+def generalized_jsd_with_logits_block(y_true, y_pred, stats, beta, temperature):
+    """The next block of columns ([rows, block], one dtype) of the generalized JSD's second pass:
+    (stats, loss) with the block's KL(p || m), KL(q || m) sums added to stats ([rows, 6]: the whole
+    rows' first four stats, then the sums so far) and the JSD of the sums so far."""
+    return _module.tf_kld_generalized_jsd_with_logits_block(
+        y_true, y_pred, stats, beta=beta, beta_f64=repr(float(beta)),
+        **_temperature_attrs(temperature, y_pred.dtype))
+
+
+def generalized_jsd_with_logits_student_grad(g, y_true, y_pred, stats, beta, temperature):
+    """d/dy_pred of the generalized JSD scaled by the per-row g, on any block of columns given the
+    whole rows' stats ([rows, 6])."""
+    _, d_pred = _module.tf_kld_generalized_jsd_with_logits_grad(
+        g, y_true, y_pred, stats, need_y_true=False, need_y_pred=True, beta=beta,
+        beta_f64=repr(float(beta)), **_temperature_attrs(temperature, y_pred.dtype))
+    return d_pred
 
 
 def kl_divergence_with_logits_grad(g, y_true, y_pred, stats, temperature, wrt_true):

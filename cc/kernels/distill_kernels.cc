@@ -7,6 +7,7 @@
 #include "cc/kernels/kld_gpu_gate.h"
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -245,6 +246,64 @@ class KlDivergenceWithLogitsBlockOp : public OpKernel {
 
  private:
   double temperature_ = 1.0;
+};
+
+// TfKld>GeneralizedJsdWithLogitsBlock: the next block of columns' second-pass sums added to the
+// rows' stats (given their whole-row first four), and the JSD of the sums so far.
+template <typename T>
+class GeneralizedJsdWithLogitsBlockOp : public OpKernel {
+ public:
+  explicit GeneralizedJsdWithLogitsBlockOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_VALUE(params_, ctx, ReadJsdParams(ctx));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    constexpr int kS = distill::kJsdStats;
+    const Tensor& y_true = ctx->input(0);
+    const Tensor& y_pred = ctx->input(1);
+    const Tensor& stats = ctx->input(2);
+    OP_REQUIRES(ctx, y_true.dims() == 2 && y_true.shape() == y_pred.shape(),
+                absl::InvalidArgumentError(absl::StrCat(
+                    "y_true and y_pred must be matrices of one shape [rows, block], got y_true ",
+                    y_true.shape().DebugString(), " and y_pred ", y_pred.shape().DebugString())));
+    const int64_t rows = y_true.dim_size(0), cols = y_true.dim_size(1);
+    OP_REQUIRES(ctx, stats.dims() == 2 && stats.dim_size(0) == rows && stats.dim_size(1) == kS,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "stats must have shape [", rows, ", ", kS, "] (y_true's rows), got ",
+                    stats.shape().DebugString())));
+    Tensor* stats_out = nullptr;
+    Tensor* loss_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({2}, 0, stats.shape(), &stats_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({rows}), &loss_t));
+    if (rows == 0) return;
+    const T* t = y_true.flat<T>().data();
+    const T* p = y_pred.flat<T>().data();
+    const double* in = stats.flat<double>().data();
+    double* out = stats_out->flat<double>().data();
+    T* loss = loss_t->flat<T>().data();
+    const distill::Kernels& k = distill::Cpu();
+    constexpr cpu::Type type = CpuType<T>::value;
+    const distill::JsdParams params = params_;
+    ctx->eigen_device<CPUDevice>().parallelFor(
+        rows, Cost(2 * cols, 2 * cols * sizeof(T), sizeof(T) + 16 * kS),
+        [&](Eigen::Index begin, Eigen::Index end) {
+          for (Eigen::Index r = begin; r < end; ++r) {
+            double* st = out + r * kS;
+            if (st != in + r * kS) std::copy(in + r * kS, in + (r + 1) * kS, st);
+            double sp = st[4], sq = st[5];
+            for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {  // the full op's chunks of wide rows
+              double sums[2] = {0.0, 0.0};
+              k.jsd_sums(type, t + r * cols + c0, p + r * cols + c0, std::min(kChunk, cols - c0),
+                         params, st, sums);
+              sp += sums[0], sq += sums[1];
+            }
+            loss[r] = Round<T>(distill::FinishJsd(params.beta, sp, sq, st));
+          }
+        });
+  }
+
+ private:
+  distill::JsdParams params_{};
 };
 
 // What differs between the families' gradient ops: the stats per row, the parameters, the core call.
@@ -526,6 +585,10 @@ const bool distill_gpu_kernels_registered [[maybe_unused]] = [] {
                               .Device(tensorflow::DEVICE_CPU)                                  \
                               .TypeConstraint<T>("T"),                                         \
                           GeneralizedJsdWithLogitsOp<T>);                                      \
+  TF_KLD_REGISTER_KERNEL(Name("TfKld>GeneralizedJsdWithLogitsBlock")                          \
+                              .Device(tensorflow::DEVICE_CPU)                                  \
+                              .TypeConstraint<T>("T"),                                         \
+                          GeneralizedJsdWithLogitsBlockOp<T>);                                 \
   TF_KLD_REGISTER_KERNEL(Name("TfKld>GeneralizedJsdWithLogitsGrad")                           \
                               .Device(tensorflow::DEVICE_CPU)                                  \
                               .TypeConstraint<T>("T"),                                         \

@@ -87,6 +87,28 @@ absl::Status BlockShape(InferenceContext* c) {
   return absl::OkStatus();
 }
 
+// y_true, y_pred [rows, n] and stats [rows, kJsdStats]: stats_out, loss [rows].
+absl::Status JsdBlockShape(InferenceContext* c) {
+  ShapeHandle t, p, stats, merged;
+  if (!c->WithRank(c->input(0), 2, &t).ok() || !c->WithRank(c->input(1), 2, &p).ok() ||
+      !c->Merge(t, p, &merged).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "y_true and y_pred must be matrices of one shape [rows, block], got y_true ",
+        c->DebugString(c->input(0)), " and y_pred ", c->DebugString(c->input(1))));
+  }
+  DimensionHandle rows, width;
+  if (!c->WithRank(c->input(2), 2, &stats).ok() ||
+      !c->Merge(c->Dim(stats, 0), c->Dim(merged, 0), &rows).ok() ||
+      !c->WithValue(c->Dim(stats, 1), kJsdStats, &width).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("stats must have shape [rows, ", kJsdStats,
+                                                   "] with y_true's rows ", c->DebugString(merged),
+                                                   ", got ", c->DebugString(c->input(2))));
+  }
+  c->set_output(0, c->Matrix(rows, kJsdStats));
+  c->set_output(1, c->Vector(rows));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 REGISTER_OP("TfKld>KlDivergenceWithLogits")
@@ -171,6 +193,27 @@ cache; log m by log-sum-exp.
 
 stats: per row [max_a, log sum exp(a - max_a), max_b, log sum exp(b - max_b), KL(p || m), KL(q || m)].
 beta_f64: beta as decimal text, exact (used when not empty).
+)doc");
+
+REGISTER_OP("TfKld>GeneralizedJsdWithLogitsBlock")
+    .Input("y_true: T")
+    .Input("y_pred: T")
+    .Input("stats: double")
+    .Output("stats_out: double")
+    .Output("loss: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("temperature: float = 1.0")
+    .Attr("temperature_f64: string = ''")
+    .Attr("beta: float = 0.5")
+    .Attr("beta_f64: string = ''")
+    .SetShapeFn(JsdBlockShape)
+    .Doc(R"doc(
+The second pass of TfKld>GeneralizedJsdWithLogits a block of columns at a time (tf_kld.linear's
+column blocks): stats [rows, 6] holds the whole rows' first four stats (max_a, log sum_a, max_b,
+log sum_b: TfKld>KlDivergenceWithLogitsBlock's after the last block) and the sums
+KL(p || m), KL(q || m) of the columns before this block (0 to start); stats_out adds this block's
+(it may take over stats' buffer) and loss is the JSD of the sums so far, so after the last block
+stats_out is what TfKld>GeneralizedJsdWithLogitsGrad reads and loss the rows' JSD. CPU only.
 )doc");
 
 REGISTER_OP("TfKld>GeneralizedJsdWithLogitsGrad")
