@@ -471,29 +471,35 @@ def _op_types(concrete):
     return types
 
 
+def _step_op_types(x, beta, chunk_size=None):
+    """The op types of a traced step (loss and its gradients w.r.t. the student's hidden states and
+    kernel) on the float32 problem x."""
+    @tf.function
+    def fn(hs, ws):
+        with tf.GradientTape() as tape:
+            tape.watch([hs, ws])
+            loss = tf_kld.linear_distillation_loss(hs, ws, x["teacher_hidden"], x["teacher_kernel"],
+                                                   beta=beta, chunk_size=chunk_size)
+        return loss, tape.gradient(loss, [hs, ws])
+    return _op_types(fn.get_concrete_function(x["student_hidden"], x["student_kernel"]))
+
+
 def test_custom_path_runs_the_fused_ops(require_custom, rng):
     # Outside XLA the chunks run the fused divergence ops and their gradient ops, and the kernel
     # and hidden-state gradients come from the in-place op; the reference path uses none of them.
     x = {k: tf.constant(v, tf.float32) for k, v in _problem(rng).items()}
 
     def step(beta):
-        @tf.function
-        def fn(hs, ws):
-            with tf.GradientTape() as tape:
-                tape.watch([hs, ws])
-                loss = tf_kld.linear_distillation_loss(hs, ws, x["teacher_hidden"],
-                                                       x["teacher_kernel"], beta=beta, chunk_size=8)
-            return loss, tape.gradient(loss, [hs, ws])
-        return fn.get_concrete_function(x["student_hidden"], x["student_kernel"])
+        return _step_op_types(x, beta, chunk_size=8)
 
     # (With a GPU the weight-side gradients stay TensorFlow's matmuls: the in-place op is CPU only.)
     in_place = set() if tf.config.list_logical_devices("GPU") else {"TfKld>AccumulateLinearGrads"}
     kl = {"TfKld>KlDivergenceWithLogits", "TfKld>KlDivergenceWithLogitsGrad"} | in_place
     jsd = {"TfKld>GeneralizedJsdWithLogits", "TfKld>GeneralizedJsdWithLogitsGrad"} | in_place
-    assert kl <= _op_types(step(0.0)) and kl <= _op_types(step(1.0))
-    assert jsd <= _op_types(step(0.5))
+    assert kl <= step(0.0) and kl <= step(1.0)
+    assert jsd <= step(0.5)
     with tf_kld.implementation("reference"):
-        assert not any(t.startswith("TfKld>") for t in _op_types(step(0.5)))
+        assert not any(t.startswith("TfKld>") for t in step(0.5))
 
 
 # Column blocks (the path for vocabularies where row chunks would be tiny: V >= 131073), forced on
@@ -580,22 +586,11 @@ def test_column_blocks_run_their_ops(by_columns, require_custom, rng):
     if tf.config.list_logical_devices("GPU"):
         pytest.skip("the column path is CPU only")
     x = {k: tf.constant(v, tf.float32) for k, v in _problem(rng).items()}
-
-    def step(beta):
-        @tf.function
-        def fn(hs, ws):
-            with tf.GradientTape() as tape:
-                tape.watch([hs, ws])
-                loss = tf_kld.linear_distillation_loss(hs, ws, x["teacher_hidden"],
-                                                       x["teacher_kernel"], beta=beta)
-            return loss, tape.gradient(loss, [hs, ws])
-        return _op_types(fn.get_concrete_function(x["student_hidden"], x["student_kernel"]))
-
     cols = {"TfKld>KlDivergenceWithLogitsBlock", "TfKld>AddColumns"}
     kl = cols | {"TfKld>KlDivergenceWithLogitsGrad"}
     jsd = cols | {"TfKld>GeneralizedJsdWithLogitsBlock", "TfKld>GeneralizedJsdWithLogitsGrad"}
     for beta, wanted in ((0.0, kl), (1.0, kl), (0.5, jsd)):
-        types = step(beta)
+        types = _step_op_types(x, beta)
         assert wanted <= types and "TfKld>AccumulateLinearGrads" not in types, (beta, types)
 
 

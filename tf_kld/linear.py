@@ -353,15 +353,16 @@ def _column_blocked(hs, ws, bs, ht, wt, bt, w, beta, temperature, static_rows, w
         t_c = tf.slice(ht_k, [r0, 0], [rc, -1])
         g_c = tf.slice(g_k, [r0], [rc])
 
-        def pair(j):
+        def block_logits(j):  # (first column, teacher's logits, student's, student kernel block)
             c0 = j * block
             nb = tf.minimum(block, v_dim - c0)
             s_z, w_blk = logits(h_c, ws, bs, c0, nb)
             t_z, _ = logits(t_c, wt, bt, c0, nb)
-            return c0, (s_z, t_z) if to_true else (t_z, s_z), w_blk
+            return c0, t_z, s_z, w_blk
 
         def stats_step(j, state, unused_d, unused_stats):
-            _, (y_true, y_pred), _ = pair(j)
+            _, t_z, s_z, _ = block_logits(j)
+            y_true, y_pred = (s_z, t_z) if to_true else (t_z, s_z)
             state, d, stats = ops.kl_divergence_with_logits_block(y_true, y_pred, state, temperature)
             return j + 1, state, d, stats
 
@@ -371,9 +372,8 @@ def _column_blocked(hs, ws, bs, ht, wt, bt, w, beta, temperature, static_rows, w
              tf.zeros([rc, 5], tf.float64)), parallel_iterations=1)
         if jsd:  # the second pass: KL(p || m) and KL(q || m) from the whole rows' statistics
             def sums_step(j, stats, unused_d):
-                _, (y_true, y_pred), _ = pair(j)
-                stats, d = ops.generalized_jsd_with_logits_block(y_true, y_pred, stats, beta,
-                                                                 temperature)
+                _, t_z, s_z, _ = block_logits(j)
+                stats, d = ops.generalized_jsd_with_logits_block(t_z, s_z, stats, beta, temperature)
                 return j + 1, stats, d
 
             _, stats, d = tf.while_loop(
@@ -384,13 +384,8 @@ def _column_blocked(hs, ws, bs, ht, wt, bt, w, beta, temperature, static_rows, w
         h_w = tf.cast(h_c, work)
 
         def grad_step(j, d_w, d_b, d_h):
-            c0, (y_true, y_pred), w_blk = pair(j)
-            if jsd:
-                ds = ops.generalized_jsd_with_logits_student_grad(g_c, y_true, y_pred, stats, beta,
-                                                                  temperature)
-            else:
-                ds = ops.kl_divergence_with_logits_grad(g_c, y_true, y_pred, stats, temperature,
-                                                        wrt_true=to_true)
+            c0, t_z, s_z, w_blk = block_logits(j)
+            ds = ops.student_grad(g_c, t_z, s_z, stats, beta, temperature)
             d_w = ops.add_columns(d_w, tf.cast(tf.matmul(h_w, ds, transpose_a=True), dw_dtype), c0)
             if bs is not None:
                 d_b = ops.add_columns(d_b, tf.reduce_sum(ds, axis=0, keepdims=True), c0)

@@ -452,14 +452,26 @@ def custom_divergence_and_student_grad(t_logits, s_logits, g, beta, temperature)
     if beta in (0.0, 1.0):  # KL(p || q), or KL(q || p): the student is y_true
         y_true, y_pred = (t_logits, s_logits) if beta == 0.0 else (s_logits, t_logits)
         d, stats = _module.tf_kld_kl_divergence_with_logits(y_true, y_pred, **attrs)
+    else:
+        d, stats = _module.tf_kld_generalized_jsd_with_logits(
+            t_logits, s_logits, beta=beta, beta_f64=repr(float(beta)), **attrs)
+    return d, student_grad(g, t_logits, s_logits, stats, beta, temperature)
+
+
+def student_grad(g, t_logits, s_logits, stats, beta, temperature):
+    """The generalized JSD's gradient w.r.t. the student logits scaled by the per-row `g`, in one
+    pass, on whole rows or any block of their columns given the whole rows' `stats`: the KL op's
+    of (teacher, student) for beta = 0, of (student, teacher) for beta = 1, else the JSD op's."""
+    attrs = _temperature_attrs(temperature, s_logits.dtype)
+    if beta in (0.0, 1.0):
+        y_true, y_pred = (t_logits, s_logits) if beta == 0.0 else (s_logits, t_logits)
         d_true, d_pred = _module.tf_kld_kl_divergence_with_logits_grad(
             g, y_true, y_pred, stats, need_y_true=beta == 1.0, need_y_pred=beta == 0.0, **attrs)
-        return d, (d_pred if beta == 0.0 else d_true)
-    attrs.update(beta=beta, beta_f64=repr(float(beta)))
-    d, stats = _module.tf_kld_generalized_jsd_with_logits(t_logits, s_logits, **attrs)
+        return d_pred if beta == 0.0 else d_true
     _, d_pred = _module.tf_kld_generalized_jsd_with_logits_grad(
-        g, t_logits, s_logits, stats, need_y_true=False, need_y_pred=True, **attrs)
-    return d, d_pred
+        g, t_logits, s_logits, stats, need_y_true=False, need_y_pred=True, beta=beta,
+        beta_f64=repr(float(beta)), **attrs)
+    return d_pred
 
 
 def linear_grads_op_loaded():
@@ -499,24 +511,6 @@ def generalized_jsd_with_logits_block(y_true, y_pred, stats, beta, temperature):
     return _module.tf_kld_generalized_jsd_with_logits_block(
         y_true, y_pred, stats, beta=beta, beta_f64=repr(float(beta)),
         **_temperature_attrs(temperature, y_pred.dtype))
-
-
-def generalized_jsd_with_logits_student_grad(g, y_true, y_pred, stats, beta, temperature):
-    """d/dy_pred of the generalized JSD scaled by the per-row g, on any block of columns given the
-    whole rows' stats ([rows, 6])."""
-    _, d_pred = _module.tf_kld_generalized_jsd_with_logits_grad(
-        g, y_true, y_pred, stats, need_y_true=False, need_y_pred=True, beta=beta,
-        beta_f64=repr(float(beta)), **_temperature_attrs(temperature, y_pred.dtype))
-    return d_pred
-
-
-def kl_divergence_with_logits_grad(g, y_true, y_pred, stats, temperature, wrt_true):
-    """d/dy_true (wrt_true) or d/dy_pred of KL(softmax(y_true / T) || softmax(y_pred / T)) scaled
-    by the per-row g, on any block of columns given the whole rows' stats."""
-    d_true, d_pred = _module.tf_kld_kl_divergence_with_logits_grad(
-        g, y_true, y_pred, stats, need_y_true=wrt_true, need_y_pred=not wrt_true,
-        **_temperature_attrs(temperature, y_pred.dtype))
-    return d_true if wrt_true else d_pred
 
 
 def add_columns(acc, block, offset):

@@ -111,6 +111,29 @@ absl::Status GradientOutputs(OpKernelContext* ctx, int stats_per_row, bool need_
   return ctx->forward_input_or_allocate_output({2}, 1, need_pred ? y_true.shape() : none, d_pred);
 }
 
+// The block ops' checks and first outputs: y_true and y_pred (inputs 0, 1) matrices of one shape,
+// the carried input 2 (`name`) [rows, width]; *carried_out (output 0) may take over its buffer,
+// *loss (output 1) [rows].
+absl::Status BlockOutputs(OpKernelContext* ctx, int width, const char* name, Tensor** carried_out,
+                          Tensor** loss) {
+  const Tensor& y_true = ctx->input(0);
+  const Tensor& y_pred = ctx->input(1);
+  const Tensor& carried = ctx->input(2);
+  if (y_true.dims() != 2 || y_true.shape() != y_pred.shape()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "y_true and y_pred must be matrices of one shape [rows, block], got y_true ",
+        y_true.shape().DebugString(), " and y_pred ", y_pred.shape().DebugString()));
+  }
+  const int64_t rows = y_true.dim_size(0);
+  if (carried.dims() != 2 || carried.dim_size(0) != rows || carried.dim_size(1) != width) {
+    return absl::InvalidArgumentError(absl::StrCat(name, " must have shape [", rows, ", ", width,
+                                                   "] (y_true's rows), got ",
+                                                   carried.shape().DebugString()));
+  }
+  TF_RETURN_IF_ERROR(ctx->forward_input_or_allocate_output({2}, 0, carried.shape(), carried_out));
+  return ctx->allocate_output(1, TensorShape({rows}), loss);
+}
+
 template <typename T>
 class KlDivergenceWithLogitsOp : public OpKernel {
  public:
@@ -203,21 +226,11 @@ class KlDivergenceWithLogitsBlockOp : public OpKernel {
     const Tensor& y_true = ctx->input(0);
     const Tensor& y_pred = ctx->input(1);
     const Tensor& state = ctx->input(2);
-    OP_REQUIRES(ctx, y_true.dims() == 2 && y_true.shape() == y_pred.shape(),
-                absl::InvalidArgumentError(absl::StrCat(
-                    "y_true and y_pred must be matrices of one shape [rows, block], got y_true ",
-                    y_true.shape().DebugString(), " and y_pred ", y_pred.shape().DebugString())));
-    const int64_t rows = y_true.dim_size(0), cols = y_true.dim_size(1);
-    OP_REQUIRES(ctx, state.dims() == 2 && state.dim_size(0) == rows &&
-                         state.dim_size(1) == distill::kBlockState,
-                absl::InvalidArgumentError(absl::StrCat(
-                    "state must have shape [", rows, ", ", distill::kBlockState,
-                    "] (y_true's rows), got ", state.shape().DebugString())));
     Tensor* state_out = nullptr;
     Tensor* loss_t = nullptr;
     Tensor* stats_t = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({2}, 0, state.shape(), &state_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({rows}), &loss_t));
+    OP_REQUIRES_OK(ctx, BlockOutputs(ctx, distill::kBlockState, "state", &state_out, &loss_t));
+    const int64_t rows = y_true.dim_size(0), cols = y_true.dim_size(1);
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({rows, distill::kStats}), &stats_t));
     if (rows == 0) return;
     const T* t = y_true.flat<T>().data();
@@ -262,19 +275,10 @@ class GeneralizedJsdWithLogitsBlockOp : public OpKernel {
     const Tensor& y_true = ctx->input(0);
     const Tensor& y_pred = ctx->input(1);
     const Tensor& stats = ctx->input(2);
-    OP_REQUIRES(ctx, y_true.dims() == 2 && y_true.shape() == y_pred.shape(),
-                absl::InvalidArgumentError(absl::StrCat(
-                    "y_true and y_pred must be matrices of one shape [rows, block], got y_true ",
-                    y_true.shape().DebugString(), " and y_pred ", y_pred.shape().DebugString())));
-    const int64_t rows = y_true.dim_size(0), cols = y_true.dim_size(1);
-    OP_REQUIRES(ctx, stats.dims() == 2 && stats.dim_size(0) == rows && stats.dim_size(1) == kS,
-                absl::InvalidArgumentError(absl::StrCat(
-                    "stats must have shape [", rows, ", ", kS, "] (y_true's rows), got ",
-                    stats.shape().DebugString())));
     Tensor* stats_out = nullptr;
     Tensor* loss_t = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({2}, 0, stats.shape(), &stats_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({rows}), &loss_t));
+    OP_REQUIRES_OK(ctx, BlockOutputs(ctx, kS, "stats", &stats_out, &loss_t));
+    const int64_t rows = y_true.dim_size(0), cols = y_true.dim_size(1);
     if (rows == 0) return;
     const T* t = y_true.flat<T>().data();
     const T* p = y_pred.flat<T>().data();

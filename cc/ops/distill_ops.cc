@@ -64,9 +64,12 @@ absl::Status GradShape(InferenceContext* c) {
   return absl::OkStatus();
 }
 
-// y_true, y_pred [rows, n] and state [rows, kBlockState]: state_out, loss [rows], stats [rows, kKlStats].
+// The block ops: y_true, y_pred [rows, n] and a carried input [rows, kWidth] (named `carried`):
+// the carried output (its shape), loss [rows] and, with kStatsOut, stats [rows, kKlStats].
+template <int kWidth, bool kStatsOut>
 absl::Status BlockShape(InferenceContext* c) {
-  ShapeHandle t, p, state, merged;
+  const char* carried = kStatsOut ? "state" : "stats";
+  ShapeHandle t, p, in, merged;
   if (!c->WithRank(c->input(0), 2, &t).ok() || !c->WithRank(c->input(1), 2, &p).ok() ||
       !c->Merge(t, p, &merged).ok()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -74,38 +77,16 @@ absl::Status BlockShape(InferenceContext* c) {
         c->DebugString(c->input(0)), " and y_pred ", c->DebugString(c->input(1))));
   }
   DimensionHandle rows, width;
-  if (!c->WithRank(c->input(2), 2, &state).ok() ||
-      !c->Merge(c->Dim(state, 0), c->Dim(merged, 0), &rows).ok() ||
-      !c->WithValue(c->Dim(state, 1), kBlockState, &width).ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("state must have shape [rows, ", kBlockState,
+  if (!c->WithRank(c->input(2), 2, &in).ok() ||
+      !c->Merge(c->Dim(in, 0), c->Dim(merged, 0), &rows).ok() ||
+      !c->WithValue(c->Dim(in, 1), kWidth, &width).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(carried, " must have shape [rows, ", kWidth,
                                                    "] with y_true's rows ", c->DebugString(merged),
                                                    ", got ", c->DebugString(c->input(2))));
   }
-  c->set_output(0, c->Matrix(rows, kBlockState));
+  c->set_output(0, c->Matrix(rows, kWidth));
   c->set_output(1, c->Vector(rows));
-  c->set_output(2, c->Matrix(rows, kKlStats));
-  return absl::OkStatus();
-}
-
-// y_true, y_pred [rows, n] and stats [rows, kJsdStats]: stats_out, loss [rows].
-absl::Status JsdBlockShape(InferenceContext* c) {
-  ShapeHandle t, p, stats, merged;
-  if (!c->WithRank(c->input(0), 2, &t).ok() || !c->WithRank(c->input(1), 2, &p).ok() ||
-      !c->Merge(t, p, &merged).ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "y_true and y_pred must be matrices of one shape [rows, block], got y_true ",
-        c->DebugString(c->input(0)), " and y_pred ", c->DebugString(c->input(1))));
-  }
-  DimensionHandle rows, width;
-  if (!c->WithRank(c->input(2), 2, &stats).ok() ||
-      !c->Merge(c->Dim(stats, 0), c->Dim(merged, 0), &rows).ok() ||
-      !c->WithValue(c->Dim(stats, 1), kJsdStats, &width).ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("stats must have shape [rows, ", kJsdStats,
-                                                   "] with y_true's rows ", c->DebugString(merged),
-                                                   ", got ", c->DebugString(c->input(2))));
-  }
-  c->set_output(0, c->Matrix(rows, kJsdStats));
-  c->set_output(1, c->Vector(rows));
+  if (kStatsOut) c->set_output(2, c->Matrix(rows, kKlStats));
   return absl::OkStatus();
 }
 
@@ -143,7 +124,7 @@ REGISTER_OP("TfKld>KlDivergenceWithLogitsBlock")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("temperature: float = 1.0")
     .Attr("temperature_f64: string = ''")
-    .SetShapeFn(BlockShape)
+    .SetShapeFn(BlockShape<kBlockState, true>)
     .Doc(R"doc(
 TfKld>KlDivergenceWithLogits over rows given a block of columns at a time (tf_kld.linear's column
 blocks, whose logits never exist whole): y_true, y_pred [rows, block] are the next columns of each
@@ -206,7 +187,7 @@ REGISTER_OP("TfKld>GeneralizedJsdWithLogitsBlock")
     .Attr("temperature_f64: string = ''")
     .Attr("beta: float = 0.5")
     .Attr("beta_f64: string = ''")
-    .SetShapeFn(JsdBlockShape)
+    .SetShapeFn(BlockShape<kJsdStats, false>)
     .Doc(R"doc(
 The second pass of TfKld>GeneralizedJsdWithLogits a block of columns at a time (tf_kld.linear's
 column blocks): stats [rows, 6] holds the whole rows' first four stats (max_a, log sum_a, max_b,
