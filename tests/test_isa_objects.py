@@ -14,7 +14,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OBJECTS = ("generic.o", "avx2.o", "avx512.o")
 # The only symbols the ISA objects may export (to the rest of the library), by object.
 ALLOWED = {  # each family's table getters (one name per ISA) and the run-time choice
-    "generic.o": {"tf_kld::cpu::GenericKernels()", "tf_kld::cpu::Cpu()", "TfKldCpuIsa",
+    "generic.o": {"tf_kld::cpu::GenericKernels()", "tf_kld::cpu::Cpu()", "TfKldCpuIsa", "TfKldCpuBf16Dot",
                   "tf_kld::distill::GenericKernels()", "tf_kld::distill::Cpu()"},
     "avx2.o": {"tf_kld::cpu::Avx2Kernels()", "tf_kld::distill::Avx2Kernels()"},
     "avx512.o": {"tf_kld::cpu::Avx512Kernels()", "tf_kld::distill::Avx512Kernels()"},

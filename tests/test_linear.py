@@ -7,6 +7,7 @@ function too); every bad input; a memory test in a fresh process that fails if a
 tensor is ever allocated; MirroredStrategy against one device; and the example's smoke run.
 """
 
+import functools
 import json
 import math
 import os
@@ -502,6 +503,49 @@ def test_custom_path_runs_the_fused_ops(require_custom, rng):
         assert not any(t.startswith("TfKld>") for t in step(0.5))
 
 
+@pytest.fixture
+def onednn(monkeypatch):
+    """tf_kld.linear takes oneDNN's matmuls to be on (its bfloat16 paths), whatever this machine's
+    TensorFlow does (Eigen's bfloat16 matmul gives the same products, rounded the same way)."""
+    monkeypatch.setattr(tf_kld.ops, "onednn_enabled", lambda: True)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_bfloat16_chunks_stay_in_bfloat16(beta, onednn, monkeypatch, require_custom, rng):
+    # bfloat16 kernels under oneDNN: the chunks' logits and logit gradient stay bfloat16 and the
+    # kernel gradient goes into the float32 sum by TfKld>AccumulateKernelGrad (never the float32
+    # op or casts of [chunk, V] to float32). The loss is the float32 chunks' own, bit for bit; the
+    # gradients are as near float64 as theirs (rows of weight 0, non-integer weights whose 1/sum is
+    # no power of two, a chunk that does not divide the rows).
+    if tf.config.list_logical_devices("GPU"):
+        pytest.skip("the bfloat16 chunks' op is CPU only")
+    x = _problem(rng, rows=45, classes=300, scale=0.5)
+    x["sample_weight"][[2, 7]] = 0.0
+    xs = {k: tf.cast(v, tf.bfloat16) for k, v in x.items()}
+    rounded = {k: tf.cast(v, tf.float64).numpy() for k, v in xs.items()}
+
+    def step():
+        with tf.GradientTape() as tape:
+            tape.watch([xs[k] for k in STUDENT])
+            loss = _fused(xs, beta=beta, temperature=2.0, chunk_size=16)
+        return [loss] + tape.gradient(loss, [xs[k] for k in STUDENT])
+
+    types = _op_types(tf.function(step).get_concrete_function())
+    assert "TfKld>AccumulateKernelGrad" in types and "TfKld>AccumulateLinearGrads" not in types
+    got = step()
+    monkeypatch.setattr(tf_kld.ops, "kernel_grad_op_loaded", lambda: False)  # float32 chunks
+    assert "TfKld>AccumulateLinearGrads" in _op_types(tf.function(step).get_concrete_function())
+    f32 = step()
+    assert got[0].numpy() == f32[0].numpy()
+    want, want_grads = _loss_and_grads(_materialised, rounded, beta=beta, temperature=2.0)
+    for name, a, b, ref in zip(STUDENT, got[1:], f32[1:], want_grads):
+        ref = ref.numpy()
+        err_new, err_f32 = (np.max(np.abs(tf.cast(g, tf.float64).numpy() - ref)) / np.max(np.abs(ref))
+                            for g in (a, b))
+        assert a.dtype == tf.bfloat16 and err_new < 2e-2 and err_new < 2.5 * err_f32 + 2 ** -8, (
+            name, err_new, err_f32)
+
+
 # Column blocks (the path for vocabularies where row chunks would be tiny: V >= 131073), forced on
 # small problems by lowering its thresholds: blocks of a few columns, super-chunks of a few rows.
 
@@ -578,6 +622,42 @@ def test_column_blocks_agree_with_row_chunks(dtype, beta, by_columns, monkeypatc
         for name, a, b in zip(("loss",) + STUDENT, got, [want64] + want64_grads):
             a, b = tf.cast(a, tf.float64).numpy(), b.numpy()
             np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.7, 1.0])
+def test_column_blocks_bfloat16_kernel_gradient_by_bfloat16_matmuls(beta, by_columns, onednn,
+                                                                    monkeypatch, require_custom, rng):
+    # bfloat16 under oneDNN with every row in one super-chunk: each block of the kernel gradient is
+    # one bfloat16 matmul of the hidden states and the rounded logit gradient (the materialised
+    # path's arithmetic); as near float64 as the row chunks, rows of weight 0 included.
+    if tf.config.list_logical_devices("GPU"):
+        pytest.skip("the column path is CPU only")
+    monkeypatch.setattr(tf_kld.linear, "_COLUMN_BLOCK_BYTES", 4 * 64 * 8)
+    x = _problem(rng, rows=40, classes=61, scale=0.5)
+    x["sample_weight"][[2, 5]] = 0.0
+    xs = {k: tf.cast(v, tf.bfloat16) for k, v in x.items()}
+    rounded = {k: tf.cast(v, tf.float64).numpy() for k, v in xs.items()}
+
+    def step():
+        with tf.GradientTape() as tape:
+            tape.watch([xs[k] for k in STUDENT])
+            loss = _fused(xs, beta=beta, temperature=2.0)
+        return [loss] + tape.gradient(loss, [xs[k] for k in STUDENT])
+
+    by_cols = step()
+    assert len(by_columns) == 1
+    monkeypatch.setattr(tf_kld.linear, "_COLUMNS_FROM_CLASSES", 10**9)
+    by_rows = step()
+    want, want_grads = _loss_and_grads(_materialised, rounded, beta=beta, temperature=2.0)
+    # The loss from the same bfloat16 logits either way (rounded apart from float64's).
+    np.testing.assert_allclose(by_cols[0].numpy(), by_rows[0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(by_cols[0].numpy(), want.numpy(), rtol=2e-2)
+    for name, a, b, ref in zip(STUDENT, by_cols[1:], by_rows[1:], want_grads):
+        ref = ref.numpy()
+        err_cols, err_rows = (np.max(np.abs(tf.cast(g, tf.float64).numpy() - ref)) / np.max(np.abs(ref))
+                              for g in (a, b))
+        assert a.dtype == tf.bfloat16 and err_cols < 2e-2 and err_cols < 2.5 * err_rows + 2 ** -8, (
+            name, err_cols, err_rows)
 
 
 def test_column_blocks_run_their_ops(by_columns, require_custom, rng):
@@ -793,6 +873,59 @@ def test_linear_grads_op_checks_its_inputs(require_custom):
         traced.get_concrete_function()
 
 
+# TfKld>AccumulateKernelGrad: acc + scale * a^T b for 16-bit a, b (float32 acc).
+
+def _check_kernel_grad(k, m, n, dtype, scale, rng):
+    acc = rng.normal(size=(m, n)).astype(np.float32)
+    a, b = (tf.cast(rng.normal(size=s), dtype) for s in ((k, m), (k, n)))
+    acc_t = tf.constant(acc)
+    got = tf_kld.ops.accumulate_kernel_grad(acc_t, a, b, scale)
+    assert got.dtype == tf.float32 and got.shape == (m, n)
+    a64, b64 = (tf.cast(x, tf.float64).numpy() for x in (a, b))
+    s32 = float(np.float32(scale))
+    # Exact products, k + 1 roundings of the sum, one of the scaling (or of a * scale when widened)
+    # and one of the final addition.
+    bound = (k + 3) * 2.0 ** -24 * (np.abs(acc) + abs(s32) * np.abs(a64).T @ np.abs(b64)) + 1e-300
+    err = np.abs(got.numpy().astype(np.float64) - (acc + s32 * (a64.T @ b64)))
+    assert np.all(err <= bound), (k, m, n, dtype, scale, (err / bound).max())
+    np.testing.assert_array_equal(acc_t.numpy(), acc)  # acc had another reader: copied, not written
+
+
+@pytest.mark.parametrize("dtype", [tf.bfloat16, tf.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 9, 4099), (128, 13, 1000),
+                                   (131, 7, 300), (257, 6, 70001), (64, 256, 256), (0, 4, 5),
+                                   (4, 0, 5), (4, 5, 0)])
+def test_kernel_grad_op_values(shape, dtype, require_custom, rng):
+    # Pairs of rows (odd k: the last one alone), tiles of 6, 2 and 1 rows, 64- and 16-column
+    # vectors and masked tails, panels of 256 columns, blocks of 128 rows; scales 1, 1/3 and -2.
+    for scale in (1.0, 1.0 / 3.0, -2.0):
+        _check_kernel_grad(*shape, dtype, scale, rng)
+
+
+def test_kernel_grad_op_checks_its_inputs(require_custom):
+    op = tf_kld.ops.accumulate_kernel_grad
+    z = functools.partial(tf.zeros, dtype=tf.bfloat16)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be matrices that match"):
+        op(tf.zeros([3, 4]), z([2, 3]), z([2, 5]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be matrices that match"):
+        op(tf.zeros([3, 4]), z([2, 3]), z([1, 4]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be matrices that match"):
+        op(tf.zeros([3]), z([2, 3]), z([2, 4]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="scale must be a scalar"):
+        tf_kld.ops._module.tf_kld_accumulate_kernel_grad(tf.zeros([3, 4]), z([2, 3]), z([2, 4]),
+                                                        tf.ones([1]))
+    with pytest.raises((TypeError, tf.errors.InvalidArgumentError, tf.errors.NotFoundError)):
+        op(tf.zeros([3, 4]), tf.zeros([2, 3]), tf.zeros([2, 4]))  # float32 operands: the other op's
+
+    @tf.function(input_signature=[tf.TensorSpec([3, 4]), tf.TensorSpec([2, 3], tf.bfloat16),
+                                  tf.TensorSpec([2, 5], tf.bfloat16)])
+    def traced(acc, a, b):
+        return op(acc, a, b)
+
+    with pytest.raises(ValueError, match="do not match"):
+        traced.get_concrete_function()
+
+
 # TfKld>LinearLogits: h @ w + bias in float32 (float64 for float64).
 
 def _check_linear_logits(m, k, n, dtype, rng, bias=True):
@@ -879,6 +1012,15 @@ for k, m, n in [(64, 130, 5003), (7, 3, 70000), (130, 17, 777)]:
         bound = (k + 2) * 2.0 ** -24 * (np.abs(bias) + np.abs(h64) @ np.abs(w64))
         ok = np.all(np.abs(logits - (h64 @ w64 + bias)) <= bound)
         out[f"logits-{m}x{k}x{n}-{w_dtype.name}"] = {"ok": bool(ok), "hex": logits.tobytes().hex()}
+        # TfKld>AccumulateKernelGrad: acc + scale a^T b for 16-bit a [k, m], b [k, n]
+        if w_dtype != tf.float32:
+            a16, b16 = tf.cast(a, w_dtype), tf.cast(b, w_dtype)
+            got = tf_kld.ops.accumulate_kernel_grad(acc, a16, b16, 0.75).numpy()
+            a64, b64 = tf.cast(a16, tf.float64).numpy(), tf.cast(b16, tf.float64).numpy()
+            bound = (k + 3) * 2.0 ** -24 * (np.abs(acc) + 0.75 * np.abs(a64).T @ np.abs(b64))
+            ok = np.all(np.abs(got - (acc + 0.75 * (a64.T @ b64))) <= bound)
+            out[f"kernel-{k}x{m}x{n}-{w_dtype.name}"] = {"ok": bool(ok), "hex": got.tobytes().hex()}
+out["dot"] = tf_kld.ops.cpu_bf16_dot()
 print("RESULT " + json.dumps(out))
 """
 
@@ -896,17 +1038,19 @@ def _run_accumulate(threads, isa=None):
 
 
 def test_linear_grads_op_every_isa_build_and_thread_count(require_custom):
-    # AccumulateLinearGrads and LinearLogits: each build (AVX-512, AVX2, baseline: as many as this
-    # CPU runs) within the float32 bounds of the float64 sums; each bit-identical with 1 and 4
-    # threads (columns split in fixed groups).
+    # AccumulateLinearGrads, LinearLogits and AccumulateKernelGrad: each build (AVX-512 with and
+    # without its AVX512_BF16 kernel, AVX2, baseline: as many as this CPU runs) within the float32
+    # bounds of the float64 sums; each bit-identical with 1 and 4 threads (columns split in fixed
+    # groups).
     best = _run_accumulate(1)
-    isas = {"avx512": [None, "avx2", "generic"], "avx2": [None, "generic"]}.get(best["isa"], [None])
+    isas = {"avx512": [None, "avx512", "avx2", "generic"], "avx2": [None, "generic"]}.get(best["isa"], [None])
     for isa in isas:
         one, four = (best if isa is None else _run_accumulate(1, isa)), _run_accumulate(4, isa)
         assert one == four, isa
         assert one["isa"] == (isa or best["isa"])
+        assert one["dot"] == (best["dot"] and isa is None), isa  # the bfloat16 kernel: best build only
         for key, value in one.items():
-            if key != "isa":
+            if key not in ("isa", "dot"):
                 assert value["ok"], (isa, key)
 
 

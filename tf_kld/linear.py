@@ -103,7 +103,9 @@ def auto_chunk_size(classes, rows=None, hidden=None):
     """Rows per chunk for `classes` classes and a student hidden size `hidden`: a [chunk, classes]
     float32 buffer of at most 32 MiB or, when more, hidden / 2 rows (two chunk buffers at most the
     size of the float32 kernel gradient, and the kernel's traffic spread over as many rows); a power
-    of two, at most 1024, and no more than the rows there are."""
+    of two, at most 1024, and no more than the rows there are. (The bfloat16 chunks take as many
+    rows: with twice the rows, 256 at 2048 x 256 x 128256, a step was 6% faster there but its
+    peak, by TensorFlow's allocator with oneDNN on, 570 MiB instead of 352.)"""
     chunk = max(1, _CHUNK_BYTES // (4 * max(1, classes)), (hidden or 0) // 2)
     chunk = min(_MAX_AUTO_CHUNK, 1 << (chunk.bit_length() - 1))
     if rows is not None:
@@ -267,6 +269,14 @@ def _accumulate_in_place():
     return ops.linear_grads_op_loaded() and not tf.config.list_logical_devices("GPU")
 
 
+def _bf16_chunks(ws, wt):
+    """Whether the row chunks stay in bfloat16 (see _chunked): bfloat16 kernels, the fused ops
+    with the in-place CPU accumulation, and oneDNN's matmuls."""
+    from tf_kld import ops  # pylint: disable=import-outside-toplevel
+    return ws.dtype == tf.bfloat16 and wt.dtype == tf.bfloat16 and _use_fused_ops() and \
+        _accumulate_in_place() and ops.onednn_enabled() and ops.kernel_grad_op_loaded()
+
+
 # Column blocks (see _column_blocked) for vocabularies from this many classes: there row chunks
 # of 32 MiB would be under 64 rows (each chunk's pass over the [H, V] kernels and kernel-gradient
 # sum then costs more than the matmuls), and chunks of efficient size hold [chunk, V] buffers as
@@ -327,6 +337,10 @@ def _column_blocked(hs, ws, bs, ht, wt, bt, w, beta, temperature, static_rows, w
     # once), else summed over super-chunks in `work`.
     one_pass = static_rows is not None and static_rows <= _COLUMN_ROWS
     dw_dtype = ws.dtype if one_pass else work
+    # bfloat16 under oneDNN, every row in one super-chunk: each block of the kernel gradient is one
+    # bfloat16 matmul of the hidden states and the logit gradient rounded to bfloat16, as the
+    # materialised path computes it (twice float32's multiply-adds a cycle with AVX512_BF16).
+    kernel_dtype_matmul = project_by_matmul and one_pass and ws.dtype == tf.bfloat16
 
     total = tf.reduce_sum(w)
     g_all = tf.math.divide_no_nan(w, total)
@@ -386,11 +400,15 @@ def _column_blocked(hs, ws, bs, ht, wt, bt, w, beta, temperature, static_rows, w
         def grad_step(j, d_w, d_b, d_h):
             c0, t_z, s_z, w_blk = block_logits(j)
             ds = ops.student_grad(g_c, t_z, s_z, stats, beta, temperature)
-            d_w = ops.add_columns(d_w, tf.cast(tf.matmul(h_w, ds, transpose_a=True), dw_dtype), c0)
+            ds_k = tf.cast(ds, ws.dtype) if project_by_matmul else None
+            if kernel_dtype_matmul:  # h^T bf16(dS), rounded once: the materialised path's arithmetic
+                d_w = ops.add_columns(d_w, tf.matmul(h_c, ds_k, transpose_a=True), c0)
+            else:
+                d_w = ops.add_columns(d_w, tf.cast(tf.matmul(h_w, ds, transpose_a=True), dw_dtype), c0)
             if bs is not None:
                 d_b = ops.add_columns(d_b, tf.reduce_sum(ds, axis=0, keepdims=True), c0)
             if project_by_matmul:  # oneDNN's matmul in the kernel's dtype, as the row chunks'
-                d_h += tf.cast(tf.matmul(tf.cast(ds, ws.dtype), w_blk, transpose_b=True), work)
+                d_h += tf.cast(tf.matmul(ds_k, w_blk, transpose_b=True), work)
             else:
                 d_h += tf.matmul(ds, tf.cast(w_blk, work), transpose_b=True)
             return j + 1, d_w, d_b, d_h
@@ -409,6 +427,28 @@ def _column_blocked(hs, ws, bs, ht, wt, bt, w, beta, temperature, static_rows, w
     d_h = d_h_parts.concat()
     d_h = tf.scatter_nd(keep[:, tf.newaxis], d_h, tf.cast(tf.stack([rows_all, h_dim]), tf.int64))
     return loss, d_h, d_w, d_b[0]
+
+
+def _bf16_chunk(h_c, t_c, g_c, w_c, ws, bs, wt, bt, beta, temperature, scale, d_w):
+    """_chunked's chunk step for bfloat16 kernels under oneDNN (see in_bf16 there): (weighted loss,
+    d_w + scale * h^T dS, unscaled d/d bs, d/d hs) for the chunk's rows with normalised weights g_c
+    and raw weights w_c."""
+    from tf_kld import ops  # pylint: disable=import-outside-toplevel
+    s_logits, t_logits = tf.matmul(h_c, ws), tf.matmul(t_c, wt)
+    if bs is not None:
+        s_logits += bs
+    if bt is not None:
+        t_logits += bt
+    # The divergence in float32 from the op's float64 row statistics: as the float32 logits' value.
+    d, ds = ops.custom_divergence_and_student_grad(t_logits, s_logits, tf.cast(w_c, ws.dtype), beta,
+                                                   temperature, d_dtype=g_c.dtype)
+    loss = tf.reduce_sum(g_c * d)
+    d_b = tf.reduce_sum(tf.cast(ds, g_c.dtype), axis=0) if bs is not None else None
+    if d_w is None:
+        d_w = tf.zeros([tf.shape(ws)[0], tf.shape(ws)[1]], tf.float32)
+    d_w = ops.accumulate_kernel_grad(d_w, h_c, ds, scale)
+    d_h = tf.matmul(ds, ws, transpose_b=True)
+    return loss, d_w, d_b, tf.cast(tf.cast(d_h, scale.dtype) * scale, h_c.dtype)
 
 
 def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
@@ -434,9 +474,19 @@ def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
     # measured); oneDNN's matmul is faster than the op from 64 rows (1.1-1.3x float32, 1.2-1.9x
     # bfloat16), so where it runs, it does this.
     logits_by_op = in_place and not project_by_matmul and work == tf.float32
+    # bfloat16 kernels under oneDNN: the chunk stays in bfloat16 as the materialised path's tensors
+    # are (oneDNN's bfloat16 logits, no float32 copies; the fused ops widen them in cache, and their
+    # logit gradient is rounded to bfloat16 once, as that path's), and its kernel gradient is added
+    # into the float32 sum by TfKld>AccumulateKernelGrad (AVX512_BF16 dot products where the CPU has
+    # them: twice float32's multiply-adds a cycle). The rows' weights enter the logit gradient as
+    # bfloat16 (exact for 0/1 masks and small integers), their 1 / sum(w) in float32 afterwards.
+    in_bf16 = _bf16_chunks(ws, wt)
     rows_all = tf.shape(hs)[0]
     total = tf.reduce_sum(w)
     g_all = tf.math.divide_no_nan(w, total)
+    if in_bf16:  # the logit gradient takes w itself; 1 / sum(w) scales the sums
+        scale = tf.math.divide_no_nan(tf.constant(1.0, work), total)
+        g_all = tf.stack([g_all, w], axis=1)
     if not _in_xla():  # rows of weight 0 cost nothing (XLA needs static shapes: it keeps them)
         keep = tf.where(tf.not_equal(w, 0))[:, 0]
         hs_k, ht_k, g_k = tf.gather(hs, keep), tf.gather(ht, keep), tf.gather(g_all, keep)
@@ -447,7 +497,7 @@ def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
     pad = n_chunks * chunk - rows
     hs_p = tf.pad(hs_k, [[0, pad], [0, 0]])
     ht_p = tf.pad(ht_k, [[0, pad], [0, 0]])
-    g_p = tf.pad(g_k, [[0, pad]])
+    g_p = tf.pad(g_k, [[0, pad]] + [[0, 0]] * (g_k.shape.rank - 1))
     h_dim, v_dim = tf.shape(ws)[0], tf.shape(ws)[1]
 
     def chunk_step(i, d_w):
@@ -456,6 +506,9 @@ def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
         start = i * chunk
         h_c = tf.slice(hs_p, [start, 0], [chunk, h_dim])
         t_c = tf.slice(ht_p, [start, 0], [chunk, tf.shape(ht_p)[1]])
+        if in_bf16:
+            g_c, w_c = tf.unstack(tf.slice(g_p, [start, 0], [chunk, 2]), axis=1)
+            return _bf16_chunk(h_c, t_c, g_c, w_c, ws, bs, wt, bt, beta, temperature, scale, d_w)
         g_c = tf.slice(g_p, [start], [chunk])
         if logits_by_op:  # float32 logits, 16-bit kernels widened in cache
             s_logits, t_logits = ops.linear_logits(h_c, ws, bs), ops.linear_logits(t_c, wt, bt)
@@ -514,6 +567,8 @@ def _chunked(hs, ws, bs, ht, wt, bt, w, beta, temperature, chunk, work):
     _, loss, d_w, d_b, d_h = tf.while_loop(lambda i, *_: i < n_chunks, body,
                                            (first, loss, d_w, d_b, d_h), parallel_iterations=1)
     d_h = tf.reshape(d_h.stack(), [-1, h_dim])[:rows]
+    if in_bf16:
+        d_b *= scale
     if keep is not None:
         d_h = tf.scatter_nd(keep[:, tf.newaxis], d_h, tf.cast(tf.stack([rows_all, h_dim]), tf.int64))
     return loss, d_h, d_w, d_b

@@ -156,12 +156,20 @@ def xla_lowering_error():
 
 def cpu_isa():
     """The CPU kernel build in use ("avx512", "avx2" or "generic"; TF_KLD_CPU_ISA=avx2 or generic caps
-    it), or None without the library."""
+    it, =avx512 keeps AVX-512 without its AVX512_BF16 kernel), or None without the library."""
     fn = _library_feature("TfKldCpuIsa")
     if fn is None:
         return None
     fn.restype = ctypes.c_char_p
     return fn().decode()
+
+
+def cpu_bf16_dot():
+    """True where tf_kld.linear's bfloat16 kernel gradient runs on the CPU's AVX512_BF16 dot products
+    (TfKld>AccumulateKernelGrad; TF_KLD_CPU_ISA=avx512, avx2 or generic turns them off), False where
+    it widens to float32, None without the library."""
+    fn = _library_feature("TfKldCpuBf16Dot")
+    return None if fn is None else bool(fn())
 
 
 def custom_op_loaded():
@@ -444,17 +452,25 @@ def custom_generalized_jsd_with_logits(y_true, y_pred, beta, temperature):
     return loss
 
 
-def custom_divergence_and_student_grad(t_logits, s_logits, g, beta, temperature):
+def custom_divergence_and_student_grad(t_logits, s_logits, g, beta, temperature, d_dtype=None):
     """The fused ops on one chunk of rows ([rows, classes], one dtype): per row the generalized JSD
     (beta = 0: KL(p || q), beta = 1: KL(q || p)) and its gradient w.r.t. the student logits scaled
-    by the per-row `g` ([rows]), each in one pass (tf_kld.linear's chunks)."""
+    by the per-row `g` ([rows], the logits' dtype), each in one pass (tf_kld.linear's chunks).
+    d_dtype: the divergence in that dtype, from the float64 per-row statistics (the op's own value
+    before its rounding to the logits' dtype), e.g. float32 for 16-bit logits."""
     attrs = _temperature_attrs(temperature, s_logits.dtype)
     if beta in (0.0, 1.0):  # KL(p || q), or KL(q || p): the student is y_true
         y_true, y_pred = (t_logits, s_logits) if beta == 0.0 else (s_logits, t_logits)
         d, stats = _module.tf_kld_kl_divergence_with_logits(y_true, y_pred, **attrs)
+        if d_dtype is not None:
+            d = tf.cast(stats[:, 4], d_dtype)
     else:
         d, stats = _module.tf_kld_generalized_jsd_with_logits(
             t_logits, s_logits, beta=beta, beta_f64=repr(float(beta)), **attrs)
+        if d_dtype is not None:  # FinishJsd's arithmetic: NaN for a row of all -inf logits
+            d = beta * stats[:, 4] + (1.0 - beta) * stats[:, 5]
+            empty = tf.logical_or(tf.equal(stats[:, 0], -math.inf), tf.equal(stats[:, 2], -math.inf))
+            d = tf.cast(tf.where(empty, tf.constant(math.nan, tf.float64), d), d_dtype)
     return d, student_grad(g, t_logits, s_logits, stats, beta, temperature)
 
 
@@ -534,6 +550,19 @@ def accumulate_linear_grads(acc, a, b, w, with_d_a=True):
     matmul(b, w, transpose_b=True), or a [0, m] tensor when not with_d_a). acc, a, b float32 (w
     float32 or 16-bit) or all float64; CPU."""
     return _module.tf_kld_accumulate_linear_grads(acc, a, b, w, with_d_a=with_d_a)
+
+
+def kernel_grad_op_loaded():
+    """True when the loaded library has TfKld>AccumulateKernelGrad (CPU)."""
+    return _module is not None and hasattr(_module, "tf_kld_accumulate_kernel_grad")
+
+
+def accumulate_kernel_grad(acc, a, b, scale=1.0):
+    """One chunk's kernel gradient from 16-bit operands, added in float32: acc + scale *
+    matmul(a, b, transpose_a=True) in acc's buffer where TensorFlow allows it, for acc [m, n]
+    float32, a [k, m] and b [k, n] of one 16-bit dtype (bfloat16 by AVX512_BF16 dot products where
+    the CPU has them, see cpu_bf16_dot). CPU."""
+    return _module.tf_kld_accumulate_kernel_grad(acc, a, b, tf.cast(scale, tf.float32))
 
 
 def onednn_enabled():

@@ -143,9 +143,18 @@ struct Kernels {
   // Each column's arithmetic depends only on col_begin's and col_end's position in the grid of
   // kRankPanel columns, and d_a's sum runs over the columns in order: split the columns at multiples
   // of it, give each piece its own d_a, add those in order, and results never depend on the split.
-  void (*linear_grads)(const float* a, const float* b, float* acc, Type w_type, const void* w,
-                       float* d_a, int64_t k, int64_t m, int64_t n, int64_t col_begin,
-                       int64_t col_end);
+  // b may be 16-bit (b_type; widened exactly in cache, a panel at a time).
+  void (*linear_grads)(const float* a, Type b_type, const void* b, float* acc, Type w_type,
+                       const void* w, float* d_a, int64_t k, int64_t m, int64_t n,
+                       int64_t col_begin, int64_t col_end);
+  // linear_grads' acc alone for bfloat16 a and b, by AVX512_BF16 dot products (two products into a
+  // float32 lane per instruction), the sums scaled once: for every i < m and c in
+  // [col_begin, col_end), acc[i][c] += scale * sum_j a[j][i] * b[j][c], with a given as pairs of
+  // its rows, a_pairs[q][i] = a[2q][i] | a[2q + 1][i] << 16 ([(k + 1) / 2, m], the upper half of
+  // the last pair 0 for odd k). Results never depend on a split of the columns at multiples of
+  // kRankPanel. nullptr where the build or the CPU lacks the instruction.
+  void (*linear_grads_bf16)(const uint32_t* a_pairs, const uint16_t* b, float* acc, int64_t k,
+                            int64_t m, int64_t n, int64_t col_begin, int64_t col_end, float scale);
   // The chunked linear loss's logits: for row-major a [k, m] (the chunk's hidden states,
   // transposed), w [k, n] of `w_type` (not float64), bias [n] (nullptr: none) and out [m, n],
   //   out[i][c] = bias[c] + sum_j a[j][i] * w[j][c]   (j in order, float32 arithmetic)

@@ -8,10 +8,15 @@
 // compute in float32 and accumulate the three sums in double; float64 is scalar, std::exp.
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <cstdint>
 #include <type_traits>
 
 #include "cc/kernels/distill_cpu.h"
+#if defined(__AVX512F__)
+#include "cc/kernels/linear_bf16_dp.h"  // its own target: picked only where the CPU has AVX512_BF16
+#endif
 
 namespace tf_kld {
 namespace cpu {
@@ -1040,8 +1045,11 @@ void RankBlock(const float* a, const float* block, float* acc, int64_t depth, in
   }
 }
 
-void LinearGrads(const float* a, const float* b, float* acc, Type w_type, const void* w, float* d_a,
-                 int64_t k, int64_t m, int64_t n, int64_t col_begin, int64_t col_end) {
+template <typename E>
+void WidenBlock(const typename E::Storage* w, float* block, int64_t depth, int64_t width, int64_t n);
+
+void LinearGrads(const float* a, Type b_type, const void* b, float* acc, Type w_type, const void* w,
+                 float* d_a, int64_t k, int64_t m, int64_t n, int64_t col_begin, int64_t col_end) {
   alignas(64) float block[kRankDepth * distill::kRankPanel];
   // d_a's sums in vector lanes over all the columns, added across lanes once at the end. (new[],
   // not a std::vector: its helpers would be symbols that every ISA object defines.)
@@ -1051,12 +1059,27 @@ void LinearGrads(const float* a, const float* b, float* acc, Type w_type, const 
     const int64_t width = p + distill::kRankPanel < col_end ? distill::kRankPanel : col_end - p;
     for (int64_t j0 = 0; j0 < k; j0 += kRankDepth) {
       const int64_t depth = k - j0 < kRankDepth ? k - j0 : kRankDepth;
-      for (int64_t j = 0; j < depth; ++j) {
-        std::memcpy(block + j * distill::kRankPanel, b + (j0 + j) * n + p, width * sizeof(float));
+      const int64_t offset = j0 * n + p;
+      switch (b_type) {
+        case Type::kHalf:
+          WidenBlock<HalfT>(static_cast<const uint16_t*>(b) + offset, block, depth, width, n);
+          break;
+        case Type::kBfloat16:
+          WidenBlock<Bfloat16T>(static_cast<const uint16_t*>(b) + offset, block, depth, width, n);
+          break;
+        case Type::kFloat:
+        case Type::kDouble:  // float64 never comes here (the op's double path is scalar)
+          for (int64_t j = 0; j < depth; ++j) {
+            std::memcpy(block + j * distill::kRankPanel, static_cast<const float*>(b) + offset + j * n,
+                        width * sizeof(float));
+          }
+          break;
       }
       const NextBlock next(j0, depth, k, p, col_end);
-      BlockPrefetch prefetch(next.row < 0 ? nullptr : b + next.row * n + next.col, n * sizeof(float),
-                             next.rows, next.width * sizeof(float));
+      const int64_t size = b_type == Type::kFloat ? sizeof(float) : sizeof(uint16_t);
+      BlockPrefetch prefetch(
+          next.row < 0 ? nullptr : static_cast<const char*>(b) + (next.row * n + next.col) * size,
+          n * size, next.rows, next.width * size);
       RankBlock(a + j0 * m, block, acc, depth, m, n, p, width, &prefetch);
       if (sums != nullptr) ProjectBlockOf(w_type, block, w, p, sums + j0 * m, depth, width, m, n);
     }
@@ -1114,6 +1137,18 @@ void LinearLogits(const float* a, Type w_type, const void* w, const float* bias,
   }
 }
 
+// Kernels::linear_grads_bf16: the AVX512_BF16 kernel where the CPU has the instruction and
+// TF_KLD_CPU_ISA does not cap the core at "avx512" (AVX-512 without it: for comparisons and tests).
+decltype(distill::Kernels::linear_grads_bf16) LinearGradsBf16IfSupported() {
+#if defined(__AVX512F__)
+  const char* cap = std::getenv("TF_KLD_CPU_ISA");
+  if (cap != nullptr && std::strcmp(cap, "avx512") == 0) return nullptr;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512bf16")) return &cpu::bf16dp::LinearGradsBf16;
+#endif
+  return nullptr;
+}
+
 }  // namespace
 }  // namespace TF_KLD_ISA_NAMESPACE
 }  // namespace cpu
@@ -1128,6 +1163,7 @@ const Kernels& TF_KLD_KERNELS_FN() {
                                   &isa::DistillJsdGradient, &isa::DistillExp<false>,
                                   &isa::DistillExp<true>,
                                   &isa::LinearGrads,
+                                  isa::LinearGradsBf16IfSupported(),
                                   &isa::LinearLogits};
   return kernels;
 }

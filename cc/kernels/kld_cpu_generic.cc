@@ -59,3 +59,8 @@ const Kernels& Cpu() {
 extern "C" __attribute__((visibility("default"))) const char* TfKldCpuIsa() {
   return tf_kld::cpu::Cpu().isa;
 }
+
+// 1 where the linear loss's bfloat16 kernel gradient runs on AVX512_BF16 dot products, else 0.
+extern "C" __attribute__((visibility("default"))) int TfKldCpuBf16Dot() {
+  return tf_kld::distill::Cpu().linear_grads_bf16 != nullptr ? 1 : 0;
+}

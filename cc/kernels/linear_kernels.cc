@@ -183,7 +183,8 @@ class AccumulateLinearGradsOp : public OpKernel {
             if constexpr (std::is_same_v<T, double>) {
               LinearGradsDouble(pa, pb, o, pw, part_g, k, m, n, c0, c1);
             } else {
-              distill::Cpu().linear_grads(pa, pb, o, CpuType<Tw>::value, pw, part_g, k, m, n, c0, c1);
+              distill::Cpu().linear_grads(pa, distill::Type::kFloat, pb, o, CpuType<Tw>::value, pw,
+                                          part_g, k, m, n, c0, c1);
             }
           }
         });
@@ -195,6 +196,81 @@ class AccumulateLinearGradsOp : public OpKernel {
 
  private:
   bool with_d_a_ = true;
+};
+
+// acc += scale * a^T b for 16-bit a [k, m], b [k, n] and float32 acc [m, n]: by AVX512_BF16 dot
+// products for bfloat16 where the core has them (a packed in pairs of rows), else linear_grads on
+// a widened and scaled (small: a chunk of rows) and b widened a panel at a time.
+template <typename T>
+class AccumulateKernelGradOp : public OpKernel {
+ public:
+  explicit AccumulateKernelGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& acc = ctx->input(0);
+    const Tensor& a = ctx->input(1);
+    const Tensor& b = ctx->input(2);
+    const Tensor& scale_t = ctx->input(3);
+    OP_REQUIRES(ctx, acc.dims() == 2 && a.dims() == 2 && b.dims() == 2 &&
+                         a.dim_size(0) == b.dim_size(0) && acc.dim_size(0) == a.dim_size(1) &&
+                         acc.dim_size(1) == b.dim_size(1),
+                absl::InvalidArgumentError(absl::StrCat(
+                    "acc [m, n], a [k, m] and b [k, n] must be matrices that match, got acc ",
+                    acc.shape().DebugString(), ", a ", a.shape().DebugString(), ", b ",
+                    b.shape().DebugString())));
+    OP_REQUIRES(ctx, scale_t.dims() == 0,
+                absl::InvalidArgumentError(absl::StrCat("scale must be a scalar, got ",
+                                                        scale_t.shape().DebugString())));
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, acc.shape(), &out));
+    const int64_t k = a.dim_size(0), m = acc.dim_size(0), n = acc.dim_size(1);
+    float* o = out->flat<float>().data();
+    const float* in = acc.flat<float>().data();
+    if (o != in && acc.NumElements() > 0) {  // acc has another reader: leave it as it is
+      std::memcpy(o, in, acc.NumElements() * sizeof(float));
+    }
+    if (k == 0 || m == 0 || n == 0) return;
+    const float scale = scale_t.scalar<float>()();
+    const auto& kernels = distill::Cpu();
+    const auto* pa = reinterpret_cast<const uint16_t*>(a.flat<T>().data());
+    const void* pb = b.flat<T>().data();
+    const bool dot = std::is_same_v<T, Eigen::bfloat16> && kernels.linear_grads_bf16 != nullptr;
+    Tensor a_t;  // a in the kernel's layout: pairs of rows (dot products), else float32 times scale
+    if (dot) {
+      const int64_t pairs = (k + 1) / 2;
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_UINT32, TensorShape({pairs, m}), &a_t));
+      uint32_t* ap = a_t.flat<uint32_t>().data();
+      for (int64_t q = 0; q < pairs; ++q) {
+        for (int64_t i = 0; i < m; ++i) {
+          const uint32_t hi = 2 * q + 1 < k ? pa[(2 * q + 1) * m + i] : 0;
+          ap[q * m + i] = pa[2 * q * m + i] | hi << 16;
+        }
+      }
+    } else {
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({k, m}), &a_t));
+      float* af = a_t.flat<float>().data();
+      const T* av = a.flat<T>().data();
+      for (int64_t e = 0; e < k * m; ++e) af[e] = static_cast<float>(av[e]) * scale;
+    }
+    const ColumnGroups groups(n);
+    const int64_t group_cols = groups.cols;
+    ctx->eigen_device<CPUDevice>().parallelFor(
+        groups.count,
+        Eigen::TensorOpCost(sizeof(T) * k * group_cols, 2 * sizeof(float) * m * group_cols,
+                            2.0 * k * m * group_cols / (dot ? 32.0 : 16.0)),
+        [&](Eigen::Index begin, Eigen::Index end) {
+          for (Eigen::Index g = begin; g < end; ++g) {
+            const int64_t c0 = g * group_cols, c1 = std::min(n, (g + 1) * group_cols);
+            if (dot) {
+              kernels.linear_grads_bf16(a_t.flat<uint32_t>().data(), static_cast<const uint16_t*>(pb),
+                                        o, k, m, n, c0, c1, scale);
+            } else {
+              kernels.linear_grads(a_t.flat<float>().data(), CpuType<T>::value, pb, o,
+                                   distill::Type::kFloat, nullptr, nullptr, k, m, n, c0, c1);
+            }
+          }
+        });
+  }
 };
 
 template <typename T>
@@ -258,6 +334,16 @@ TF_KLD_REGISTER_LINEAR_GRADS(float, Eigen::bfloat16);
 TF_KLD_REGISTER_LINEAR_GRADS(float, float);
 TF_KLD_REGISTER_LINEAR_GRADS(double, double);
 #undef TF_KLD_REGISTER_LINEAR_GRADS
+
+#define TF_KLD_REGISTER_KERNEL_GRAD(T)                                                        \
+  TF_KLD_REGISTER_KERNEL(Name("TfKld>AccumulateKernelGrad")                                   \
+                             .Device(tensorflow::DEVICE_CPU)                                  \
+                             .TypeConstraint<T>("T"),                                         \
+                         AccumulateKernelGradOp<T>)
+
+TF_KLD_REGISTER_KERNEL_GRAD(Eigen::half);
+TF_KLD_REGISTER_KERNEL_GRAD(Eigen::bfloat16);
+#undef TF_KLD_REGISTER_KERNEL_GRAD
 
 #define TF_KLD_REGISTER_LINEAR_LOGITS(T, Tw)                                                  \
   TF_KLD_REGISTER_KERNEL(Name("TfKld>LinearLogits")                                           \

@@ -144,6 +144,50 @@ float32); T=double needs Tw=double. with_d_a=false leaves d_a out (shape [0, m];
 Sums run in a fixed order: results never depend on the number of threads. CPU only.
 )doc");
 
+// acc [m, n], a [k, m], b [k, n], scale []: out is acc's shape.
+absl::Status AccumulateKernelShape(InferenceContext* c) {
+  ShapeHandle acc, a, b, scale;
+  for (auto [i, name, shape] : {std::tuple<int, const char*, ShapeHandle*>{0, "acc", &acc},
+                                {1, "a", &a}, {2, "b", &b}}) {
+    if (!c->WithRank(c->input(i), 2, shape).ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(name, " must be a matrix, got ",
+                                                     c->DebugString(c->input(i))));
+    }
+  }
+  if (!c->WithRank(c->input(3), 0, &scale).ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("scale must be a scalar, got ", c->DebugString(c->input(3))));
+  }
+  DimensionHandle k, m, n;
+  if (!c->Merge(c->Dim(a, 0), c->Dim(b, 0), &k).ok() ||
+      !c->Merge(c->Dim(acc, 0), c->Dim(a, 1), &m).ok() ||
+      !c->Merge(c->Dim(acc, 1), c->Dim(b, 1), &n).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "acc [m, n], a [k, m] and b [k, n] do not match: acc ", c->DebugString(acc), ", a ",
+        c->DebugString(a), ", b ", c->DebugString(b)));
+  }
+  c->set_output(0, c->Matrix(m, n));
+  return absl::OkStatus();
+}
+
+REGISTER_OP("TfKld>AccumulateKernelGrad")
+    .Input("acc: float")
+    .Input("a: T")
+    .Input("b: T")
+    .Input("scale: float")
+    .Output("out: float")
+    .Attr("T: {half, bfloat16}")
+    .SetShapeFn(AccumulateKernelShape)
+    .Doc(R"doc(
+One chunk's kernel gradient of a linear layer y = a @ w from 16-bit a and b = dL/dy, added in float32:
+out = acc + scale * matmul(a, b, transpose_a=True) for acc [m, n], a [k, m], b [k, n] and a scalar
+scale, with no [m, n] temporary (out takes over acc's buffer whenever TensorFlow allows it; otherwise
+acc is copied first). Products are exact; bfloat16 operands on a CPU with AVX512_BF16 sum by its dot
+products (two products per float32 lane and instruction), otherwise a and b are widened to float32 in
+cache (a times scale, rounded once). Sums run in a fixed order: results never depend on the number of
+threads. CPU only.
+)doc");
+
 REGISTER_OP("TfKld>AddColumns")
     .Input("acc: T")
     .Input("block: T")
