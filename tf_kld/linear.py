@@ -20,7 +20,9 @@ The loop is a `tf.while_loop` over chunks of one static shape (the rows are padd
 to a multiple of the chunk), so the same code runs eagerly, in `tf.function` and under XLA
 (`jit_compile=True`). Outside XLA, rows of weight 0 (padding) are dropped before the loop: they cost
 nothing. Matmuls run in the inputs' dtype (float32 accumulation inside TensorFlow's kernels); the
-softmax and divergence run in float32 (float64 for float64 inputs).
+softmax and divergence run in float32 (float64 for float64 inputs). bfloat16 chunks under oneDNN keep
+their logits and logit gradient in bfloat16 (widened in cache by the fused ops) and sum the kernel
+gradient in float32 by TfKld>AccumulateKernelGrad (see _chunked).
 """
 
 import math
