@@ -463,6 +463,57 @@ def test_bfloat16_kernels_are_never_widened_whole(tmp_path, require_custom):
         f"{out['kernel_bytes'] / 2**20:.1f} MiB")
 
 
+_ALLOCATOR_WORKER = r"""
+import json, sys
+import tensorflow as tf
+import tf_kld
+
+rows, hidden, classes, chunk = (int(v) for v in sys.argv[1:5])
+hs = tf.random.normal([rows, hidden]); ht = tf.random.normal([rows, hidden])
+ws = tf.random.normal([hidden, classes]) * 0.1; wt = tf.random.normal([hidden, classes]) * 0.1
+hs, ht, ws, wt = (tf.cast(x, tf.bfloat16) for x in (hs, ht, ws, wt))
+
+@tf.function
+def step(hs, ws):
+    with tf.GradientTape() as tape:
+        tape.watch([hs, ws])
+        loss = tf_kld.linear_distillation_loss(hs, ws, ht, wt, temperature=2.0, chunk_size=chunk)
+    return loss, tape.gradient(loss, [hs, ws])
+
+def run():
+    return [t.numpy() for t in tf.nest.flatten(step(hs, ws))]
+
+run()
+graph = step.get_concrete_function(hs, ws).graph.as_graph_def()
+types = {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+tf.config.experimental.reset_memory_stats("CPU:0")
+before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+run()
+print(json.dumps({"peak": tf.config.experimental.get_memory_info("CPU:0")["peak"] - before,
+                  "kernel_bytes": 4 * hidden * classes, "onednn": tf_kld.ops.onednn_enabled(),
+                  "bf16_op": "TfKld>AccumulateKernelGrad" in types}))
+"""
+
+
+def test_bfloat16_chunks_sum_the_kernel_gradient_in_one_buffer(require_custom):
+    # The bfloat16 chunks (oneDNN on, forced): the float32 kernel-gradient sum (62.5 MiB) and its
+    # final bfloat16 cast are the only [H, V] buffers, by TensorFlow's allocator statistics (oneDNN's
+    # allocator pools freed memory, so no resident-set peak means anything there). A copy of the
+    # sum per chunk, or a float32 [H, V] temporary, would add 62.5 MiB.
+    if tf.config.list_logical_devices("GPU"):
+        pytest.skip("the bfloat16 chunks' op is CPU only")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [IMPORT_ROOT, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", _ALLOCATOR_WORKER, "256", "512", "32000", "16"],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
+    assert out["onednn"] and out["bf16_op"], out
+    assert out["peak"] <= 1.75 * out["kernel_bytes"], (
+        f"a bfloat16 fused step took {out['peak'] / 2**20:.1f} MiB; the float32 kernel gradient is "
+        f"{out['kernel_bytes'] / 2**20:.1f} MiB")
+
+
 def _op_types(concrete):
     """The op types of a concrete function's graph and of every function it calls (loop bodies)."""
     graph_def = concrete.graph.as_graph_def()
