@@ -554,6 +554,34 @@ def test_custom_path_runs_the_fused_ops(require_custom, rng):
         assert not any(t.startswith("TfKld>") for t in step(0.5))
 
 
+def _bfloat16_problem(rng, rows, classes, zero_rows, beta, chunk_size=None):
+    """A bfloat16 problem with rows of weight 0: (one step's [loss, grads...] as a function, the
+    float64 composite's loss and gradients on the same rounded inputs)."""
+    x = _problem(rng, rows=rows, classes=classes, scale=0.5)
+    x["sample_weight"][zero_rows] = 0.0
+    xs = {k: tf.cast(v, tf.bfloat16) for k, v in x.items()}
+    rounded = {k: tf.cast(v, tf.float64).numpy() for k, v in xs.items()}
+
+    def step():
+        with tf.GradientTape() as tape:
+            tape.watch([xs[k] for k in STUDENT])
+            loss = _fused(xs, beta=beta, temperature=2.0, chunk_size=chunk_size)
+        return [loss] + tape.gradient(loss, [xs[k] for k in STUDENT])
+
+    return step, _loss_and_grads(_materialised, rounded, beta=beta, temperature=2.0)
+
+
+def _assert_gradients_as_near(got, other, want_grads):
+    """got's bfloat16 gradients within 2e-2 of float64's (relative to the largest), and no more
+    than 2.5x other's error plus one bfloat16 rounding."""
+    for name, a, b, ref in zip(STUDENT, got[1:], other[1:], want_grads):
+        ref = ref.numpy()
+        err_got, err_other = (np.max(np.abs(tf.cast(g, tf.float64).numpy() - ref)) / np.max(np.abs(ref))
+                              for g in (a, b))
+        assert a.dtype == tf.bfloat16 and err_got < 2e-2 and err_got < 2.5 * err_other + 2 ** -8, (
+            name, err_got, err_other)
+
+
 @pytest.fixture
 def onednn(monkeypatch):
     """tf_kld.linear takes oneDNN's matmuls to be on (its bfloat16 paths), whatever this machine's
@@ -570,17 +598,7 @@ def test_bfloat16_chunks_stay_in_bfloat16(beta, onednn, monkeypatch, require_cus
     # no power of two, a chunk that does not divide the rows).
     if tf.config.list_logical_devices("GPU"):
         pytest.skip("the bfloat16 chunks' op is CPU only")
-    x = _problem(rng, rows=45, classes=300, scale=0.5)
-    x["sample_weight"][[2, 7]] = 0.0
-    xs = {k: tf.cast(v, tf.bfloat16) for k, v in x.items()}
-    rounded = {k: tf.cast(v, tf.float64).numpy() for k, v in xs.items()}
-
-    def step():
-        with tf.GradientTape() as tape:
-            tape.watch([xs[k] for k in STUDENT])
-            loss = _fused(xs, beta=beta, temperature=2.0, chunk_size=16)
-        return [loss] + tape.gradient(loss, [xs[k] for k in STUDENT])
-
+    step, (_, want_grads) = _bfloat16_problem(rng, 45, 300, [2, 7], beta, chunk_size=16)
     types = _op_types(tf.function(step).get_concrete_function())
     assert "TfKld>AccumulateKernelGrad" in types and "TfKld>AccumulateLinearGrads" not in types
     got = step()
@@ -588,13 +606,7 @@ def test_bfloat16_chunks_stay_in_bfloat16(beta, onednn, monkeypatch, require_cus
     assert "TfKld>AccumulateLinearGrads" in _op_types(tf.function(step).get_concrete_function())
     f32 = step()
     assert got[0].numpy() == f32[0].numpy()
-    want, want_grads = _loss_and_grads(_materialised, rounded, beta=beta, temperature=2.0)
-    for name, a, b, ref in zip(STUDENT, got[1:], f32[1:], want_grads):
-        ref = ref.numpy()
-        err_new, err_f32 = (np.max(np.abs(tf.cast(g, tf.float64).numpy() - ref)) / np.max(np.abs(ref))
-                            for g in (a, b))
-        assert a.dtype == tf.bfloat16 and err_new < 2e-2 and err_new < 2.5 * err_f32 + 2 ** -8, (
-            name, err_new, err_f32)
+    _assert_gradients_as_near(got, f32, want_grads)
 
 
 # Column blocks (the path for vocabularies where row chunks would be tiny: V >= 131073), forced on
@@ -684,31 +696,15 @@ def test_column_blocks_bfloat16_kernel_gradient_by_bfloat16_matmuls(beta, by_col
     if tf.config.list_logical_devices("GPU"):
         pytest.skip("the column path is CPU only")
     monkeypatch.setattr(tf_kld.linear, "_COLUMN_BLOCK_BYTES", 4 * 64 * 8)
-    x = _problem(rng, rows=40, classes=61, scale=0.5)
-    x["sample_weight"][[2, 5]] = 0.0
-    xs = {k: tf.cast(v, tf.bfloat16) for k, v in x.items()}
-    rounded = {k: tf.cast(v, tf.float64).numpy() for k, v in xs.items()}
-
-    def step():
-        with tf.GradientTape() as tape:
-            tape.watch([xs[k] for k in STUDENT])
-            loss = _fused(xs, beta=beta, temperature=2.0)
-        return [loss] + tape.gradient(loss, [xs[k] for k in STUDENT])
-
+    step, (want, want_grads) = _bfloat16_problem(rng, 40, 61, [2, 5], beta)
     by_cols = step()
     assert len(by_columns) == 1
     monkeypatch.setattr(tf_kld.linear, "_COLUMNS_FROM_CLASSES", 10**9)
     by_rows = step()
-    want, want_grads = _loss_and_grads(_materialised, rounded, beta=beta, temperature=2.0)
     # The loss from the same bfloat16 logits either way (rounded apart from float64's).
     np.testing.assert_allclose(by_cols[0].numpy(), by_rows[0].numpy(), rtol=1e-6)
     np.testing.assert_allclose(by_cols[0].numpy(), want.numpy(), rtol=2e-2)
-    for name, a, b, ref in zip(STUDENT, by_cols[1:], by_rows[1:], want_grads):
-        ref = ref.numpy()
-        err_cols, err_rows = (np.max(np.abs(tf.cast(g, tf.float64).numpy() - ref)) / np.max(np.abs(ref))
-                              for g in (a, b))
-        assert a.dtype == tf.bfloat16 and err_cols < 2e-2 and err_cols < 2.5 * err_rows + 2 ** -8, (
-            name, err_cols, err_rows)
+    _assert_gradients_as_near(by_cols, by_rows, want_grads)
 
 
 def test_column_blocks_run_their_ops(by_columns, require_custom, rng):

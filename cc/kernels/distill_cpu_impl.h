@@ -1045,8 +1045,39 @@ void RankBlock(const float* a, const float* block, float* acc, int64_t depth, in
   }
 }
 
+// depth rows of w's panel (width columns from w, rows n apart), widened to float, into the block.
 template <typename E>
-void WidenBlock(const typename E::Storage* w, float* block, int64_t depth, int64_t width, int64_t n);
+void WidenBlock(const typename E::Storage* w, float* block, int64_t depth, int64_t width, int64_t n) {
+  for (int64_t j = 0; j < depth; ++j) {
+    const typename E::Storage* src = w + j * n;
+    float* dst = block + j * distill::kRankPanel;
+    int64_t c = 0;
+    for (; c + kLanes <= width; c += kLanes) FloatT::Store(dst + c, E::Load(src + c));
+    if (c < width) FloatT::Store(dst + c, LoadPadded<E>(src + c, width - c, 0.0f));
+  }
+}
+
+// The same for rows of `type` (not float64), starting `offset` elements into src.
+void WidenBlockOf(Type type, const void* src, int64_t offset, float* block, int64_t depth,
+                  int64_t width, int64_t n) {
+  switch (type) {
+    case Type::kHalf:
+      return WidenBlock<HalfT>(static_cast<const uint16_t*>(src) + offset, block, depth, width, n);
+    case Type::kBfloat16:
+      return WidenBlock<Bfloat16T>(static_cast<const uint16_t*>(src) + offset, block, depth, width, n);
+    case Type::kFloat:
+    case Type::kDouble:  // float64 never comes here (the ops' double paths are scalar)
+      return WidenBlock<FloatT>(static_cast<const float*>(src) + offset, block, depth, width, n);
+  }
+}
+
+// The prefetch of `next`'s rows of src (of `type`, rows n elements apart) into L2.
+BlockPrefetch PrefetchOf(Type type, const void* src, const NextBlock& next, int64_t n) {
+  const int64_t size = type == Type::kFloat ? sizeof(float) : sizeof(uint16_t);
+  return BlockPrefetch(
+      next.row < 0 ? nullptr : static_cast<const char*>(src) + (next.row * n + next.col) * size,
+      n * size, next.rows, next.width * size);
+}
 
 void LinearGrads(const float* a, Type b_type, const void* b, float* acc, Type w_type, const void* w,
                  float* d_a, int64_t k, int64_t m, int64_t n, int64_t col_begin, int64_t col_end) {
@@ -1059,45 +1090,14 @@ void LinearGrads(const float* a, Type b_type, const void* b, float* acc, Type w_
     const int64_t width = p + distill::kRankPanel < col_end ? distill::kRankPanel : col_end - p;
     for (int64_t j0 = 0; j0 < k; j0 += kRankDepth) {
       const int64_t depth = k - j0 < kRankDepth ? k - j0 : kRankDepth;
-      const int64_t offset = j0 * n + p;
-      switch (b_type) {
-        case Type::kHalf:
-          WidenBlock<HalfT>(static_cast<const uint16_t*>(b) + offset, block, depth, width, n);
-          break;
-        case Type::kBfloat16:
-          WidenBlock<Bfloat16T>(static_cast<const uint16_t*>(b) + offset, block, depth, width, n);
-          break;
-        case Type::kFloat:
-        case Type::kDouble:  // float64 never comes here (the op's double path is scalar)
-          for (int64_t j = 0; j < depth; ++j) {
-            std::memcpy(block + j * distill::kRankPanel, static_cast<const float*>(b) + offset + j * n,
-                        width * sizeof(float));
-          }
-          break;
-      }
-      const NextBlock next(j0, depth, k, p, col_end);
-      const int64_t size = b_type == Type::kFloat ? sizeof(float) : sizeof(uint16_t);
-      BlockPrefetch prefetch(
-          next.row < 0 ? nullptr : static_cast<const char*>(b) + (next.row * n + next.col) * size,
-          n * size, next.rows, next.width * size);
+      WidenBlockOf(b_type, b, j0 * n + p, block, depth, width, n);
+      BlockPrefetch prefetch = PrefetchOf(b_type, b, NextBlock(j0, depth, k, p, col_end), n);
       RankBlock(a + j0 * m, block, acc, depth, m, n, p, width, &prefetch);
       if (sums != nullptr) ProjectBlockOf(w_type, block, w, p, sums + j0 * m, depth, width, m, n);
     }
   }
   for (int64_t e = 0; e < n_sums; ++e) d_a[e] += SumLanesF(sums[e]);
   delete[] sums;
-}
-
-// depth rows of w's panel (width columns from w, rows n apart), widened to float, into the block.
-template <typename E>
-void WidenBlock(const typename E::Storage* w, float* block, int64_t depth, int64_t width, int64_t n) {
-  for (int64_t j = 0; j < depth; ++j) {
-    const typename E::Storage* src = w + j * n;
-    float* dst = block + j * distill::kRankPanel;
-    int64_t c = 0;
-    for (; c + kLanes <= width; c += kLanes) FloatT::Store(dst + c, E::Load(src + c));
-    if (c < width) FloatT::Store(dst + c, LoadPadded<E>(src + c, width - c, 0.0f));
-  }
 }
 
 void LinearLogits(const float* a, Type w_type, const void* w, const float* bias, float* out,
@@ -1114,24 +1114,8 @@ void LinearLogits(const float* a, Type w_type, const void* w, const float* bias,
     }
     for (int64_t j0 = 0; j0 < k; j0 += kRankDepth) {
       const int64_t depth = k - j0 < kRankDepth ? k - j0 : kRankDepth;
-      const int64_t offset = j0 * n + p;
-      switch (w_type) {
-        case Type::kHalf:
-          WidenBlock<HalfT>(static_cast<const uint16_t*>(w) + offset, block, depth, width, n);
-          break;
-        case Type::kBfloat16:
-          WidenBlock<Bfloat16T>(static_cast<const uint16_t*>(w) + offset, block, depth, width, n);
-          break;
-        case Type::kFloat:
-        case Type::kDouble:  // float64 never comes here (the op's double path is scalar)
-          WidenBlock<FloatT>(static_cast<const float*>(w) + offset, block, depth, width, n);
-          break;
-      }
-      const NextBlock next(j0, depth, k, p, col_end);
-      const int64_t size = w_type == Type::kFloat ? sizeof(float) : sizeof(uint16_t);
-      BlockPrefetch prefetch(
-          next.row < 0 ? nullptr : static_cast<const char*>(w) + (next.row * n + next.col) * size,
-          n * size, next.rows, next.width * size);
+      WidenBlockOf(w_type, w, j0 * n + p, block, depth, width, n);
+      BlockPrefetch prefetch = PrefetchOf(w_type, w, NextBlock(j0, depth, k, p, col_end), n);
       RankBlock(a + j0 * m, block, out, depth, m, n, p, width, &prefetch);
     }
   }

@@ -25,6 +25,18 @@ using tensorflow::Tensor;
 using tensorflow::TensorShape;
 
 
+// Output 0 as input 0 (acc) to be added to: acc's own buffer wherever TensorFlow allows it (acc has
+// no other reader), else a copy of acc, so the op is pure either way.
+template <typename T>
+absl::Status AccumulatorOutput(OpKernelContext* ctx, Tensor** out) {
+  const Tensor& acc = ctx->input(0);
+  TF_RETURN_IF_ERROR(ctx->forward_input_or_allocate_output({0}, 0, acc.shape(), out));
+  T* o = (*out)->flat<T>().data();
+  const T* in = acc.flat<T>().data();
+  if (o != in && acc.NumElements() > 0) std::memcpy(o, in, acc.NumElements() * sizeof(T));
+  return absl::OkStatus();
+}
+
 // float64 (the exact tests' type): plain loops, the float core's order of summation; w nullptr:
 // no d_a.
 void LinearGradsDouble(const double* a, const double* b, double* acc, const double* w, double* d_a,
@@ -148,15 +160,11 @@ class AccumulateLinearGradsOp : public OpKernel {
                     "acc ", acc.shape().DebugString(), ", a ", a.shape().DebugString(), ", b ",
                     b.shape().DebugString(), ", w ", w.shape().DebugString())));
     Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, acc.shape(), &out));
+    OP_REQUIRES_OK(ctx, AccumulatorOutput<T>(ctx, &out));
     const int64_t k = a.dim_size(0), m = acc.dim_size(0), n = acc.dim_size(1);
     Tensor* d_a = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({with_d_a_ ? k : 0, m}), &d_a));
     T* o = out->flat<T>().data();
-    const T* in = acc.flat<T>().data();
-    if (o != in && acc.NumElements() > 0) {  // acc has another reader: leave it as it is
-      std::memcpy(o, in, acc.NumElements() * sizeof(T));
-    }
     T* da = d_a->flat<T>().data();
     std::fill(da, da + d_a->NumElements(), T(0));
     if (k == 0 || m == 0 || n == 0) return;
@@ -222,13 +230,9 @@ class AccumulateKernelGradOp : public OpKernel {
                 absl::InvalidArgumentError(absl::StrCat("scale must be a scalar, got ",
                                                         scale_t.shape().DebugString())));
     Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, acc.shape(), &out));
+    OP_REQUIRES_OK(ctx, AccumulatorOutput<float>(ctx, &out));
     const int64_t k = a.dim_size(0), m = acc.dim_size(0), n = acc.dim_size(1);
     float* o = out->flat<float>().data();
-    const float* in = acc.flat<float>().data();
-    if (o != in && acc.NumElements() > 0) {  // acc has another reader: leave it as it is
-      std::memcpy(o, in, acc.NumElements() * sizeof(float));
-    }
     if (k == 0 || m == 0 || n == 0) return;
     const float scale = scale_t.scalar<float>()();
     const auto& kernels = distill::Cpu();
@@ -297,12 +301,8 @@ class AddColumnsOp : public OpKernel {
                     " columns (acc ", acc.shape().DebugString(), ", block ",
                     block.shape().DebugString(), ")")));
     Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, acc.shape(), &out));
+    OP_REQUIRES_OK(ctx, AccumulatorOutput<T>(ctx, &out));
     T* o = out->flat<T>().data();
-    const T* in = acc.flat<T>().data();
-    if (o != in && acc.NumElements() > 0) {  // acc has another reader: leave it as it is
-      std::memcpy(o, in, acc.NumElements() * sizeof(T));
-    }
     if (m == 0 || nb == 0) return;
     const T* b = block.flat<T>().data();
     using Sum = std::conditional_t<std::is_same_v<T, double>, double, float>;
