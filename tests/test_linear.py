@@ -157,6 +157,24 @@ def test_default_weights_are_one(rng):
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-12)
 
 
+def test_weights_of_the_leading_rank_broadcast(impl, rng):
+    # [batch, 1] weights (one per sequence) and [1, length] ones are those broadcast to every row;
+    # NumPy integers are chunk sizes as Python ints are.
+    x = _problem(rng, lead=(3, 5))
+    for shape in ((3, 1), (1, 5), (1, 1)):
+        w = rng.uniform(0.5, 2.0, size=shape)
+        x["sample_weight"] = w
+        loss, grads = _loss_and_grads(_fused, x, beta=0.5, temperature=2.0, chunk_size=np.int64(4))
+        x["sample_weight"] = np.broadcast_to(w, (3, 5)).copy()
+        want, want_grads = _loss_and_grads(_materialised, x, beta=0.5, temperature=2.0)
+        np.testing.assert_allclose(loss.numpy(), want.numpy(), rtol=1e-12)
+        for name, got, ref in zip(STUDENT, grads, want_grads):
+            np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-12, atol=1e-14, err_msg=name)
+    for shape in ((3, 2), (5,), (3,), (3, 5, 1)):
+        with pytest.raises(ValueError, match="sample_weight"):
+            _fused({**x, "sample_weight": np.ones(shape)}, 0.0, 1.0)
+
+
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16, tf.float16])
 def test_low_precision_inputs(dtype, impl, rng):
     # Matmuls in the input dtype, the divergence in float32: compared with the float64 composite on

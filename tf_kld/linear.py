@@ -27,6 +27,7 @@ gradient in float32 by TfKld>AccumulateKernelGrad (see _chunked).
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
 from tf_kld import reference
@@ -54,10 +55,10 @@ def _check_float(x, name):
 def _check_scalar_args(temperature, beta, chunk_size):
     temperature = reference.check_temperature(temperature, _NAME)
     beta = reference.check_beta(beta, _NAME)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, (bool, np.bool_))
+                                   or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
         raise ValueError(f"{_NAME}: chunk_size must be a positive int or None, got {chunk_size!r}")
-    return temperature, beta
+    return temperature, beta, None if chunk_size is None else int(chunk_size)
 
 
 def _dim(shape, i):
@@ -96,9 +97,21 @@ def _check_shapes(hs, ws, ht, wt, bs, bt, sample_weight):
         raise ValueError(f"linear_distillation_loss: student_hidden and teacher_hidden must have the "
                          f"same leading shape, got {hs.shape} and {ht.shape}")
     if sample_weight is not None and sample_weight.shape.rank != 0 and \
-            not sample_weight.shape.is_compatible_with(lead_s):
+            not _broadcasts_within(sample_weight.shape, lead_s):
         raise ValueError(f"linear_distillation_loss: sample_weight must be a scalar or have the hidden "
-                         f"states' leading shape {lead_s}, got {sample_weight.shape}")
+                         f"states' leading shape {lead_s} (or that rank with 1s to broadcast, as "
+                         f"[batch, 1] for one weight per sequence), got {sample_weight.shape}")
+
+
+def _broadcasts_within(shape, lead):
+    """Whether weights of `shape` broadcast to `lead` without changing rank: each dimension equal
+    or 1 (unknown ones are checked when the loss runs)."""
+    if shape.rank is None or lead.rank is None:
+        return True
+    if shape.rank != lead.rank:
+        return False
+    return all(a is None or b is None or a == 1 or a == b
+               for a, b in zip(shape.as_list(), lead.as_list()))
 
 
 def auto_chunk_size(classes, rows=None, hidden=None):
@@ -171,8 +184,9 @@ def linear_distillation_loss(student_hidden, student_kernel, teacher_hidden, tea
       student_bias, teacher_bias: optional `[V]`.
       temperature: finite float > 0: both logits are divided by it.
       beta: float in [0, 1].
-      sample_weight: optional weights of the leading shape (or a scalar); rows of weight 0 (e.g.
-        padding) contribute nothing.
+      sample_weight: optional weights of the leading shape, or of its rank with 1s that broadcast
+        (`[batch, 1]`: one weight per sequence), or a scalar; rows of weight 0 (e.g. padding)
+        contribute nothing.
       chunk_size: rows per chunk; None picks one from V and H_s (a [chunk, V] float32 buffer of
         <= 32 MiB, or H_s / 2 rows when more), no more than the rows where their number is
         static; from V = 131073 (outside XLA) blocks of the kernels' columns instead
@@ -186,7 +200,7 @@ def linear_distillation_loss(student_hidden, student_kernel, teacher_hidden, tea
         dimensions that do not match; different leading shapes; a sample_weight of another shape.
       TypeError: non-floating inputs, or a kernel of another dtype than its hidden states.
     """
-    temperature, beta = _check_scalar_args(temperature, beta, chunk_size)
+    temperature, beta, chunk_size = _check_scalar_args(temperature, beta, chunk_size)
     hs, ws = tf.convert_to_tensor(student_hidden), tf.convert_to_tensor(student_kernel)
     ht, wt = tf.convert_to_tensor(teacher_hidden), tf.convert_to_tensor(teacher_kernel)
     bs = None if student_bias is None else tf.convert_to_tensor(student_bias)
