@@ -215,7 +215,9 @@ def linear_distillation_loss(student_hidden, student_kernel, teacher_hidden, tea
                         (bt, ht, "teacher_bias and teacher_hidden")):
         if x is not None and x.dtype != y.dtype:
             raise TypeError(f"linear_distillation_loss: {names} must have one dtype, got "
-                            f"{x.dtype.name} and {y.dtype.name}")
+                            f"{x.dtype.name} and {y.dtype.name}. Cast the weights to the hidden "
+                            f"states' dtype (under a Keras mixed-precision policy, "
+                            f"`tf.cast(layer.kernel, hidden.dtype)`, as the layer's own call does).")
     work = tf.float64 if hs.dtype == tf.float64 else tf.float32
     w = None if sample_weight is None else tf.cast(tf.convert_to_tensor(sample_weight), work)
     _check_shapes(hs, ws, ht, wt, bs, bt, w)
