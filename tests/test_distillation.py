@@ -219,6 +219,32 @@ def test_wide_rows(impl, dtype, beta, rng):
     assert_loss(got, oracle(tn, pn, beta, 2.0), tn, pn, 2.0, dtype)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("beta", [None, 0.5, 1.0])
+@pytest.mark.parametrize("width", [7, 33, 32003], ids=lambda w: f"width{w}")
+def test_offset_logits_as_accurate_as_the_composite(impl, width, beta, temperature, rng):
+    """A constant added to one side's logits changes neither softmax; the float32 loss stays as
+    accurate as the log-softmax composite's (it once lost three decimal digits at an offset of
+    1e4, the cross term rounding x_t - x_s to the offset's magnitude): within twice the
+    composite's error against float64, plus a few ulps of the loss."""
+    for offset in (1e3, 1e4, -1e4):
+        for shifted in ("t", "p"):
+            t, p = logits(rng, (16, width), np.float64), logits(rng, (16, width), np.float64)
+            if shifted == "t":
+                t += offset
+            else:
+                p += offset
+            t, p = t.astype(np.float32), p.astype(np.float32)
+            want = oracle(t, p, beta, temperature)
+            got = loss_fn(beta)(t, p, temperature).numpy().astype(np.float64)
+            with tf_kld.implementation("reference"):
+                composite = loss_fn(beta)(t, p, temperature).numpy().astype(np.float64)
+            floor = 8 * U.machine_eps(tf.float32) * (1.0 + np.abs(want))
+            err, err_composite = np.abs(got - want), np.abs(composite - want)
+            assert np.all(err <= 2 * err_composite + floor), (
+                offset, shifted, float(np.max(err)), float(np.max(err_composite)))
+
+
 @pytest.mark.parametrize("beta", (None,) + BETAS)
 @pytest.mark.parametrize("dtype", U.FLOAT_DTYPES, ids=lambda d: d.name)
 def test_special_values(impl, dtype, beta):

@@ -193,6 +193,9 @@ TF_KLD_INLINE void Widen(Vf v, Vd* lo, Vd* hi) {
 // masked or not, and Finish turns a NaN sum into a NaN row.
 constexpr int kFlushSteps = 8;
 
+// x finite (not std::isfinite: at -O0 an out-of-line symbol another ISA's object could bind to).
+TF_KLD_INLINE bool Finite(double x) { return x - x == 0.0; }
+
 struct KlLanes {
   Vf max_a = Splat(-INFINITY), max_b = Splat(-INFINITY);
   Vf fsum_a = {}, fcross = {}, fsum_b = {};
@@ -215,11 +218,12 @@ struct KlLanes {
                          _mm512_cmp_ps_mask(vb, BitCast<__m512>(max_b), _CMP_GT_OQ);
     if (__builtin_expect(up != 0, 0)) Raise(a, b, a > max_a, b > max_b);
     infinite |= static_cast<__mmask16>(masked_b & ~masked_a);
-    const Vf ea = ExpNonPositive(a - max_a, static_cast<__mmask16>(~masked_a));
-    const Vf eb = ExpNonPositive(b - max_b, static_cast<__mmask16>(~masked_b));
+    const Vf da = a - max_a, db = b - max_b;
+    const Vf ea = ExpNonPositive(da, static_cast<__mmask16>(~masked_a));
+    const Vf eb = ExpNonPositive(db, static_cast<__mmask16>(~masked_b));
     fsum_a += ea;
     fsum_b += eb;
-    fcross = BitCast<Vf>(_mm512_mask3_fmadd_ps(BitCast<__m512>(ea), _mm512_sub_ps(va, vb), BitCast<__m512>(fcross),
+    fcross = BitCast<Vf>(_mm512_mask3_fmadd_ps(BitCast<__m512>(ea), BitCast<__m512>(da - db), BitCast<__m512>(fcross),
                                                static_cast<__mmask16>(~(masked_a | masked_b))));
     if (++steps == kFlushSteps) Flush();
   }
@@ -231,17 +235,20 @@ struct KlLanes {
     const Vi up_a = a > max_a, up_b = b > max_b;
     if (__builtin_expect(AnyLane(up_a | up_b), 0)) Raise(a, b, up_a, up_b);
     // Masked classes: exp 0, and no 0 * inf in the cross term.
-    const Vf ea = masked_a ? zero : ExpNonPositive(a - max_a);
-    const Vf eb = masked_b ? zero : ExpNonPositive(b - max_b);
+    const Vf da = a - max_a, db = b - max_b;
+    const Vf ea = masked_a ? zero : ExpNonPositive(da);
+    const Vf eb = masked_b ? zero : ExpNonPositive(db);
     fsum_a += ea;
-    fcross += (masked_a | masked_b) ? zero : ea * (a - b);
+    fcross += (masked_a | masked_b) ? zero : ea * (da - db);
     fsum_b += eb;
     if (++steps == kFlushSteps) Flush();
   }
 #endif
 
-  // New running maxima: the sums so far rescaled to them (rare after a row's first elements).
+  // New running maxima: the sums so far rescaled to them (rare after a row's first elements), the
+  // cross term's distances moved to them.
   TF_KLD_INLINE void Raise(Vf a, Vf b, Vi up_a, Vi up_b) {
+    Rebase((max_a - (up_a ? a : max_a)) - (max_b - (up_b ? b : max_b)));
     if (AnyLane(up_a)) {
       const Vf m = up_a ? a : max_a;
       const Vf s = up_a ? ExpNonPositive(max_a - m) : Splat(1.0f);
@@ -262,6 +269,20 @@ struct KlLanes {
     }
   }
 
+  // The cross term sums e^(a - max_a) ((a - max_a) - (b - max_b)) at each lane's maxima, not
+  // e^(a - max_a) (a - b): the distances are exact where they count, where a - b would round to
+  // the logits' magnitude (teacher logits offset by 1e4 from the student's lost three decimal
+  // digits of the KL that way). Where the maxima move, each term so far moves by
+  // delta = (old max_a - new max_a) - (old max_b - new max_b): the lane's sum_a times delta is
+  // added (a lane with an infinite or NaN delta has no term yet: nothing is).
+  TF_KLD_INLINE void Rebase(Vf delta) {
+    const Vf d = delta - delta == Splat(0.0f) ? delta : Splat(0.0f);
+    Vd d0, d1;
+    Widen(d, &d0, &d1);
+    fcross += d * fsum_a;
+    cross0 += d0 * sum_a0, cross1 += d1 * sum_a1;
+  }
+
   TF_KLD_INLINE void Flush() {
     Accumulate(fsum_a, &sum_a0, &sum_a1);
     Accumulate(fcross, &cross0, &cross1);
@@ -278,12 +299,15 @@ struct KlLanes {
     float ma = max_a[0], mb = max_b[0];
     for (int i = 1; i < kLanes; ++i) ma = max_a[i] > ma ? max_a[i] : ma, mb = max_b[i] > mb ? max_b[i] : mb;
     const Vf top_a = Splat(ma), top_b = Splat(mb);
+    Rebase((max_a - top_a) - (max_b - top_b));
     Vd a0, a1, b0, b1;
     Widen(max_a == top_a ? Splat(1.0f) : ExpNonPositive(max_a - top_a), &a0, &a1);
     Widen(max_b == top_b ? Splat(1.0f) : ExpNonPositive(max_b - top_b), &b0, &b1);
     r.max_a = ma, r.max_b = mb;
     r.sum_a = SumLanes(sum_a0 * a0 + sum_a1 * a1);
     r.cross = SumLanes(cross0 * a0 + cross1 * a1);
+    // KlPartial's cross term, sum e^(a - max_a) (a - b): the maxima's difference in double.
+    if (Finite(ma) && Finite(mb)) r.cross += (static_cast<double>(ma) - mb) * r.sum_a;
     r.sum_b = SumLanes(sum_b0 * b0 + sum_b1 * b1);
 #if defined(__AVX512F__)
     r.infinite = infinite != 0;
@@ -409,10 +433,11 @@ void KlPartialsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int
     Vf fsum_a = zero, fcross = zero, fsum_b = zero;
     for (int64_t j = 0; j < cols; ++j) {  // as KlLanes::Step, at the row's final maxima
       const Vi masked_a = a[j] == minus_inf, masked_b = b[j] == minus_inf;
-      const Vf ea = masked_a ? zero : ExpNonPositive(a[j] - max_a);
-      const Vf eb = masked_b ? zero : ExpNonPositive(b[j] - max_b);
+      const Vf da = a[j] - max_a, db = b[j] - max_b;
+      const Vf ea = masked_a ? zero : ExpNonPositive(da);
+      const Vf eb = masked_b ? zero : ExpNonPositive(db);
       fsum_a += ea;
-      fcross += (masked_a | masked_b) ? zero : ea * (a[j] - b[j]);
+      fcross += (masked_a | masked_b) ? zero : ea * (da - db);
       fsum_b += eb;
       if ((j + 1) % kFlushSteps == 0 || j + 1 == cols) {  // into double as KlLanes::Flush
         Accumulate(fsum_a, &sum_a0, &sum_a1), Accumulate(fcross, &cross0, &cross1);
@@ -424,6 +449,7 @@ void KlPartialsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int
       distill::KlPartial& r = out[r0 + i];
       r.max_a = max_a[i], r.max_b = max_b[i];
       r.sum_a = Lane(sum_a0, sum_a1, i), r.cross = Lane(cross0, cross1, i);
+      if (Finite(r.max_a) && Finite(r.max_b)) r.cross += (r.max_a - r.max_b) * r.sum_a;  // as KlLanes::Reduce
       r.sum_b = Lane(sum_b0, sum_b1, i);
       r.nan = false, r.infinite = infinite[i] != 0;
     }

@@ -111,6 +111,7 @@ struct Lane {
   TF_KLD_HD void Step(C a, C b) {
     const bool masked_a = a == C(-INFINITY), masked_b = b == C(-INFINITY);
     if (masked_b && !masked_a) infinite = 1;
+    if (a > max_a || b > max_b) Rebase((max_a - (a > max_a ? a : max_a)) - (max_b - (b > max_b ? b : max_b)));
     if (a > max_a) {  // exp(-inf) = 0 for the first element; +inf makes exp(inf - inf) = NaN below
       const C s = Exp(max_a - a);
       fsum_a *= s, fcross *= s, sum_a *= static_cast<double>(s), cross *= static_cast<double>(s);
@@ -121,11 +122,20 @@ struct Lane {
       fsum_b *= s, sum_b *= static_cast<double>(s);
       max_b = b;
     }
-    const C ea = masked_a ? C(0) : Exp(a - max_a);
+    const C da = a - max_a, db = b - max_b;
+    const C ea = masked_a ? C(0) : Exp(da);
     fsum_a += ea;
-    fsum_b += masked_b ? C(0) : Exp(b - max_b);
-    if (!masked_a && !masked_b) fcross += ea * (a - b);
+    fsum_b += masked_b ? C(0) : Exp(db);
+    if (!masked_a && !masked_b) fcross += ea * (da - db);
     if (++steps == kFlushSteps) Flush();
+  }
+
+  // The cross term at the lane's maxima, as the CPU core's (KlLanes::Rebase): each term
+  // e^(a - max_a) ((a - max_a) - (b - max_b)), exact distances where a - b would round to the
+  // logits' magnitude; where the maxima move, the terms so far move by delta (none yet where it
+  // is not finite).
+  TF_KLD_HD void Rebase(C delta) {
+    if (delta - delta == C(0)) fcross += delta * fsum_a, cross += static_cast<double>(delta) * sum_a;
   }
 
   TF_KLD_HD void Flush() {
@@ -138,6 +148,8 @@ struct Lane {
     Flush();
     State s;
     s.max_a = static_cast<double>(max_a), s.sum_a = sum_a, s.cross = cross;
+    const double maxima = s.max_a - static_cast<double>(max_b);  // State's cross: sum e^(a - max_a) (a - b)
+    if (maxima - maxima == 0.0) s.cross += maxima * sum_a;
     s.max_b = static_cast<double>(max_b), s.sum_b = sum_b, s.infinite = infinite;
     return s;
   }
