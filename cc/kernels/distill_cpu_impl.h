@@ -193,8 +193,15 @@ TF_KLD_INLINE void Widen(Vf v, Vd* lo, Vd* hi) {
 // masked or not, and Finish turns a NaN sum into a NaN row.
 constexpr int kFlushSteps = 8;
 
-// x finite (not std::isfinite: at -O0 an out-of-line symbol another ISA's object could bind to).
-TF_KLD_INLINE bool Finite(double x) { return x - x == 0.0; }
+// KlPartial's cross term, sum e^(a - max_a) (a - b), from the lanes' sum e^(a - max_a)
+// ((a - max_a) - (b - max_b)) (see KlLanes::Rebase): the maxima's difference added once, in
+// double, where both are finite (else the row's result is NaN whatever the cross term).
+// Finiteness as x - x == 0, not std::isfinite: at -O0 that is an out-of-line symbol another ISA's
+// object could bind to.
+TF_KLD_INLINE double CrossOfLogits(double cross, double max_a, double max_b, double sum_a) {
+  const double maxima = max_a - max_b;
+  return maxima - maxima == 0.0 ? cross + maxima * sum_a : cross;
+}
 
 struct KlLanes {
   Vf max_a = Splat(-INFINITY), max_b = Splat(-INFINITY);
@@ -248,24 +255,23 @@ struct KlLanes {
   // New running maxima: the sums so far rescaled to them (rare after a row's first elements), the
   // cross term's distances moved to them.
   TF_KLD_INLINE void Raise(Vf a, Vf b, Vi up_a, Vi up_b) {
-    Rebase((max_a - (up_a ? a : max_a)) - (max_b - (up_b ? b : max_b)));
+    const Vf new_a = up_a ? a : max_a, new_b = up_b ? b : max_b;
+    Rebase((max_a - new_a) - (max_b - new_b));
     if (AnyLane(up_a)) {
-      const Vf m = up_a ? a : max_a;
-      const Vf s = up_a ? ExpNonPositive(max_a - m) : Splat(1.0f);
+      const Vf s = up_a ? ExpNonPositive(max_a - new_a) : Splat(1.0f);
       Vd s0, s1;
       Widen(s, &s0, &s1);
       fsum_a *= s, fcross *= s;
       sum_a0 *= s0, sum_a1 *= s1, cross0 *= s0, cross1 *= s1;
-      max_a = m;
+      max_a = new_a;
     }
     if (AnyLane(up_b)) {
-      const Vf m = up_b ? b : max_b;
-      const Vf s = up_b ? ExpNonPositive(max_b - m) : Splat(1.0f);
+      const Vf s = up_b ? ExpNonPositive(max_b - new_b) : Splat(1.0f);
       Vd s0, s1;
       Widen(s, &s0, &s1);
       fsum_b *= s;
       sum_b0 *= s0, sum_b1 *= s1;
-      max_b = m;
+      max_b = new_b;
     }
   }
 
@@ -305,9 +311,7 @@ struct KlLanes {
     Widen(max_b == top_b ? Splat(1.0f) : ExpNonPositive(max_b - top_b), &b0, &b1);
     r.max_a = ma, r.max_b = mb;
     r.sum_a = SumLanes(sum_a0 * a0 + sum_a1 * a1);
-    r.cross = SumLanes(cross0 * a0 + cross1 * a1);
-    // KlPartial's cross term, sum e^(a - max_a) (a - b): the maxima's difference in double.
-    if (Finite(ma) && Finite(mb)) r.cross += (static_cast<double>(ma) - mb) * r.sum_a;
+    r.cross = CrossOfLogits(SumLanes(cross0 * a0 + cross1 * a1), ma, mb, r.sum_a);
     r.sum_b = SumLanes(sum_b0 * b0 + sum_b1 * b1);
 #if defined(__AVX512F__)
     r.infinite = infinite != 0;
@@ -448,8 +452,8 @@ void KlPartialsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int
     for (int i = 0; i < n; ++i) {
       distill::KlPartial& r = out[r0 + i];
       r.max_a = max_a[i], r.max_b = max_b[i];
-      r.sum_a = Lane(sum_a0, sum_a1, i), r.cross = Lane(cross0, cross1, i);
-      if (Finite(r.max_a) && Finite(r.max_b)) r.cross += (r.max_a - r.max_b) * r.sum_a;  // as KlLanes::Reduce
+      r.sum_a = Lane(sum_a0, sum_a1, i);
+      r.cross = CrossOfLogits(Lane(cross0, cross1, i), r.max_a, r.max_b, r.sum_a);
       r.sum_b = Lane(sum_b0, sum_b1, i);
       r.nan = false, r.infinite = infinite[i] != 0;
     }
