@@ -219,6 +219,27 @@ def test_deterministic_across_thread_counts(require_custom):
                                            atol=1e-6, err_msg=key)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("cols", [7, 33, 300, 32003, 70001])
+def test_bfloat16_rows_give_the_float32_result_of_their_values(require_custom, cols, temperature, rng):
+    """A bfloat16 row's KL, JSD and stats are the float32 op's on the same values widened, bit for bit
+    (the CPU forward sums both in one order of the terms; the chunked linear loss relies on it: its
+    bfloat16 and float32 chunks give the same loss). Rows of -inf classes, offsets of 1e3."""
+    t = rng.normal(0.0, 3.0, (5, cols)) + np.array([0.0, 1e3, 0.0, -1e3, 0.0])[:, None]
+    s = rng.normal(0.0, 3.0, (5, cols))
+    t[2, ::5], s[4, 1::7] = -np.inf, -np.inf
+    t16, s16 = tf.constant(t, tf.bfloat16), tf.constant(s, tf.bfloat16)
+    t32, s32 = tf.cast(t16, tf.float32), tf.cast(s16, tf.float32)
+    module = kld_ops._module
+    for op, attrs in ((module.tf_kld_kl_divergence_with_logits, {}),
+                      (module.tf_kld_generalized_jsd_with_logits, {"beta": 0.3, "beta_f64": "0.3"})):
+        loss16, stats16 = op(t16, s16, temperature=temperature, **attrs)
+        loss32, stats32 = op(t32, s32, temperature=temperature, **attrs)
+        np.testing.assert_array_equal(stats16.numpy(), stats32.numpy())
+        np.testing.assert_array_equal(tf.cast(loss16, tf.float32).numpy(),
+                                      tf.cast(tf.cast(loss32, tf.bfloat16), tf.float32).numpy())
+
+
 def test_op_checks_its_inputs(require_custom):
     module = kld_ops._module
     t = tf.zeros((2, 3))

@@ -25,7 +25,11 @@ using cpu::Type;
 
 // The per-row statistics the forward op outputs and the gradient reads, as doubles:
 // [max_a, log sum_a, max_b, log sum_b, KL]. lp = (a - max_a) - log sum_a keeps a - max_a exact
-// for huge logits, where rounding lse_a to float would not.
+// for huge logits, where rounding lse_a to float would not. float32 and 16-bit rows (every ISA,
+// the CUDA core and the XLA lowering alike) take the maxima of the raw logits and sum exps of
+// (x - max) / T (exact distances at any T, no division per element); their max_a is that float
+// maximum divided by the float temperature in double, from which the readers get the float
+// maximum back exactly. float64 rows divide first: max_a is the maximum of x / T.
 constexpr int kStats = 5;
 
 // The running state of one row, or of a piece of it.

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "cc/kernels/distill_cpu.h"
 #if defined(__AVX512F__)
@@ -87,6 +88,24 @@ TF_KLD_INLINE Vf ExpNonPositive(Vf x, __mmask16 keep = 0xffff) {
   __m512 r = _mm512_fmadd_ps(k16, _mm512_set1_ps(-0.693359375f), xc);
   r = _mm512_fmadd_ps(k16, _mm512_set1_ps(2.12194440e-4f), r);
   return BitCast<Vf>(_mm512_maskz_scalef_ps(keep, TableTimesExp(BitCast<Vf>(r), BitCast<Vf>(t)), k16));
+}
+
+// 2^u for every u <= 0 but -inf (in the lanes outside `keep`: 0), NaN kept: the forward's exp, of
+// distances already in base-2 units (KlArgs). t = u + 1.5 * 2^19 rounds u to k16, a multiple of
+// 1/16 whose low bits index the table, and r = u - k16 is exact (|r| <= 1/32), so there is no
+// ln 2 in two parts; 2^r - 1 = r (c1 + r (c2 + r c3)) with c_i = ln(2)^i / i!, the same degree
+// and range (r ln 2 <= ln2/32) as TableTimesExp. No lower clamp: below -160 the table index and r
+// lose their meaning but stay finite, and the vscalefps by 2^floor(k16) <= 2^-160 gives 0; -inf
+// (r = -inf - -inf) would give NaN, so its lanes are the ones `keep` zeroes.
+TF_KLD_INLINE Vf Exp2NonPositive(Vf u, __mmask16 keep) {
+  const __m512 x = BitCast<__m512>(u);
+  const __m512 t = _mm512_add_ps(x, _mm512_set1_ps(786432.0f));
+  const __m512 k16 = _mm512_sub_ps(t, _mm512_set1_ps(786432.0f));
+  const Vf r = BitCast<Vf>(_mm512_sub_ps(x, k16));
+  const Vf em1 = Madd(Madd(Splat(0.0555041086648216f), r, Splat(0.2402265069591007f)), r,
+                      Splat(0.6931471805599453f)) * r;
+  const Vf two_j = BitCast<Vf>(_mm512_permutexvar_ps(_mm512_castps_si512(t), _mm512_load_ps(kExp2Sixteenths)));
+  return BitCast<Vf>(_mm512_maskz_scalef_ps(keep, BitCast<__m512>(Madd(two_j, em1, two_j)), k16));
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 // K = 8: an 8-entry table (vpermps), a quartic (|r| <= ln2/16), and 2^m = 2^floor(k/8) as
@@ -203,8 +222,38 @@ TF_KLD_INLINE double CrossOfLogits(double cross, double max_a, double max_b, dou
   return maxima - maxima == 0.0 ? cross + maxima * sum_a : cross;
 }
 
+// The forward's exp arguments: distances to the running maxima of the raw logits (not of x / T:
+// exact where they count, whatever T, and no division per element), scaled once. On AVX-512 by
+// log2(e) / T into base-2 units for Exp2NonPositive (no ln 2 in two parts: two multiply-adds fewer
+// per exp); elsewhere divided by T (Divider mode kMode) for ExpNonPositive. kUnit: one argument
+// unit in natural units (the cross term's scale). The scale's rounding (2^-24, the same for every
+// element) moves the KL as a change of T by as much would.
+template <int kMode>
+struct KlArgs {
+#if defined(__AVX512F__)
+  static constexpr double kUnit = 0.6931471805599453;  // ln 2
+  Vf scale;
+  explicit KlArgs(float temperature) : scale(Splat(static_cast<float>(1.4426950408889634 / temperature))) {}
+  TF_KLD_INLINE Vf operator()(Vf d) const { return d * scale; }
+  static TF_KLD_INLINE Vf Exp(Vf u, __mmask16 keep) { return Exp2NonPositive(u, keep); }
+  // exp of the argument u <= 0, -inf (an unset maximum's distance) and NaN included.
+  static TF_KLD_INLINE Vf ExpAny(Vf u) {
+    return Exp2NonPositive(u, _mm512_cmp_ps_mask(BitCast<__m512>(u), _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ));
+  }
+#else
+  static constexpr double kUnit = 1.0;
+  Divider by_t;
+  explicit KlArgs(float temperature) : by_t(temperature) {}
+  TF_KLD_INLINE Vf operator()(Vf d) const { return by_t.Apply<kMode>(d); }
+  static TF_KLD_INLINE Vf ExpAny(Vf u) { return ExpNonPositive(u); }
+#endif
+};
+
+template <int kMode>
 struct KlLanes {
-  Vf max_a = Splat(-INFINITY), max_b = Splat(-INFINITY);
+  KlArgs<kMode> arg;
+  float temperature;
+  Vf max_a = Splat(-INFINITY), max_b = Splat(-INFINITY);  // of the raw logits
   Vf fsum_a = {}, fcross = {}, fsum_b = {};
   Vd sum_a0 = {}, sum_a1 = {}, cross0 = {}, cross1 = {}, sum_b0 = {}, sum_b1 = {};
 #if defined(__AVX512F__)
@@ -214,6 +263,9 @@ struct KlLanes {
 #endif
   int steps = 0;
 
+  explicit KlLanes(float t) : arg(t), temperature(t) {}
+
+  // One step of raw logits a (y_true) and b (y_pred).
 #if defined(__AVX512F__)
   // As below, with the lane tests in mask registers (no mask <-> vector moves).
   TF_KLD_INLINE void Step(Vf a, Vf b) {
@@ -225,12 +277,12 @@ struct KlLanes {
                          _mm512_cmp_ps_mask(vb, BitCast<__m512>(max_b), _CMP_GT_OQ);
     if (__builtin_expect(up != 0, 0)) Raise(a, b, a > max_a, b > max_b);
     infinite |= static_cast<__mmask16>(masked_b & ~masked_a);
-    const Vf da = a - max_a, db = b - max_b;
-    const Vf ea = ExpNonPositive(da, static_cast<__mmask16>(~masked_a));
-    const Vf eb = ExpNonPositive(db, static_cast<__mmask16>(~masked_b));
+    const Vf ua = arg(a - max_a), ub = arg(b - max_b);
+    const Vf ea = arg.Exp(ua, static_cast<__mmask16>(~masked_a));
+    const Vf eb = arg.Exp(ub, static_cast<__mmask16>(~masked_b));
     fsum_a += ea;
     fsum_b += eb;
-    fcross = BitCast<Vf>(_mm512_mask3_fmadd_ps(BitCast<__m512>(ea), BitCast<__m512>(da - db), BitCast<__m512>(fcross),
+    fcross = BitCast<Vf>(_mm512_mask3_fmadd_ps(BitCast<__m512>(ea), BitCast<__m512>(ua - ub), BitCast<__m512>(fcross),
                                                static_cast<__mmask16>(~(masked_a | masked_b))));
     if (++steps == kFlushSteps) Flush();
   }
@@ -242,15 +294,18 @@ struct KlLanes {
     const Vi up_a = a > max_a, up_b = b > max_b;
     if (__builtin_expect(AnyLane(up_a | up_b), 0)) Raise(a, b, up_a, up_b);
     // Masked classes: exp 0, and no 0 * inf in the cross term.
-    const Vf da = a - max_a, db = b - max_b;
-    const Vf ea = masked_a ? zero : ExpNonPositive(da);
-    const Vf eb = masked_b ? zero : ExpNonPositive(db);
+    const Vf ua = arg(a - max_a), ub = arg(b - max_b);
+    const Vf ea = masked_a ? zero : ExpNonPositive(ua);
+    const Vf eb = masked_b ? zero : ExpNonPositive(ub);
     fsum_a += ea;
-    fcross += (masked_a | masked_b) ? zero : ea * (da - db);
+    fcross += (masked_a | masked_b) ? zero : ea * (ua - ub);
     fsum_b += eb;
     if (++steps == kFlushSteps) Flush();
   }
 #endif
+
+  // e^(arg(from - to)) where `up`, else 1: a lane's sums moved from maximum `from` to `to`.
+  TF_KLD_INLINE Vf Scale(Vf from, Vf to, Vi up) const { return up ? arg.ExpAny(arg(from - to)) : Splat(1.0f); }
 
   // New running maxima: the sums so far rescaled to them (rare after a row's first elements), the
   // cross term's distances moved to them.
@@ -258,7 +313,7 @@ struct KlLanes {
     const Vf new_a = up_a ? a : max_a, new_b = up_b ? b : max_b;
     Rebase((max_a - new_a) - (max_b - new_b));
     if (AnyLane(up_a)) {
-      const Vf s = up_a ? ExpNonPositive(max_a - new_a) : Splat(1.0f);
+      const Vf s = Scale(max_a, new_a, up_a);
       Vd s0, s1;
       Widen(s, &s0, &s1);
       fsum_a *= s, fcross *= s;
@@ -266,7 +321,7 @@ struct KlLanes {
       max_a = new_a;
     }
     if (AnyLane(up_b)) {
-      const Vf s = up_b ? ExpNonPositive(max_b - new_b) : Splat(1.0f);
+      const Vf s = Scale(max_b, new_b, up_b);
       Vd s0, s1;
       Widen(s, &s0, &s1);
       fsum_b *= s;
@@ -275,14 +330,14 @@ struct KlLanes {
     }
   }
 
-  // The cross term sums e^(a - max_a) ((a - max_a) - (b - max_b)) at each lane's maxima, not
-  // e^(a - max_a) (a - b): the distances are exact where they count, where a - b would round to
-  // the logits' magnitude (teacher logits offset by 1e4 from the student's lost three decimal
-  // digits of the KL that way). Where the maxima move, each term so far moves by
-  // delta = (old max_a - new max_a) - (old max_b - new max_b): the lane's sum_a times delta is
-  // added (a lane with an infinite or NaN delta has no term yet: nothing is).
+  // The cross term sums e^(a - max_a) ((a - max_a) - (b - max_b)) at each lane's maxima (in
+  // argument units), not e^(a - max_a) (a - b): the distances are exact where they count, where
+  // a - b would round to the logits' magnitude (teacher logits offset by 1e4 from the student's
+  // lost three decimal digits of the KL that way). Where the maxima move, each term so far moves
+  // by delta = (old max_a - new max_a) - (old max_b - new max_b) (raw units): the lane's sum_a
+  // times arg(delta) is added (a lane with an infinite or NaN delta has no term yet: nothing is).
   TF_KLD_INLINE void Rebase(Vf delta) {
-    const Vf d = delta - delta == Splat(0.0f) ? delta : Splat(0.0f);
+    const Vf d = delta - delta == Splat(0.0f) ? arg(delta) : Splat(0.0f);
     Vd d0, d1;
     Widen(d, &d0, &d1);
     fcross += d * fsum_a;
@@ -298,7 +353,9 @@ struct KlLanes {
   }
 
   // The lanes merged: each lane's sums rescaled to the largest maximum by one vector exp (not a
-  // Merge per lane: narrow rows would pay several scalar exps per element).
+  // Merge per lane: narrow rows would pay several scalar exps per element). KlPartial's maxima are
+  // the raw ones divided by T in double (the gradient ops recover the raw float maxima from them
+  // exactly: RawMax), its cross term in natural units.
   distill::KlPartial Reduce() {
     Flush();
     distill::KlPartial r;
@@ -307,11 +364,11 @@ struct KlLanes {
     const Vf top_a = Splat(ma), top_b = Splat(mb);
     Rebase((max_a - top_a) - (max_b - top_b));
     Vd a0, a1, b0, b1;
-    Widen(max_a == top_a ? Splat(1.0f) : ExpNonPositive(max_a - top_a), &a0, &a1);
-    Widen(max_b == top_b ? Splat(1.0f) : ExpNonPositive(max_b - top_b), &b0, &b1);
-    r.max_a = ma, r.max_b = mb;
+    Widen(Scale(max_a, top_a, max_a != top_a), &a0, &a1);
+    Widen(Scale(max_b, top_b, max_b != top_b), &b0, &b1);
+    r.max_a = static_cast<double>(ma) / temperature, r.max_b = static_cast<double>(mb) / temperature;
     r.sum_a = SumLanes(sum_a0 * a0 + sum_a1 * a1);
-    r.cross = CrossOfLogits(SumLanes(cross0 * a0 + cross1 * a1), ma, mb, r.sum_a);
+    r.cross = CrossOfLogits(KlArgs<kMode>::kUnit * SumLanes(cross0 * a0 + cross1 * a1), r.max_a, r.max_b, r.sum_a);
     r.sum_b = SumLanes(sum_b0 * b0 + sum_b1 * b1);
 #if defined(__AVX512F__)
     r.infinite = infinite != 0;
@@ -330,35 +387,57 @@ TF_KLD_INLINE Vf LoadPadded(const typename E::Storage* x, int64_t n, float pad) 
   return FloatT::Load(v);
 }
 
+// 2 * kLanes floats as two vectors, the even-indexed elements and the odd-indexed ones (two lane
+// permutes): the lanes Bfloat16T::LoadPairs gives, so that a float32 row's partial is its
+// bfloat16 row's, bit for bit, wherever the float32 row holds that row's values.
+template <int... I>
+constexpr Vi EveryOther(int first, std::integer_sequence<int, I...>) { return Vi{(first + 2 * I)...}; }
+
+TF_KLD_INLINE void LoadFloatPairs(const float* p, Vf* even, Vf* odd) {
+  constexpr Vi kEven = EveryOther(0, std::make_integer_sequence<int, kLanes>());
+  constexpr Vi kOdd = EveryOther(1, std::make_integer_sequence<int, kLanes>());
+  const Vf x0 = FloatT::Load(p), x1 = FloatT::Load(p + kLanes);
+  *even = __builtin_shuffle(x0, x1, kEven);
+  *odd = __builtin_shuffle(x0, x1, kOdd);
+}
+
 template <typename E>
 distill::KlPartial KlPartialF(const void* y_true, const void* y_pred, int64_t n, float temperature) {
   const auto* t = static_cast<const typename E::Storage*>(y_true);
   const auto* p = static_cast<const typename E::Storage*>(y_pred);
-  const Divider by_t(temperature);
-  return by_t.Dispatch([&](auto mode) {
-    constexpr int kMode = decltype(mode)::kMode;
-    KlLanes s;
+  auto run = [&](auto mode) {
+    KlLanes<decltype(mode)::kMode> s(temperature);
     int64_t i = 0;
-    if constexpr (std::is_same<E, Bfloat16T>::value) {  // the row's terms in another order, widened cheaper
+    // bfloat16 rows go in another order of their terms (even- and odd-indexed elements), widened
+    // cheaper that way (a shift and a mask); float32 rows in the same order (two lane permutes), so
+    // a bfloat16 row's result is the float32 result of its widened values, bit for bit.
+    if constexpr (std::is_same<E, Bfloat16T>::value || std::is_same<E, FloatT>::value) {
       for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
         Prefetch(t + i), Prefetch(p + i);
         Vf t_even, t_odd, p_even, p_odd;
-        Bfloat16T::LoadPairs(t + i, &t_even, &t_odd);
-        Bfloat16T::LoadPairs(p + i, &p_even, &p_odd);
-        s.Step(by_t.Apply<kMode>(t_even), by_t.Apply<kMode>(p_even));
-        s.Step(by_t.Apply<kMode>(t_odd), by_t.Apply<kMode>(p_odd));
+        if constexpr (std::is_same<E, Bfloat16T>::value) {
+          Bfloat16T::LoadPairs(t + i, &t_even, &t_odd);
+          Bfloat16T::LoadPairs(p + i, &p_even, &p_odd);
+        } else {
+          LoadFloatPairs(t + i, &t_even, &t_odd);
+          LoadFloatPairs(p + i, &p_even, &p_odd);
+        }
+        s.Step(t_even, p_even);
+        s.Step(t_odd, p_odd);
       }
     }
     for (; i + kLanes <= n; i += kLanes) {
       Prefetch(t + i), Prefetch(p + i);
-      s.Step(by_t.Apply<kMode>(E::Load(t + i)), by_t.Apply<kMode>(E::Load(p + i)));
+      s.Step(E::Load(t + i), E::Load(p + i));
     }
-    if (i < n) {
-      s.Step(by_t.Apply<kMode>(LoadPadded<E>(t + i, n - i, -INFINITY)),
-             by_t.Apply<kMode>(LoadPadded<E>(p + i, n - i, -INFINITY)));
-    }
+    if (i < n) s.Step(LoadPadded<E>(t + i, n - i, -INFINITY), LoadPadded<E>(p + i, n - i, -INFINITY));
     return s.Reduce();
-  });
+  };
+#if defined(__AVX512F__)
+  return run(Divider::ModeTag<Divider::kMultiply>());  // one loop for every T: KlArgs multiplies
+#else
+  return Divider(temperature).Dispatch(run);
+#endif
 }
 
 distill::KlPartial KlPartialD(const void* y_true, const void* y_pred, int64_t n, double temperature) {
@@ -418,50 +497,65 @@ void KlPartialsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int
                        float temperature, distill::KlPartial* out) {
   const auto* t = static_cast<const typename E::Storage*>(y_true);
   const auto* p = static_cast<const typename E::Storage*>(y_pred);
-  const Divider by_t(temperature);
-  const Vf minus_inf = Splat(-INFINITY), zero = Splat(0.0f);
-  for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
-    const int64_t n = rows - r0 < kLanes ? rows - r0 : kLanes;
-    Vf a[kNarrowCols], b[kNarrowCols];
-    LoadColumns<E>(t + r0 * cols, n, cols, a);
-    LoadColumns<E>(p + r0 * cols, n, cols, b);
-    Vf max_a = minus_inf, max_b = minus_inf;
-    Vi infinite = {};
-    for (int64_t j = 0; j < cols; ++j) {
-      a[j] = by_t(a[j]), b[j] = by_t(b[j]);
-      max_a = a[j] > max_a ? a[j] : max_a;  // NaN never raises a maximum: it makes the sums NaN
-      max_b = b[j] > max_b ? b[j] : max_b;
-      infinite |= (b[j] == minus_inf) & (a[j] != minus_inf);
-    }
-    Vd sum_a0 = {}, sum_a1 = {}, cross0 = {}, cross1 = {}, sum_b0 = {}, sum_b1 = {};
-    Vf fsum_a = zero, fcross = zero, fsum_b = zero;
-    for (int64_t j = 0; j < cols; ++j) {  // as KlLanes::Step, at the row's final maxima
-      const Vi masked_a = a[j] == minus_inf, masked_b = b[j] == minus_inf;
-      const Vf da = a[j] - max_a, db = b[j] - max_b;
-      const Vf ea = masked_a ? zero : ExpNonPositive(da);
-      const Vf eb = masked_b ? zero : ExpNonPositive(db);
-      fsum_a += ea;
-      fcross += (masked_a | masked_b) ? zero : ea * (da - db);
-      fsum_b += eb;
-      if ((j + 1) % kFlushSteps == 0 || j + 1 == cols) {  // into double as KlLanes::Flush
-        Accumulate(fsum_a, &sum_a0, &sum_a1), Accumulate(fcross, &cross0, &cross1);
-        Accumulate(fsum_b, &sum_b0, &sum_b1);
-        fsum_a = fcross = fsum_b = zero;
+  auto run = [&](auto mode) {
+    const KlArgs<decltype(mode)::kMode> arg(temperature);
+    const Vf minus_inf = Splat(-INFINITY), zero = Splat(0.0f);
+    for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
+      const int64_t n = rows - r0 < kLanes ? rows - r0 : kLanes;
+      Vf a[kNarrowCols], b[kNarrowCols];
+      LoadColumns<E>(t + r0 * cols, n, cols, a);
+      LoadColumns<E>(p + r0 * cols, n, cols, b);
+      Vf max_a = minus_inf, max_b = minus_inf;
+      Vi infinite = {};
+      for (int64_t j = 0; j < cols; ++j) {
+        max_a = a[j] > max_a ? a[j] : max_a;  // NaN never raises a maximum: it makes the sums NaN
+        max_b = b[j] > max_b ? b[j] : max_b;
+        infinite |= (b[j] == minus_inf) & (a[j] != minus_inf);
+      }
+      Vd sum_a0 = {}, sum_a1 = {}, cross0 = {}, cross1 = {}, sum_b0 = {}, sum_b1 = {};
+      Vf fsum_a = zero, fcross = zero, fsum_b = zero;
+      for (int64_t j = 0; j < cols; ++j) {  // as KlLanes::Step, at the row's final maxima
+        const Vi masked_a = a[j] == minus_inf, masked_b = b[j] == minus_inf;
+        const Vf ua = arg(a[j] - max_a), ub = arg(b[j] - max_b);
+        const Vf ea = masked_a ? zero : arg.ExpAny(ua);
+        const Vf eb = masked_b ? zero : arg.ExpAny(ub);
+        fsum_a += ea;
+        fcross += (masked_a | masked_b) ? zero : ea * (ua - ub);
+        fsum_b += eb;
+        if ((j + 1) % kFlushSteps == 0 || j + 1 == cols) {  // into double as KlLanes::Flush
+          Accumulate(fsum_a, &sum_a0, &sum_a1), Accumulate(fcross, &cross0, &cross1);
+          Accumulate(fsum_b, &sum_b0, &sum_b1);
+          fsum_a = fcross = fsum_b = zero;
+        }
+      }
+      for (int i = 0; i < n; ++i) {  // maxima and cross term as KlLanes::Reduce's
+        distill::KlPartial& r = out[r0 + i];
+        r.max_a = static_cast<double>(max_a[i]) / temperature;
+        r.max_b = static_cast<double>(max_b[i]) / temperature;
+        r.sum_a = Lane(sum_a0, sum_a1, i);
+        r.cross = CrossOfLogits(decltype(arg)::kUnit * Lane(cross0, cross1, i), r.max_a, r.max_b, r.sum_a);
+        r.sum_b = Lane(sum_b0, sum_b1, i);
+        r.nan = false, r.infinite = infinite[i] != 0;
       }
     }
-    for (int i = 0; i < n; ++i) {
-      distill::KlPartial& r = out[r0 + i];
-      r.max_a = max_a[i], r.max_b = max_b[i];
-      r.sum_a = Lane(sum_a0, sum_a1, i);
-      r.cross = CrossOfLogits(Lane(cross0, cross1, i), r.max_a, r.max_b, r.sum_a);
-      r.sum_b = Lane(sum_b0, sum_b1, i);
-      r.nan = false, r.infinite = infinite[i] != 0;
-    }
-  }
+    return 0;
+  };
+#if defined(__AVX512F__)
+  run(Divider::ModeTag<Divider::kMultiply>());
+#else
+  Divider(temperature).Dispatch(run);
+#endif
+}
+
+// A row's raw float maximum from its stats' max / T (KlLanes::Reduce: the float maximum divided by
+// the float temperature in double): exact, as the product is within two double ulps of a float.
+TF_KLD_INLINE float RawMax(double max_over_t, float temperature) {
+  return static_cast<float>(max_over_t * static_cast<double>(temperature));
 }
 
 // The gradients of kLanes elements of one row: d_pred = g/T (q - p), d_true = g/T p ((lp - lq) - KL)
-// (0 where p = 0 exactly: a masked teacher class).
+// (0 where p = 0 exactly: a masked teacher class), lp = (a - max_a) / T - log sum_a from the raw
+// logits and maxima (the distances the forward summed).
 struct KlRowGrad {
   Vf max_a, log_a, max_b, log_b, kl, g_over_t;
   Divider by_t;
@@ -469,8 +563,8 @@ struct KlRowGrad {
   explicit KlRowGrad(float t) : by_t(t) {}  // lanes set by the caller
 
   KlRowGrad(const double* stats, float g, float t)
-      : max_a(Splat(static_cast<float>(stats[0]))), log_a(Splat(static_cast<float>(stats[1]))),
-        max_b(Splat(static_cast<float>(stats[2]))), log_b(Splat(static_cast<float>(stats[3]))),
+      : max_a(Splat(RawMax(stats[0], t))), log_a(Splat(static_cast<float>(stats[1]))),
+        max_b(Splat(RawMax(stats[2], t))), log_b(Splat(static_cast<float>(stats[3]))),
         kl(Splat(static_cast<float>(stats[4]))), g_over_t(Splat(g / t)), by_t(t) {}
 
   TF_KLD_INLINE void Compute(Vf a, Vf b, Vf* d_true, Vf* d_pred) const {
@@ -480,12 +574,8 @@ struct KlRowGrad {
   // left unset, none of its arithmetic done).
   template <int kMode, bool kTrue>
   TF_KLD_INLINE void Compute(Vf a, Vf b, Vf* d_true, Vf* d_pred) const {
-    if (kMode > Divider::kDivide) {
-      a = by_t(a), b = by_t(b);
-    } else {
-      a = by_t.Apply<kMode>(a), b = by_t.Apply<kMode>(b);
-    }
-    const Vf lp = (a - max_a) - log_a, lq = (b - max_b) - log_b;
+    auto over_t = [&](Vf x) { return kMode > Divider::kDivide ? by_t(x) : by_t.Apply<kMode>(x); };
+    const Vf lp = over_t(a - max_a) - log_a, lq = over_t(b - max_b) - log_b;
     const Vf p = ExpNonPositive(lp), q = ExpNonPositive(lq);
     *d_pred = g_over_t * (q - p);
     if (kTrue) *d_true = a == Splat(-INFINITY) ? Splat(0.0f) : g_over_t * (p * ((lp - lq) - kl));
@@ -529,8 +619,8 @@ void KlGradientNarrowF(const typename E::Storage* g, const typename E::Storage* 
         rows.max_a = rows.log_a = rows.max_b = rows.log_b = rows.kl = rows.g_over_t = Splat(0.0f);
         for (int64_t i = 0; i < n; ++i) {
           const double* s = stats + (r0 + i) * distill::kStats;
-          rows.max_a[i] = static_cast<float>(s[0]), rows.log_a[i] = static_cast<float>(s[1]);
-          rows.max_b[i] = static_cast<float>(s[2]), rows.log_b[i] = static_cast<float>(s[3]);
+          rows.max_a[i] = RawMax(s[0], temperature), rows.log_a[i] = static_cast<float>(s[1]);
+          rows.max_b[i] = RawMax(s[2], temperature), rows.log_b[i] = static_cast<float>(s[3]);
           rows.kl[i] = static_cast<float>(s[4]), rows.g_over_t[i] = E::ToFloat(g[r0 + i]) / temperature;
         }
         const int64_t base = r0 * cols, count = n * cols;
@@ -669,8 +759,10 @@ struct JsdLogs {
   Divider by_t;
 
   JsdLogs(const double* stats, const distill::JsdParams& params)
-      : max_a(Splat(static_cast<float>(stats[0]))), log_a(Splat(static_cast<float>(stats[1]))),
-        max_b(Splat(static_cast<float>(stats[2]))), log_b(Splat(static_cast<float>(stats[3]))),
+      : max_a(Splat(RawMax(stats[0], static_cast<float>(params.temperature)))),
+        log_a(Splat(static_cast<float>(stats[1]))),
+        max_b(Splat(RawMax(stats[2], static_cast<float>(params.temperature)))),
+        log_b(Splat(static_cast<float>(stats[3]))),
         log_beta(Splat(static_cast<float>(params.log_beta))),
         log1m_beta(Splat(static_cast<float>(params.log1m_beta))),
         beta(Splat(static_cast<float>(params.beta))),
@@ -679,10 +771,9 @@ struct JsdLogs {
 
   TF_KLD_INLINE void Compute(Vf a, Vf b, Vf* lp, Vf* lq, Vf* p, Vf* q, Vf* lm, Vi* masked_a,
                              Vi* masked_b) const {
-    a = by_t(a), b = by_t(b);
     const Vf minus_inf = Splat(-INFINITY);
     *masked_a = a == minus_inf, *masked_b = b == minus_inf;
-    *lp = (a - max_a) - log_a, *lq = (b - max_b) - log_b;
+    *lp = by_t(a - max_a) - log_a, *lq = by_t(b - max_b) - log_b;  // as KlRowGrad's
     *p = ExpNonPositive(*lp), *q = ExpNonPositive(*lq);
     const Vf m = Madd(beta, *p, one_minus_beta * *q);
     *lm = Log<true>(m);  // every lane positive normal or NaN, but for the lanes below

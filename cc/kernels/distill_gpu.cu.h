@@ -8,7 +8,9 @@
 // compute type (float for float16/bfloat16/float32, double for float64); per row the online state
 // max_a, sum_a = sum exp(a - max_a), cross = sum exp(a - max_a) (a - b), max_b, sum_b, rescaled when
 // a maximum grows; exps in the compute type, the three sums in it for 8 steps, then in double. NaN and +inf logits make a
-// sum NaN (no test needed), masked classes (-inf) add nothing and never 0 * inf.
+// sum NaN (no test needed), masked classes (-inf) add nothing and never 0 * inf. As there, float
+// compute takes the maxima of the raw logits and divides the distances to them by T (Units), and
+// the stats hold max / T in double.
 //
 // Launch shapes depend on the tensor shape only, and every reduction has a fixed tree (no atomics),
 // so results are deterministic. Rows of at most kWarpRowCols classes: 1..32 lanes of a warp per row
@@ -16,6 +18,8 @@
 // row (from L2 for the vocabularies of language models).
 #ifndef TF_KLD_CC_KERNELS_DISTILL_GPU_CU_H_
 #define TF_KLD_CC_KERNELS_DISTILL_GPU_CU_H_
+
+#include <type_traits>
 
 #include "cc/kernels/kld_gpu.cu.h"
 
@@ -89,6 +93,34 @@ TF_KLD_HD double LogD(double x) {
 }
 TF_KLD_HD bool IsNan(double x) { return x != x; }
 
+// How logits enter the arithmetic, as the CPU core's: float compute keeps them raw, takes the maxima
+// of the raw logits and divides the distances to them by T ((x - max) / T: exact where it counts);
+// its stats hold max / T in double, from which the float maximum comes back exactly (within two
+// double ulps of a float). double compute divides each logit by T first, its stats the maxima of
+// x / T.
+template <typename C>
+struct Units {
+  static constexpr bool kRaw = !std::is_same<C, double>::value;
+  C temperature = C(1);
+  bool scaled = false;
+
+  Units() = default;
+  TF_KLD_HD explicit Units(double t) : temperature(static_cast<C>(t)), scaled(static_cast<C>(t) != C(1)) {}
+  template <typename T>
+  TF_KLD_HD C In(T x) const {
+    const C v = Traits<T>::ToCompute(x);
+    return !kRaw && scaled ? v / temperature : v;
+  }
+  // A distance of In() values in units of x / T.
+  TF_KLD_HD C OverT(C d) const { return kRaw && scaled ? d / temperature : d; }
+  TF_KLD_HD double Stat(C max) const {
+    return kRaw ? static_cast<double>(max) / static_cast<double>(temperature) : static_cast<double>(max);
+  }
+  TF_KLD_HD C Max(double stat) const {
+    return static_cast<C>(kRaw ? stat * static_cast<double>(temperature) : stat);
+  }
+};
+
 // The merged state of a row piece (maxima widened to double), as distill::KlPartial.
 struct State {
   double max_a = -INFINITY, sum_a = 0.0, cross = 0.0, max_b = -INFINITY, sum_b = 0.0;
@@ -102,27 +134,29 @@ constexpr int kFlushSteps = 8;
 
 template <typename C>
 struct Lane {
+  Units<C> u;
   C max_a = -INFINITY, max_b = -INFINITY;
   C fsum_a = 0, fcross = 0, fsum_b = 0;
   double sum_a = 0.0, cross = 0.0, sum_b = 0.0;
   int steps = 0;
   int infinite = 0;
 
+  // One element of each row, as Units::In gives them.
   TF_KLD_HD void Step(C a, C b) {
     const bool masked_a = a == C(-INFINITY), masked_b = b == C(-INFINITY);
     if (masked_b && !masked_a) infinite = 1;
-    if (a > max_a || b > max_b) Rebase((max_a - (a > max_a ? a : max_a)) - (max_b - (b > max_b ? b : max_b)));
+    if (a > max_a || b > max_b) Rebase(u.OverT((max_a - (a > max_a ? a : max_a)) - (max_b - (b > max_b ? b : max_b))));
     if (a > max_a) {  // exp(-inf) = 0 for the first element; +inf makes exp(inf - inf) = NaN below
-      const C s = Exp(max_a - a);
+      const C s = Exp(u.OverT(max_a - a));
       fsum_a *= s, fcross *= s, sum_a *= static_cast<double>(s), cross *= static_cast<double>(s);
       max_a = a;
     }
     if (b > max_b) {
-      const C s = Exp(max_b - b);
+      const C s = Exp(u.OverT(max_b - b));
       fsum_b *= s, sum_b *= static_cast<double>(s);
       max_b = b;
     }
-    const C da = a - max_a, db = b - max_b;
+    const C da = u.OverT(a - max_a), db = u.OverT(b - max_b);
     const C ea = masked_a ? C(0) : Exp(da);
     fsum_a += ea;
     fsum_b += masked_b ? C(0) : Exp(db);
@@ -147,10 +181,10 @@ struct Lane {
   TF_KLD_HD State ToState() {
     Flush();
     State s;
-    s.max_a = static_cast<double>(max_a), s.sum_a = sum_a, s.cross = cross;
-    const double maxima = s.max_a - static_cast<double>(max_b);  // State's cross: sum e^(a - max_a) (a - b)
+    s.max_a = u.Stat(max_a), s.sum_a = sum_a, s.cross = cross;
+    const double maxima = s.max_a - u.Stat(max_b);  // State's cross: sum e^(a - max_a) (a - b)
     if (maxima - maxima == 0.0) s.cross += maxima * sum_a;
-    s.max_b = static_cast<double>(max_b), s.sum_b = sum_b, s.infinite = infinite;
+    s.max_b = u.Stat(max_b), s.sum_b = sum_b, s.infinite = infinite;
     return s;
   }
 };
@@ -191,15 +225,17 @@ TF_KLD_HD double Finish(const State& s, double* stats) {
 // -inf where p = q = 0), as the CPU core's JsdLogs.
 template <typename C>
 struct Logs {
+  Units<C> u;
   C max_a, log_a, max_b, log_b, log_beta, log1m_beta;
 
   TF_KLD_HD Logs(const double* stats, const Params& params)
-      : max_a(static_cast<C>(stats[0])), log_a(static_cast<C>(stats[1])), max_b(static_cast<C>(stats[2])),
+      : u(params.temperature), max_a(u.Max(stats[0])), log_a(static_cast<C>(stats[1])), max_b(u.Max(stats[2])),
         log_b(static_cast<C>(stats[3])), log_beta(static_cast<C>(params.log_beta)),
         log1m_beta(static_cast<C>(params.log1m_beta)) {}
 
+  // a, b as Units::In gives them.
   TF_KLD_HD void Compute(C a, C b, C* lp, C* lq, C* lm) const {
-    *lp = (a - max_a) - log_a, *lq = (b - max_b) - log_b;
+    *lp = u.OverT(a - max_a) - log_a, *lq = u.OverT(b - max_b) - log_b;
     const C x1 = *lp + log_beta, x2 = *lq + log1m_beta;
     const C hi = x1 >= x2 ? x1 : x2, lo = x1 >= x2 ? x2 : x1;
     const bool both_masked = a == C(-INFINITY) && b == C(-INFINITY);
@@ -216,12 +252,6 @@ TF_KLD_HD void JsdTerms(const Logs<C>& logs, C a, C b, C* sp, C* sq) {
   if (b != C(-INFINITY)) *sq += Exp(lq) * (lq - lm);
 }
 
-template <typename T>
-TF_KLD_HD typename Traits<T>::Compute Scaled(T x, typename Traits<T>::Compute temperature, bool scaled) {
-  const auto v = Traits<T>::ToCompute(x);
-  return scaled ? v / temperature : v;
-}
-
 // The gradients of element i of a row (stats: that row's), as the CPU core: KL
 // d_pred = g/T (q - p), d_true = g/T p ((lp - lq) - KL) (0 where p = 0); JSD
 // d_true = g beta/T p ((lp - lm) - KL(p || m)), d_pred = g (1 - beta)/T q ((lq - lm) - KL(q || m)).
@@ -230,13 +260,12 @@ TF_KLD_HD void GradientElement(const Params& params, typename Traits<T>::Compute
                                T t, T p, T* d_true, T* d_pred) {
   using Tr = Traits<T>;
   using C = typename Tr::Compute;
-  const C temperature = static_cast<C>(params.temperature);
-  const bool scaled = temperature != C(1);
-  const C a = Scaled(t, temperature, scaled), b = Scaled(p, temperature, scaled);
+  const Units<C> u(params.temperature);
+  const C a = u.In(t), b = u.In(p);
   C vt, vp;
   if (!params.jsd) {
-    const C lp = (a - static_cast<C>(stats[0])) - static_cast<C>(stats[1]);
-    const C lq = (b - static_cast<C>(stats[2])) - static_cast<C>(stats[3]);
+    const C lp = u.OverT(a - u.Max(stats[0])) - static_cast<C>(stats[1]);
+    const C lq = u.OverT(b - u.Max(stats[2])) - static_cast<C>(stats[3]);
     const C pe = Exp(lp), qe = Exp(lq);
     vp = g_over_t * (qe - pe);
     vt = a == C(-INFINITY) ? C(0) : g_over_t * (pe * ((lp - lq) - static_cast<C>(stats[4])));
@@ -279,10 +308,9 @@ template <typename T>
 TF_KLD_HD Lane<typename Traits<T>::Compute> RowLane(const T* t, const T* p, int64_t n, int lane, int lanes,
                                                     const Params& params) {
   using C = typename Traits<T>::Compute;
-  const C temperature = static_cast<C>(params.temperature);
-  const bool scaled = temperature != C(1);
   Lane<C> s;
-  for (int64_t i = lane; i < n; i += lanes) s.Step(Scaled(t[i], temperature, scaled), Scaled(p[i], temperature, scaled));
+  s.u = Units<C>(params.temperature);
+  for (int64_t i = lane; i < n; i += lanes) s.Step(s.u.In(t[i]), s.u.In(p[i]));
   return s;
 }
 
@@ -291,13 +319,11 @@ template <typename T>
 TF_KLD_HD void RowJsdSums(const T* t, const T* p, int64_t n, int lane, int lanes, const Params& params,
                           const double* stats, double* sp, double* sq) {
   using C = typename Traits<T>::Compute;
-  const C temperature = static_cast<C>(params.temperature);
-  const bool scaled = temperature != C(1);
   const Logs<C> logs(stats, params);
   C fp = 0, fq = 0;  // flushed into the double sums every kFlushSteps terms, as Lane's
   int steps = 0;
   for (int64_t i = lane; i < n; i += lanes) {
-    JsdTerms(logs, Scaled(t[i], temperature, scaled), Scaled(p[i], temperature, scaled), &fp, &fq);
+    JsdTerms(logs, logs.u.In(t[i]), logs.u.In(p[i]), &fp, &fq);
     if (++steps == kFlushSteps) {
       *sp += static_cast<double>(fp), *sq += static_cast<double>(fq);
       fp = fq = C(0), steps = 0;

@@ -4,7 +4,10 @@
 // The HLO is tf_kld.reference's log-softmax composite per element (max subtraction, lp - lq, no
 // clipping, the same -inf/NaN conventions), which XLA fuses; the outputs are the CPU kernels'
 // (loss and per-row stats, so the gradient ops read the same stats either way). float16/bfloat16
-// compute in float32, and float32 row sums accumulate in float64 as in the CPU kernels.
+// compute in float32, and float32 row sums accumulate in float64 as in the CPU kernels. As there,
+// float32 and 16-bit rows take their maxima of the raw logits and divide the distances to them by
+// T ((x - max) / T, exact where it counts, not x / T - max(x / T)); the stats hold max / T in
+// float64, from which the gradient recovers the raw maximum exactly; float64 rows divide first.
 //
 // Registration: see xla_registration.h (once per process and backend, at load).
 #include <cmath>
@@ -75,10 +78,36 @@ class Rows {
   xla::XlaOp Temperature() const {
     return xla::OptimizationBarrier(Literal(work_, temperature_));
   }
-  // x in the compute type, divided by the temperature.
-  xla::XlaOp Scaled(xla::XlaOp x) const {
+  // x divided by the temperature (in the compute type).
+  xla::XlaOp OverT(xla::XlaOp x) const { return temperature_ == 1.0 ? x : xla::Div(x, Temperature()); }
+  // Whether maxima are of the raw logits (float32 and 16-bit types) or of x / T (float64).
+  bool raw_maxima() const { return work_ != tensorflow::DT_DOUBLE; }
+  // x in the compute type: raw where the maxima are, else divided by the temperature.
+  xla::XlaOp Logits(xla::XlaOp x) const {
     x = XlaHelpers::ConvertElementType(x, work_);
-    return temperature_ == 1.0 ? x : xla::Div(x, Temperature());
+    return raw_maxima() ? x : OverT(x);
+  }
+  // The temperature the CPU kernels divide by, in float64 (float32's for raw maxima), behind a
+  // barrier (a division, not a multiplication by 1 / T).
+  xla::XlaOp StatTemperature() const {
+    const double t = raw_maxima() ? static_cast<double>(static_cast<float>(temperature_)) : temperature_;
+    return xla::OptimizationBarrier(Literal(tensorflow::DT_DOUBLE, t));
+  }
+  // A row maximum of Logits() as its stat (raw: divided by T in float64), and back from the stat
+  // (exact: within two float64 ulps of a float), broadcast along the classes.
+  xla::XlaOp MaxStat(xla::XlaOp max) const {
+    const xla::XlaOp m = XlaHelpers::ConvertElementType(max, tensorflow::DT_DOUBLE);
+    return raw_maxima() ? xla::Div(m, StatTemperature()) : m;
+  }
+  xla::XlaOp MaxOfStat(xla::XlaOp stats, int i) const {
+    xla::XlaOp column = xla::Reshape(xla::SliceInDim(stats, i, i + 1, 1, last_), row_sizes_);
+    if (raw_maxima()) column = xla::Mul(column, StatTemperature());
+    return Expand(XlaHelpers::ConvertElementType(column, work_));
+  }
+  // (x - max) in the units of lp: divided by T where x is raw.
+  xla::XlaOp Shifted(xla::XlaOp x, xla::XlaOp max) const {
+    const xla::XlaOp d = xla::Sub(x, max);
+    return raw_maxima() ? OverT(d) : d;
   }
   // A per-row value (row shape) broadcast along the classes.
   xla::XlaOp Expand(xla::XlaOp row) const {
@@ -126,13 +155,14 @@ class Rows {
   std::vector<int64_t> row_dims_, row_sizes_;
 };
 
-// log_softmax of one set of scaled logits x: the row max, log sum exp(x - max) (sum type) and
-// lp = (x - max) - log sum (compute type). NaN or +inf anywhere, or a row of all -inf, make the
-// row's lp NaN (x - max is NaN there), as in the composite.
+// log_softmax of one set of logits x (Rows::Logits): the row max's stat, log sum exp((x - max) / T)
+// (sum type) and lp = (x - max) / T - log sum (compute type). NaN or +inf anywhere, or a row of
+// all -inf, make the row's lp NaN (x - max is NaN there), as in the composite.
 struct LogSoftmax {
   LogSoftmax(const Rows& r, xla::XlaOp x) {
-    max = r.Max(x);
-    const xla::XlaOp shifted = xla::Sub(x, r.Expand(max));
+    const xla::XlaOp row_max = r.Max(x);
+    max = r.MaxStat(row_max);
+    const xla::XlaOp shifted = r.Shifted(x, r.Expand(row_max));
     log_sum = xla::Log(r.Sum(xla::Exp(shifted)));
     lp = xla::Sub(shifted, r.Expand(XlaHelpers::ConvertElementType(log_sum, r.work())));
   }
@@ -173,7 +203,7 @@ class KlDivergenceWithLogitsXlaOp : public XlaOpKernel {
     OP_REQUIRES_OK(ctx, CheckLogits(shape, ctx->InputShape(1)));
     const Rows r(ctx, shape, ctx->input_type(0), temperature_);
     if (r.empty_rows()) return r.SetEmpty(distill::kStats);
-    const LogSoftmax a(r, r.Scaled(ctx->Input(0))), b(r, r.Scaled(ctx->Input(1)));
+    const LogSoftmax a(r, r.Logits(ctx->Input(0))), b(r, r.Logits(ctx->Input(1)));
     const xla::XlaOp kl = KlSum(r, a.lp, b.lp);
     ctx->SetOutput(0, XlaHelpers::ConvertElementType(kl, r.type()));
     ctx->SetOutput(1, r.Stats({a.max, a.log_sum, b.max, b.log_sum, kl}));
@@ -194,7 +224,7 @@ class GeneralizedJsdWithLogitsXlaOp : public XlaOpKernel {
     OP_REQUIRES_OK(ctx, CheckLogits(shape, ctx->InputShape(1)));
     const Rows r(ctx, shape, ctx->input_type(0), params_.temperature);
     if (r.empty_rows()) return r.SetEmpty(distill::kJsdStats);
-    const LogSoftmax a(r, r.Scaled(ctx->Input(0))), b(r, r.Scaled(ctx->Input(1)));
+    const LogSoftmax a(r, r.Logits(ctx->Input(0))), b(r, r.Logits(ctx->Input(1)));
     const xla::XlaOp lm = LogMixture(r, a.lp, b.lp, params_);
     const xla::XlaOp kl_p = KlSum(r, a.lp, lm), kl_q = KlSum(r, b.lp, lm);  // KL(p || m), KL(q || m)
     const xla::XlaOp jsd = xla::Add(xla::Mul(r.Literal(r.sum(), params_.beta), kl_p),
@@ -232,13 +262,13 @@ class DistillGradXlaOp : public XlaOpKernel {
                     "stats must have shape ", stats.DebugString(),
                     " (the forward op's second output), got ", ctx->InputShape(3).DebugString())));
     const Rows r(ctx, shape, ctx->input_type(1), Temperature());
-    const xla::XlaOp a = r.Scaled(ctx->Input(1)), b = r.Scaled(ctx->Input(2));
+    const xla::XlaOp a = r.Logits(ctx->Input(1)), b = r.Logits(ctx->Input(2));
     // g / T per row, rounded to the compute type first, as the CPU kernels.
     const xla::XlaOp gt = xla::Div(XlaHelpers::ConvertElementType(ctx->Input(0), r.work()),
                                    r.Temperature());
     const xla::XlaOp s = ctx->Input(3);
-    const xla::XlaOp lp = xla::Sub(xla::Sub(a, r.Stat(s, 0)), r.Stat(s, 1));
-    const xla::XlaOp lq = xla::Sub(xla::Sub(b, r.Stat(s, 2)), r.Stat(s, 3));
+    const xla::XlaOp lp = xla::Sub(r.Shifted(a, r.MaxOfStat(s, 0)), r.Stat(s, 1));
+    const xla::XlaOp lq = xla::Sub(r.Shifted(b, r.MaxOfStat(s, 2)), r.Stat(s, 3));
     xla::XlaOp d_true, d_pred;
     Gradients(r, gt, a, b, lp, lq, s, &d_true, &d_pred);
     const xla::XlaOp none = xla::Broadcast(XlaHelpers::Zero(ctx->builder(), r.type()), {0});
@@ -249,7 +279,7 @@ class DistillGradXlaOp : public XlaOpKernel {
  protected:
   virtual int Stats() const = 0;
   virtual double Temperature() const = 0;
-  // Both gradients (compute type) from the per-row g / T, the scaled logits, lp, lq and the stats.
+  // Both gradients (compute type) from the per-row g / T, the logits (Rows::Logits), lp, lq and the stats.
   virtual void Gradients(const Rows& r, xla::XlaOp gt, xla::XlaOp a, xla::XlaOp b, xla::XlaOp lp,
                          xla::XlaOp lq, xla::XlaOp stats, xla::XlaOp* d_true,
                          xla::XlaOp* d_pred) const = 0;
