@@ -245,6 +245,31 @@ def test_offset_logits_as_accurate_as_the_composite(impl, width, beta, temperatu
                 offset, shifted, float(np.max(err)), float(np.max(err_composite)))
 
 
+@pytest.mark.parametrize("beta", [None, 0.5])
+@pytest.mark.parametrize("width", [7, 33, 32003], ids=lambda w: f"width{w}")
+def test_exact_distances_at_any_temperature(require_custom, width, beta, rng):
+    """float32 rows take their maxima of the raw logits and the exps of (x - max) / T, so at a
+    temperature that is no power of two (3) logits offset by 1e4 lose nothing to rounding x / T at
+    their magnitude, as the composite does: the loss and both gradients within a quarter of the
+    composite's worst error against float64 (the kernels that divided first: 0.6-1.0x for the
+    loss)."""
+    t = logits(rng, (16, width), np.float64) + 1e4
+    p = logits(rng, (16, width), np.float64) - 1e4
+    t, p = t.astype(np.float32), p.astype(np.float32)
+    w = rng.uniform(0.5, 2.0, 16)
+    want = oracle(t, p, beta, 3.0)
+    want_grads = oracle_grads(t, p, w, beta, 3.0)
+    fn = lambda a, b: loss_fn(beta)(a, b, 3.0)  # noqa: E731
+    got, got_grads = _grads(fn, t, p, w)
+    with tf_kld.implementation("reference"):
+        composite, composite_grads = _grads(fn, t, p, w)
+    for what, x, c, y in [("loss", got, composite, want)] + [
+            (f"d/d{n}", g, cg, wg) for n, g, cg, wg in zip("tp", got_grads, composite_grads, want_grads)]:
+        err = np.max(np.abs(x.numpy().astype(np.float64) - y))
+        err_composite = np.max(np.abs(c.numpy().astype(np.float64) - y))
+        assert err <= 0.25 * err_composite, (what, err, err_composite)
+
+
 @pytest.mark.parametrize("beta", (None,) + BETAS)
 @pytest.mark.parametrize("dtype", U.FLOAT_DTYPES, ids=lambda d: d.name)
 def test_special_values(impl, dtype, beta):
