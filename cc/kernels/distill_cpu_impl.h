@@ -90,18 +90,19 @@ TF_KLD_INLINE Vf ExpNonPositive(Vf x, __mmask16 keep = 0xffff) {
   return BitCast<Vf>(_mm512_maskz_scalef_ps(keep, TableTimesExp(BitCast<Vf>(r), BitCast<Vf>(t)), k16));
 }
 
-// 2^u for every u <= 0 but -inf (in the lanes outside `keep`: 0), NaN kept: the forward's exp, of
-// distances already in base-2 units (KlArgs). t = u + 1.5 * 2^19 rounds u to k16, a multiple of
-// 1/16 whose low bits index the table, and r = u - k16 is exact (|r| <= 1/32), so there is no
-// ln 2 in two parts; 2^r - 1 = r (c1 + r (c2 + r c3)) with c_i = ln(2)^i / i!, the same degree
-// and range (r ln 2 <= ln2/32) as TableTimesExp. No lower clamp: below -160 the table index and r
-// lose their meaning but stay finite, and the vscalefps by 2^floor(k16) <= 2^-160 gives 0; -inf
-// (r = -inf - -inf) would give NaN, so its lanes are the ones `keep` zeroes.
-TF_KLD_INLINE Vf Exp2NonPositive(Vf u, __mmask16 keep) {
-  const __m512 x = BitCast<__m512>(u);
-  const __m512 t = _mm512_add_ps(x, _mm512_set1_ps(786432.0f));
+// e^(d / T) = 2^(d scale) (scale = log2(e) / T) for every d <= 0 but -inf (in the lanes outside
+// `keep`: 0), NaN kept: the forward's exp of distances to the raw maxima (KlArgs). t = d scale +
+// 1.5 * 2^19 (one multiply-add) rounds d scale to k16, a multiple of 1/16 whose low bits index the
+// table, and r = d scale - k16 is one more multiply-add, rounded once (|r| <= 1/32): no ln 2 in two
+// parts and no rounding of d scale itself; 2^r - 1 = r (c1 + r (c2 + r c3)) with c_i = ln(2)^i / i!,
+// the same degree and range (r ln 2 <= ln2/32) as TableTimesExp. No lower clamp: below -160 the
+// table index and r lose their meaning but stay finite, and the vscalefps by 2^floor(k16) <= 2^-160
+// gives 0; -inf (r = NaN) would give NaN, so its lanes are the ones `keep` zeroes.
+TF_KLD_INLINE Vf Exp2Scaled(Vf d, Vf scale, __mmask16 keep) {
+  const __m512 x = BitCast<__m512>(d), s = BitCast<__m512>(scale);
+  const __m512 t = _mm512_fmadd_ps(x, s, _mm512_set1_ps(786432.0f));
   const __m512 k16 = _mm512_sub_ps(t, _mm512_set1_ps(786432.0f));
-  const Vf r = BitCast<Vf>(_mm512_sub_ps(x, k16));
+  const Vf r = BitCast<Vf>(_mm512_fmsub_ps(x, s, k16));
   const Vf em1 = Madd(Madd(Splat(0.0555041086648216f), r, Splat(0.2402265069591007f)), r,
                       Splat(0.6931471805599453f)) * r;
   const Vf two_j = BitCast<Vf>(_mm512_permutexvar_ps(_mm512_castps_si512(t), _mm512_load_ps(kExp2Sixteenths)));
@@ -222,30 +223,40 @@ TF_KLD_INLINE double CrossOfLogits(double cross, double max_a, double max_b, dou
   return maxima - maxima == 0.0 ? cross + maxima * sum_a : cross;
 }
 
-// The forward's exp arguments: distances to the running maxima of the raw logits (not of x / T:
-// exact where they count, whatever T, and no division per element), scaled once. On AVX-512 by
-// log2(e) / T into base-2 units for Exp2NonPositive (no ln 2 in two parts: two multiply-adds fewer
-// per exp); elsewhere divided by T (Divider mode kMode) for ExpNonPositive. kUnit: one argument
-// unit in natural units (the cross term's scale). The scale's rounding (2^-24, the same for every
-// element) moves the KL as a change of T by as much would.
+// The forward's exps and cross-term distances, from distances d to the running maxima of the raw
+// logits (not of x / T: exact where they count, whatever T, and no division per element). On
+// AVX-512 the exps are Exp2Scaled's (d times log2(e) / T inside the reduction: two multiply-adds
+// fewer per exp, no ln 2 in two parts) and the cross term sums raw distances, scaled by 1/T once
+// (unit); elsewhere d is divided by T (Divider mode kMode) for ExpNonPositive and the cross term.
+// The scale's rounding (2^-24, the same for every element) moves the KL as a change of T by as
+// much would.
 template <int kMode>
 struct KlArgs {
 #if defined(__AVX512F__)
-  static constexpr double kUnit = 0.6931471805599453;  // ln 2
   Vf scale;
-  explicit KlArgs(float temperature) : scale(Splat(static_cast<float>(1.4426950408889634 / temperature))) {}
-  TF_KLD_INLINE Vf operator()(Vf d) const { return d * scale; }
-  static TF_KLD_INLINE Vf Exp(Vf u, __mmask16 keep) { return Exp2NonPositive(u, keep); }
-  // exp of the argument u <= 0, -inf (an unset maximum's distance) and NaN included.
-  static TF_KLD_INLINE Vf ExpAny(Vf u) {
-    return Exp2NonPositive(u, _mm512_cmp_ps_mask(BitCast<__m512>(u), _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ));
+  double unit;
+  explicit KlArgs(float temperature)
+      : scale(Splat(static_cast<float>(1.4426950408889634 / temperature))), unit(1.0 / temperature) {}
+  // The cross term's distance.
+  TF_KLD_INLINE Vf operator()(Vf d) const { return d; }
+  // e^(d / T) in the lanes of `keep` (d > -inf there), else 0.
+  TF_KLD_INLINE Vf Exp(Vf d, __mmask16 keep) const { return Exp2Scaled(d, scale, keep); }
+  // e^(d / T) for any d <= 0, -inf (an unset maximum's distance) and NaN included; *u the cross
+  // term's distance.
+  TF_KLD_INLINE Vf ExpAny(Vf d, Vf* u = nullptr) const {
+    if (u != nullptr) *u = d;
+    return Exp(d, _mm512_cmp_ps_mask(BitCast<__m512>(d), _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ));
   }
 #else
-  static constexpr double kUnit = 1.0;
   Divider by_t;
+  double unit = 1.0;
   explicit KlArgs(float temperature) : by_t(temperature) {}
   TF_KLD_INLINE Vf operator()(Vf d) const { return by_t.Apply<kMode>(d); }
-  static TF_KLD_INLINE Vf ExpAny(Vf u) { return ExpNonPositive(u); }
+  TF_KLD_INLINE Vf ExpAny(Vf d, Vf* u = nullptr) const {
+    const Vf v = (*this)(d);
+    if (u != nullptr) *u = v;
+    return ExpNonPositive(v);
+  }
 #endif
 };
 
@@ -277,12 +288,12 @@ struct KlLanes {
                          _mm512_cmp_ps_mask(vb, BitCast<__m512>(max_b), _CMP_GT_OQ);
     if (__builtin_expect(up != 0, 0)) Raise(a, b, a > max_a, b > max_b);
     infinite |= static_cast<__mmask16>(masked_b & ~masked_a);
-    const Vf ua = arg(a - max_a), ub = arg(b - max_b);
-    const Vf ea = arg.Exp(ua, static_cast<__mmask16>(~masked_a));
-    const Vf eb = arg.Exp(ub, static_cast<__mmask16>(~masked_b));
+    const Vf da = a - max_a, db = b - max_b;
+    const Vf ea = arg.Exp(da, static_cast<__mmask16>(~masked_a));
+    const Vf eb = arg.Exp(db, static_cast<__mmask16>(~masked_b));
     fsum_a += ea;
     fsum_b += eb;
-    fcross = BitCast<Vf>(_mm512_mask3_fmadd_ps(BitCast<__m512>(ea), BitCast<__m512>(ua - ub), BitCast<__m512>(fcross),
+    fcross = BitCast<Vf>(_mm512_mask3_fmadd_ps(BitCast<__m512>(ea), BitCast<__m512>(arg(da - db)), BitCast<__m512>(fcross),
                                                static_cast<__mmask16>(~(masked_a | masked_b))));
     if (++steps == kFlushSteps) Flush();
   }
@@ -304,8 +315,8 @@ struct KlLanes {
   }
 #endif
 
-  // e^(arg(from - to)) where `up`, else 1: a lane's sums moved from maximum `from` to `to`.
-  TF_KLD_INLINE Vf Scale(Vf from, Vf to, Vi up) const { return up ? arg.ExpAny(arg(from - to)) : Splat(1.0f); }
+  // e^((from - to) / T) where `up`, else 1: a lane's sums moved from maximum `from` to `to`.
+  TF_KLD_INLINE Vf Scale(Vf from, Vf to, Vi up) const { return up ? arg.ExpAny(from - to) : Splat(1.0f); }
 
   // New running maxima: the sums so far rescaled to them (rare after a row's first elements), the
   // cross term's distances moved to them.
@@ -331,7 +342,7 @@ struct KlLanes {
   }
 
   // The cross term sums e^(a - max_a) ((a - max_a) - (b - max_b)) at each lane's maxima (in
-  // argument units), not e^(a - max_a) (a - b): the distances are exact where they count, where
+  // KlArgs' units), not e^(a - max_a) (a - b): the distances are exact where they count, where
   // a - b would round to the logits' magnitude (teacher logits offset by 1e4 from the student's
   // lost three decimal digits of the KL that way). Where the maxima move, each term so far moves
   // by delta = (old max_a - new max_a) - (old max_b - new max_b) (raw units): the lane's sum_a
@@ -368,7 +379,7 @@ struct KlLanes {
     Widen(Scale(max_b, top_b, max_b != top_b), &b0, &b1);
     r.max_a = static_cast<double>(ma) / temperature, r.max_b = static_cast<double>(mb) / temperature;
     r.sum_a = SumLanes(sum_a0 * a0 + sum_a1 * a1);
-    r.cross = CrossOfLogits(KlArgs<kMode>::kUnit * SumLanes(cross0 * a0 + cross1 * a1), r.max_a, r.max_b, r.sum_a);
+    r.cross = CrossOfLogits(arg.unit * SumLanes(cross0 * a0 + cross1 * a1), r.max_a, r.max_b, r.sum_a);
     r.sum_b = SumLanes(sum_b0 * b0 + sum_b1 * b1);
 #if defined(__AVX512F__)
     r.infinite = infinite != 0;
@@ -516,9 +527,10 @@ void KlPartialsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int
       Vf fsum_a = zero, fcross = zero, fsum_b = zero;
       for (int64_t j = 0; j < cols; ++j) {  // as KlLanes::Step, at the row's final maxima
         const Vi masked_a = a[j] == minus_inf, masked_b = b[j] == minus_inf;
-        const Vf ua = arg(a[j] - max_a), ub = arg(b[j] - max_b);
-        const Vf ea = masked_a ? zero : arg.ExpAny(ua);
-        const Vf eb = masked_b ? zero : arg.ExpAny(ub);
+        Vf ua, ub;
+        const Vf ea_any = arg.ExpAny(a[j] - max_a, &ua), eb_any = arg.ExpAny(b[j] - max_b, &ub);
+        const Vf ea = masked_a ? zero : ea_any;
+        const Vf eb = masked_b ? zero : eb_any;
         fsum_a += ea;
         fcross += (masked_a | masked_b) ? zero : ea * (ua - ub);
         fsum_b += eb;
@@ -533,7 +545,7 @@ void KlPartialsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int
         r.max_a = static_cast<double>(max_a[i]) / temperature;
         r.max_b = static_cast<double>(max_b[i]) / temperature;
         r.sum_a = Lane(sum_a0, sum_a1, i);
-        r.cross = CrossOfLogits(decltype(arg)::kUnit * Lane(cross0, cross1, i), r.max_a, r.max_b, r.sum_a);
+        r.cross = CrossOfLogits(arg.unit * Lane(cross0, cross1, i), r.max_a, r.max_b, r.sum_a);
         r.sum_b = Lane(sum_b0, sum_b1, i);
         r.nan = false, r.infinite = infinite[i] != 0;
       }
