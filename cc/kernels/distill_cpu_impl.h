@@ -60,12 +60,16 @@ alignas(64) constexpr float kExp2Sixteenths[16] = {  // 2^(j/16), rounded to flo
 // in one rounding, so overflow, subnormal results and 0 come out right with no special lanes.
 // Measured worst 1.07 ulp. Fewer floating-point operations than the degree-6 form below: on cores
 // with one 512-bit FMA unit, they bound the loops.
-// 2^(j/16) exp(r), j = k mod 16 from t's low bits: exp(r) - 1 = r (1 + r/2 + r^2/6), added to 1
-// only in the last multiply-add (one rounding). Both exps below end with it.
-TF_KLD_INLINE __m512 TableTimesExp(Vf r, Vf t) {
-  const Vf em1 = Madd(Madd(Splat(1.0f / 6), r, Splat(0.5f)), r, Splat(1.0f)) * r;
+// 2^(j/16) (1 + em1), j = k mod 16 from t's low bits, em1 added to 1 only in the last
+// multiply-add (one rounding). Every exp below ends with it.
+TF_KLD_INLINE __m512 TableTimes(Vf em1, Vf t) {
   const Vf two_j = BitCast<Vf>(_mm512_permutexvar_ps(BitCast<__m512i>(t), _mm512_load_ps(kExp2Sixteenths)));
   return BitCast<__m512>(Madd(two_j, em1, two_j));
+}
+
+// 2^(j/16) exp(r): exp(r) - 1 = r (1 + r/2 + r^2/6).
+TF_KLD_INLINE __m512 TableTimesExp(Vf r, Vf t) {
+  return TableTimes(Madd(Madd(Splat(1.0f / 6), r, Splat(0.5f)), r, Splat(1.0f)) * r, t);
 }
 
 TF_KLD_INLINE Vf ExpF(Vf x) {
@@ -74,20 +78,20 @@ TF_KLD_INLINE Vf ExpF(Vf x) {
   return BitCast<Vf>(_mm512_scalef_ps(TableTimesExp(r, t), BitCast<__m512>(k * Splat(0.0625f))));
 }
 
-// exp(x) for x <= 0 or NaN (the shifted logits every loop here takes the exp of), 0 in the lanes
-// outside `keep`: ExpF's arithmetic less its upper clamp, with t = x log2 e + 1.5 * 2^19 rounded to
-// a multiple of 1/16 (t / 16 of ExpF's t, exactly: the same k, the same low bits for the table), so
-// k / 16 is t - 1.5 * 2^19 (an add, not a multiply), r from k / 16 (the same products as
-// k * (ln 2 / 16)), and the zeroing done by the final vscalefps: two operations fewer per call (the
-// upper clamp and a multiply; three where lanes are zeroed), the same bits as ExpF for every x <= 89.
-TF_KLD_INLINE Vf ExpNonPositive(Vf x, __mmask16 keep = 0xffff) {
+// exp(x) for x <= 0 or NaN (the shifted logits the gradient loops take the exp of): ExpF's
+// arithmetic less its upper clamp, with t = x log2 e + 1.5 * 2^19 rounded to a multiple of 1/16
+// (t / 16 of ExpF's t, exactly: the same k, the same low bits for the table), so k / 16 is
+// t - 1.5 * 2^19 (an add, not a multiply) and r comes from k / 16 (the same products as
+// k * (ln 2 / 16)): two operations fewer per call (the upper clamp and a multiply), the same bits as
+// ExpF for every x <= 89.
+TF_KLD_INLINE Vf ExpNonPositive(Vf x) {
   const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-110.0f), BitCast<__m512>(x));
   const __m512 t = _mm512_fmadd_ps(xc, _mm512_set1_ps(static_cast<float>(1.4426950408889634)),
                                    _mm512_set1_ps(786432.0f));
   const __m512 k16 = _mm512_sub_ps(t, _mm512_set1_ps(786432.0f));
   __m512 r = _mm512_fmadd_ps(k16, _mm512_set1_ps(-0.693359375f), xc);
   r = _mm512_fmadd_ps(k16, _mm512_set1_ps(2.12194440e-4f), r);
-  return BitCast<Vf>(_mm512_maskz_scalef_ps(keep, TableTimesExp(BitCast<Vf>(r), BitCast<Vf>(t)), k16));
+  return BitCast<Vf>(_mm512_scalef_ps(TableTimesExp(BitCast<Vf>(r), BitCast<Vf>(t)), k16));
 }
 
 // e^(d / T) = 2^(d scale) (scale = log2(e) / T) for every d <= 0 but -inf (in the lanes outside
@@ -105,8 +109,7 @@ TF_KLD_INLINE Vf Exp2Scaled(Vf d, Vf scale, __mmask16 keep) {
   const Vf r = BitCast<Vf>(_mm512_fmsub_ps(x, s, k16));
   const Vf em1 = Madd(Madd(Splat(0.0555041086648216f), r, Splat(0.2402265069591007f)), r,
                       Splat(0.6931471805599453f)) * r;
-  const Vf two_j = BitCast<Vf>(_mm512_permutexvar_ps(_mm512_castps_si512(t), _mm512_load_ps(kExp2Sixteenths)));
-  return BitCast<Vf>(_mm512_maskz_scalef_ps(keep, BitCast<__m512>(Madd(two_j, em1, two_j)), k16));
+  return BitCast<Vf>(_mm512_maskz_scalef_ps(keep, TableTimes(em1, BitCast<Vf>(t)), k16));
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 // K = 8: an 8-entry table (vpermps), a quartic (|r| <= ln2/16), and 2^m = 2^floor(k/8) as
@@ -221,6 +224,27 @@ constexpr int kFlushSteps = 8;
 TF_KLD_INLINE double CrossOfLogits(double cross, double max_a, double max_b, double sum_a) {
   const double maxima = max_a - max_b;
   return maxima - maxima == 0.0 ? cross + maxima * sum_a : cross;
+}
+
+// A row's raw float maximum as its stat, max / T (the float temperature, in double), and back: the
+// product is within two double ulps of a float, so RawMax(MaxStat(m, t), t) == m exactly.
+TF_KLD_INLINE double MaxStat(float max, float temperature) {
+  return static_cast<double>(max) / static_cast<double>(temperature);
+}
+TF_KLD_INLINE float RawMax(double max_over_t, float temperature) {
+  return static_cast<float>(max_over_t * static_cast<double>(temperature));
+}
+
+// The forward's loop f(Divider::ModeTag<mode>()) for the temperature: one loop on AVX-512, whose
+// KlArgs multiplies at any T; elsewhere one per Divider mode.
+template <typename F>
+TF_KLD_INLINE void ForwardLoop(float temperature, F f) {
+#if defined(__AVX512F__)
+  (void)temperature;
+  f(Divider::ModeTag<Divider::kMultiply>());
+#else
+  Divider(temperature).Dispatch(f);
+#endif
 }
 
 // The forward's exps and cross-term distances, from distances d to the running maxima of the raw
@@ -377,7 +401,7 @@ struct KlLanes {
     Vd a0, a1, b0, b1;
     Widen(Scale(max_a, top_a, max_a != top_a), &a0, &a1);
     Widen(Scale(max_b, top_b, max_b != top_b), &b0, &b1);
-    r.max_a = static_cast<double>(ma) / temperature, r.max_b = static_cast<double>(mb) / temperature;
+    r.max_a = MaxStat(ma, temperature), r.max_b = MaxStat(mb, temperature);
     r.sum_a = SumLanes(sum_a0 * a0 + sum_a1 * a1);
     r.cross = CrossOfLogits(arg.unit * SumLanes(cross0 * a0 + cross1 * a1), r.max_a, r.max_b, r.sum_a);
     r.sum_b = SumLanes(sum_b0 * b0 + sum_b1 * b1);
@@ -416,7 +440,8 @@ template <typename E>
 distill::KlPartial KlPartialF(const void* y_true, const void* y_pred, int64_t n, float temperature) {
   const auto* t = static_cast<const typename E::Storage*>(y_true);
   const auto* p = static_cast<const typename E::Storage*>(y_pred);
-  auto run = [&](auto mode) {
+  distill::KlPartial result;
+  ForwardLoop(temperature, [&](auto mode) {
     KlLanes<decltype(mode)::kMode> s(temperature);
     int64_t i = 0;
     // bfloat16 rows go in another order of their terms (even- and odd-indexed elements), widened
@@ -442,13 +467,10 @@ distill::KlPartial KlPartialF(const void* y_true, const void* y_pred, int64_t n,
       s.Step(E::Load(t + i), E::Load(p + i));
     }
     if (i < n) s.Step(LoadPadded<E>(t + i, n - i, -INFINITY), LoadPadded<E>(p + i, n - i, -INFINITY));
-    return s.Reduce();
-  };
-#if defined(__AVX512F__)
-  return run(Divider::ModeTag<Divider::kMultiply>());  // one loop for every T: KlArgs multiplies
-#else
-  return Divider(temperature).Dispatch(run);
-#endif
+    result = s.Reduce();
+    return 0;
+  });
+  return result;
 }
 
 distill::KlPartial KlPartialD(const void* y_true, const void* y_pred, int64_t n, double temperature) {
@@ -508,7 +530,7 @@ void KlPartialsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int
                        float temperature, distill::KlPartial* out) {
   const auto* t = static_cast<const typename E::Storage*>(y_true);
   const auto* p = static_cast<const typename E::Storage*>(y_pred);
-  auto run = [&](auto mode) {
+  ForwardLoop(temperature, [&](auto mode) {
     const KlArgs<decltype(mode)::kMode> arg(temperature);
     const Vf minus_inf = Splat(-INFINITY), zero = Splat(0.0f);
     for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
@@ -542,8 +564,7 @@ void KlPartialsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int
       }
       for (int i = 0; i < n; ++i) {  // maxima and cross term as KlLanes::Reduce's
         distill::KlPartial& r = out[r0 + i];
-        r.max_a = static_cast<double>(max_a[i]) / temperature;
-        r.max_b = static_cast<double>(max_b[i]) / temperature;
+        r.max_a = MaxStat(max_a[i], temperature), r.max_b = MaxStat(max_b[i], temperature);
         r.sum_a = Lane(sum_a0, sum_a1, i);
         r.cross = CrossOfLogits(arg.unit * Lane(cross0, cross1, i), r.max_a, r.max_b, r.sum_a);
         r.sum_b = Lane(sum_b0, sum_b1, i);
@@ -551,18 +572,7 @@ void KlPartialsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int
       }
     }
     return 0;
-  };
-#if defined(__AVX512F__)
-  run(Divider::ModeTag<Divider::kMultiply>());
-#else
-  Divider(temperature).Dispatch(run);
-#endif
-}
-
-// A row's raw float maximum from its stats' max / T (KlLanes::Reduce: the float maximum divided by
-// the float temperature in double): exact, as the product is within two double ulps of a float.
-TF_KLD_INLINE float RawMax(double max_over_t, float temperature) {
-  return static_cast<float>(max_over_t * static_cast<double>(temperature));
+  });
 }
 
 // The gradients of kLanes elements of one row: d_pred = g/T (q - p), d_true = g/T p ((lp - lq) - KL)
