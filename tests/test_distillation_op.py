@@ -84,6 +84,40 @@ def test_vectorised_exp_of_nonpositive_arguments_is_the_same_exp(require_custom,
         np.testing.assert_array_equal(got.view(np.uint32), _core_exp(x[:n]).view(np.uint32))
 
 
+def _core_log(x):
+    fn = ctypes.CDLL(kld_ops.library_path()).TfKldDistillLog
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    x = np.ascontiguousarray(x, np.float64)
+    out = np.empty_like(x)
+    fn(x.ctypes.data, out.ctypes.data, x.size)
+    return out
+
+
+def test_vectorised_log_accuracy(require_custom, rng):
+    """The double log of the narrow rows' statistics (log sum_a, log sum_b; sums in [1, 32] there):
+    within one ulp of the exact log (extended precision) over the whole normal range, and libm's log
+    bit for bit where the argument is not a positive normal number, in any lane and any tail."""
+    x = np.concatenate([rng.uniform(1.0, 32.0, 200000), np.linspace(0.7, 1.5, 100001),
+                        1.0 + rng.uniform(-1e-6, 1e-6, 20000), 2.0 ** rng.uniform(-1020, 1023, 50000),
+                        [1.0, 2.0, 0.5, np.sqrt(2.0), np.nextafter(np.sqrt(2.0), 3.0), 2.2250738585072014e-308,
+                         1.7976931348623157e308]])
+    got = _core_log(x)
+    exact = np.log(x.astype(np.longdouble))
+    err = np.abs(got.astype(np.longdouble) - exact) / np.spacing(np.abs(exact).astype(np.float64))
+    err[exact == 0] = np.abs(got[exact == 0]) / 5e-324
+    assert err.max() <= 1.0, (err.max(), x[np.argmax(err)])
+    special = np.array([0.0, -0.0, 5e-324, 1e-310, -1.0, -np.inf, np.inf, np.nan, 1.0, 3.0, 0.25])
+    for n in (special.size, 1, 3, 5, 9):  # partial vectors too, the specials in every lane
+        for shift in range(special.size):
+            part = np.roll(special, shift)[:n]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                want = np.log(part)
+            got = _core_log(part)
+            normal = (part >= 2.2250738585072014e-308) & (part < np.inf)
+            np.testing.assert_array_equal(got[~normal], want[~normal])  # NaN where NaN
+            assert np.all(np.abs(got[normal] - want[normal]) <= 2 * np.spacing(np.abs(want[normal]))), part
+
+
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_vectorised_exp_accuracy_of_narrower_builds(require_custom, isa):
     """The same checks on the narrower CPU builds (TF_KLD_CPU_ISA caps the build a process uses)."""
@@ -94,9 +128,10 @@ def test_vectorised_exp_accuracy_of_narrower_builds(require_custom, isa):
                PYTHONPATH=IMPORT_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           f"{os.path.abspath(__file__)}::test_vectorised_exp_accuracy",
-                          f"{os.path.abspath(__file__)}::test_vectorised_exp_of_nonpositive_arguments_is_the_same_exp"],
+                          f"{os.path.abspath(__file__)}::test_vectorised_exp_of_nonpositive_arguments_is_the_same_exp",
+                          f"{os.path.abspath(__file__)}::test_vectorised_log_accuracy"],
                          env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and "2 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
+    assert out.returncode == 0 and "3 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
 
 
 def test_paths_run_the_expected_ops(impl):
@@ -173,7 +208,7 @@ tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
 import tf_kld
 out = {"isa": tf_kld.ops.cpu_isa()}
 rng = np.random.default_rng(7)
-for shape in [(3, 100003), (257, 515), (64, 8)]:
+for shape in [(3, 100003), (257, 515), (64, 8), (3001, 10)]:
     for dtype in (tf.float32, tf.bfloat16):
         t = tf.cast(rng.normal(size=shape) * 4, dtype)
         s = tf.cast(rng.normal(size=shape) * 4, dtype)

@@ -115,11 +115,11 @@ struct Kernels {
   // The state of n contiguous elements of one row (y_true, y_pred of `type`), divided by temperature.
   KlPartial (*kl_partial)(Type type, const void* y_true, const void* y_pred, int64_t n,
                           double temperature);
-  // The states of `rows` whole rows of cols <= narrow_cols elements (not float64), kLanes rows at a
-  // time across SIMD lanes: narrow rows without per-row overhead. Values as kl_partial's, up to
-  // rounding.
-  void (*kl_partials_narrow)(Type type, const void* y_true, const void* y_pred, int64_t rows,
-                             int64_t cols, double temperature, KlPartial* out);
+  // The statistics (kStats each, as Finish writes them) of `rows` whole rows of cols <= narrow_cols
+  // elements, kLanes rows at a time across SIMD lanes: narrow rows without per-row overhead.
+  // Values as Finish(kl_partial(...)), up to rounding. Not float64 (NaN stats).
+  void (*kl_rows_narrow)(Type type, const void* y_true, const void* y_pred, int64_t rows,
+                         int64_t cols, double temperature, double* stats);
   int64_t narrow_cols;
   // d/dy_true and/or d/dy_pred (nullptr: not wanted) for flat elements [begin, end) of
   // [*, cols] inputs, from each row's upstream gradient and stats.
@@ -139,6 +139,8 @@ struct Kernels {
   void (*exp)(const float* x, float* out, int64_t n);
   // The same for x <= 0 or NaN with the form the loops use (the same bits as exp there).
   void (*exp_nonpositive)(const float* x, float* out, int64_t n);
+  // log of n doubles with the narrow rows' vectorised log (for tests of its accuracy).
+  void (*log)(const double* x, double* out, int64_t n);
   // The chunked linear loss's gradients of one chunk, for row-major a [k, m], b [k, n], acc and w
   // [m, n] (w of `w_type`, not float64) and d_a [k, m]: in place, for every i < m, j < k and the
   // columns c in [col_begin, col_end),

@@ -379,6 +379,15 @@ struct KlLanes {
     cross0 += d0 * sum_a0, cross1 += d1 * sum_a1;
   }
 
+  // 1 in the lanes with a class of p > 0, q = 0 (+inf), else 0.
+  TF_KLD_INLINE Vf InfiniteLanes() const {
+#if defined(__AVX512F__)
+    return BitCast<Vf>(_mm512_maskz_mov_ps(infinite, _mm512_set1_ps(1.0f)));
+#else
+    return infinite ? Splat(1.0f) : Splat(0.0f);
+#endif
+  }
+
   TF_KLD_INLINE void Flush() {
     Accumulate(fsum_a, &sum_a0, &sum_a1);
     Accumulate(fcross, &cross0, &cross1);
@@ -503,72 +512,161 @@ distill::KlPartial KlPartialD(const void* y_true, const void* y_pred, int64_t n,
 
 // Narrow rows (cols <= kNarrowCols) go kLanes rows at a time, one row per lane: the rows are
 // transposed into column vectors, so a row's maxima, exps and sums run across rows in SIMD with no
-// per-row lane reduction or padding. Each lane's arithmetic depends only on its own row, so a row's
-// result never depends on the block it falls in. Rows past the end of a block are zeros, ignored.
+// per-row lane reduction or padding, and the rows' statistics are finished in SIMD too (KL, maxima
+// and logs of kLanes / 2 rows per double vector). Each lane's arithmetic depends only on its own
+// row, so a row's result never depends on the block it falls in. Rows past the end of a block are
+// zeros, ignored.
 constexpr int64_t kNarrowCols = 32;
 
-template <typename E>
-TF_KLD_INLINE void LoadColumns(const typename E::Storage* x, int64_t rows, int64_t cols, Vf* column) {
-  if constexpr (!std::is_same<E, FloatT>::value) {  // 16-bit: the block widened in SIMD first
-    alignas(64) float block[kLanes * kNarrowCols];
-    const int64_t n = rows * cols;
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) FloatT::Store(block + i, E::Load(x + i));
-    if (i < n) FloatT::Store(block + i, LoadPadded<E>(x + i, n - i, 0.0f));
-    return LoadColumns<FloatT>(block, rows, cols, column);
+// The lane permutes of one step of a kLanes x kLanes transposition: the step swaps bit s of the
+// row index with bit s of the column index, for rows i and i + s (bit s of i clear):
+// new row i = (row i, row i + s) at lanes j (bit s clear: row i's lane j; set: row i + s's j - s),
+// new row i + s = lanes j (clear: row i's j + s; set: row i + s's j).
+template <int... I>
+constexpr Vi SwapLow(int s, std::integer_sequence<int, I...>) {
+  return Vi{((I & s) ? kLanes + I - s : I)...};
+}
+template <int... I>
+constexpr Vi SwapHigh(int s, std::integer_sequence<int, I...>) {
+  return Vi{((I & s) ? kLanes + I : I + s)...};
+}
+
+// m[i][j] -> m[j][i]: log2(kLanes) steps of kLanes two-vector permutes.
+template <int S = 1>
+TF_KLD_INLINE void Transpose(Vf* m) {
+  constexpr Vi kLow = SwapLow(S, std::make_integer_sequence<int, kLanes>());
+  constexpr Vi kHigh = SwapHigh(S, std::make_integer_sequence<int, kLanes>());
+  for (int i = 0; i < kLanes; ++i) {
+    if (i & S) continue;
+    const Vf a = m[i], b = m[i + S];
+    m[i] = __builtin_shuffle(a, b, kLow);
+    m[i + S] = __builtin_shuffle(a, b, kHigh);
   }
-  for (int64_t j = 0; j < cols; ++j) column[j] = Splat(0.0f);
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) column[j][i] = E::ToFloat(x[i * cols + j]);
+  if constexpr (2 * S < kLanes) Transpose<2 * S>(m);
+}
+
+// column[j] lane i = x[i * cols + j] widened, for rows i < rows (<= kLanes) and j < cols; lanes of
+// later rows 0. x[0, readable) may be read (readable >= rows * cols): loads past a row's end land
+// in columns that are dropped.
+template <typename E>
+TF_KLD_INLINE void LoadColumns(const typename E::Storage* x, int64_t rows, int64_t cols,
+                               int64_t readable, Vf* column) {
+  for (int64_t c0 = 0; c0 < cols; c0 += kLanes) {
+    Vf m[kLanes];
+    if (rows == kLanes && (kLanes - 1) * cols + c0 + kLanes <= readable) {  // a full block
+      for (int i = 0; i < kLanes; ++i) m[i] = E::Load(x + i * cols + c0);
+    } else {
+      for (int64_t i = 0; i < kLanes; ++i) {
+        const int64_t at = i * cols + c0;
+        m[i] = i >= rows ? Splat(0.0f)
+               : at + kLanes <= readable ? E::Load(x + at)
+                                         : LoadPadded<E>(x + at, readable - at, 0.0f);
+      }
+    }
+    Transpose(m);
+    for (int64_t j = c0; j < cols && j < c0 + kLanes; ++j) column[j] = m[j - c0];
   }
 }
 
-TF_KLD_INLINE double Lane(Vd lo, Vd hi, int i) { return i < kLanes / 2 ? lo[i] : hi[i - kLanes / 2]; }
+TF_KLD_INLINE Vd SplatD(double x) { return Vd{} + x; }
+
+// a * b + c for doubles, fused where the build has FMA.
+TF_KLD_INLINE Vd MaddD(Vd a, Vd b, Vd c) {
+#if defined(__AVX512F__)
+  return BitCast<Vd>(_mm512_fmadd_pd(BitCast<__m512d>(a), BitCast<__m512d>(b), BitCast<__m512d>(c)));
+#elif defined(__FMA__)
+  return BitCast<Vd>(_mm256_fmadd_pd(BitCast<__m256d>(a), BitCast<__m256d>(b), BitCast<__m256d>(c)));
+#else
+  return a * b + c;
+#endif
+}
+
+// log x for lanes of positive normal x, within one double ulp: x = 2^e (1 + f), 1 + f in
+// [sqrt(1/2), sqrt(2)) (f exact), and as fdlibm's log, log(1 + f) = f - (hfsq - s (hfsq + R)) with
+// hfsq = f^2 / 2, s = f / (2 + f), R = 2 atanh(s) / s - 2 = 2/3 s^2 + 2/5 s^4 + ... (|s| <= 0.172,
+// the series to s^20: truncation below 2^-56 relative); ln 2 in two parts (e ln2_hi exact). Every
+// other lane (0, subnormal, inf, NaN, negative) takes libm's log.
+TF_KLD_INLINE Vd LogD(Vd x) {
+  typedef int64_t Vl __attribute__((vector_size(sizeof(Vd))));
+  const Vl bits = BitCast<Vl>(x);
+  // The exponent field as a double without an int64 conversion: 2^52 + field, minus 2^52 + 1023.
+  Vd e = BitCast<Vd>((bits >> 52) | 0x4330000000000000LL) - SplatD(4503599627371519.0);
+  Vd m = BitCast<Vd>((bits & 0x000FFFFFFFFFFFFFLL) | 0x3FF0000000000000LL);  // [1, 2)
+  const Vl high = m > SplatD(1.4142135623730951);
+  m = high ? m * 0.5 : m;
+  e = high ? e + 1.0 : e;
+  const Vd f = m - 1.0, s = f / (f + 2.0), z = s * s, z2 = z * z, z4 = z2 * z2;
+  // R / z = 2/3 + 2/5 z + 2/7 z^2 + ... + 2/21 z^9 by Estrin's scheme (short dependency chains).
+  auto pair = [&](double c0, double c1) { return MaddD(SplatD(c1), z, SplatD(c0)); };
+  const Vd p03 = MaddD(pair(2.0 / 7, 2.0 / 9), z2, pair(2.0 / 3, 2.0 / 5));
+  const Vd p47 = MaddD(pair(2.0 / 15, 2.0 / 17), z2, pair(2.0 / 11, 2.0 / 13));
+  const Vd r = z * MaddD(pair(2.0 / 19, 2.0 / 21), z4 * z4, MaddD(p47, z4, p03));
+  const Vd hfsq = 0.5 * f * f;
+  Vd log = MaddD(e, SplatD(6.93147180369123816490e-01),
+                 -((hfsq - MaddD(s, hfsq + r, e * 1.90821492927058770002e-10)) - f));
+  const Vl special = ~((x >= SplatD(2.2250738585072014e-308)) & (x <= SplatD(1.7976931348623157e308)));
+  if (__builtin_expect(AnyLane(BitCast<Vi>(special)), 0)) {
+    for (int i = 0; i < kLanes / 2; ++i) {
+      if (special[i]) log[i] = LibmLog(x[i]);
+    }
+  }
+  return log;
+}
+
+// distill::Finish for kLanes / 2 rows: their maxima of raw logits (max_a, max_b), sums, the lanes'
+// cross term (before CrossOfLogits), `infinite` nonzero for rows with a class of p > 0, q = 0;
+// out[k][i] = stat k of lane i.
+TF_KLD_INLINE void FinishLanes(Vd max_a, Vd max_b, Vd sum_a, Vd lane_cross, Vd sum_b, Vd infinite,
+                               double temperature, double unit, double (*out)[kLanes / 2]) {
+  const Vd ma = max_a / temperature, mb = max_b / temperature;  // MaxStat
+  const Vd maxima = ma - mb;
+  Vd cross = lane_cross * unit;
+  cross = maxima - maxima == 0.0 ? cross + maxima * sum_a : cross;  // CrossOfLogits
+  const Vd log_a = LogD(sum_a), log_b = LogD(sum_b);
+  Vd kl = cross / sum_a - maxima - (log_a - log_b);
+  const Vd minus_inf = SplatD(-INFINITY);
+  kl = infinite != 0.0 ? SplatD(INFINITY) : kl;
+  kl = (ma == minus_inf) | (mb == minus_inf) | (sum_a != sum_a) | (sum_b != sum_b) | (cross != cross)
+           ? SplatD(NAN) : kl;
+  std::memcpy(out[0], &ma, sizeof(Vd)), std::memcpy(out[1], &log_a, sizeof(Vd));
+  std::memcpy(out[2], &mb, sizeof(Vd)), std::memcpy(out[3], &log_b, sizeof(Vd));
+  std::memcpy(out[4], &kl, sizeof(Vd));
+}
 
 template <typename E>
-void KlPartialsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int64_t cols,
-                       float temperature, distill::KlPartial* out) {
+void KlRowsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int64_t cols,
+                   float temperature, double* stats) {
   const auto* t = static_cast<const typename E::Storage*>(y_true);
   const auto* p = static_cast<const typename E::Storage*>(y_pred);
   ForwardLoop(temperature, [&](auto mode) {
-    const KlArgs<decltype(mode)::kMode> arg(temperature);
-    const Vf minus_inf = Splat(-INFINITY), zero = Splat(0.0f);
+    constexpr int kMode = decltype(mode)::kMode;
+    const KlLanes<kMode> empty(temperature);
+    const Vf minus_inf = Splat(-INFINITY);
     for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
       const int64_t n = rows - r0 < kLanes ? rows - r0 : kLanes;
       Vf a[kNarrowCols], b[kNarrowCols];
-      LoadColumns<E>(t + r0 * cols, n, cols, a);
-      LoadColumns<E>(p + r0 * cols, n, cols, b);
+      // Loads may run into the next block's rows (their lanes are dropped), not past the last row.
+      LoadColumns<E>(t + r0 * cols, n, cols, (rows - r0) * cols, a);
+      LoadColumns<E>(p + r0 * cols, n, cols, (rows - r0) * cols, b);
       Vf max_a = minus_inf, max_b = minus_inf;
-      Vi infinite = {};
       for (int64_t j = 0; j < cols; ++j) {
         max_a = a[j] > max_a ? a[j] : max_a;  // NaN never raises a maximum: it makes the sums NaN
         max_b = b[j] > max_b ? b[j] : max_b;
-        infinite |= (b[j] == minus_inf) & (a[j] != minus_inf);
       }
-      Vd sum_a0 = {}, sum_a1 = {}, cross0 = {}, cross1 = {}, sum_b0 = {}, sum_b1 = {};
-      Vf fsum_a = zero, fcross = zero, fsum_b = zero;
-      for (int64_t j = 0; j < cols; ++j) {  // as KlLanes::Step, at the row's final maxima
-        const Vi masked_a = a[j] == minus_inf, masked_b = b[j] == minus_inf;
-        Vf ua, ub;
-        const Vf ea_any = arg.ExpAny(a[j] - max_a, &ua), eb_any = arg.ExpAny(b[j] - max_b, &ub);
-        const Vf ea = masked_a ? zero : ea_any;
-        const Vf eb = masked_b ? zero : eb_any;
-        fsum_a += ea;
-        fcross += (masked_a | masked_b) ? zero : ea * (ua - ub);
-        fsum_b += eb;
-        if ((j + 1) % kFlushSteps == 0 || j + 1 == cols) {  // into double as KlLanes::Flush
-          Accumulate(fsum_a, &sum_a0, &sum_a1), Accumulate(fcross, &cross0, &cross1);
-          Accumulate(fsum_b, &sum_b0, &sum_b1);
-          fsum_a = fcross = fsum_b = zero;
-        }
-      }
-      for (int i = 0; i < n; ++i) {  // maxima and cross term as KlLanes::Reduce's
-        distill::KlPartial& r = out[r0 + i];
-        r.max_a = MaxStat(max_a[i], temperature), r.max_b = MaxStat(max_b[i], temperature);
-        r.sum_a = Lane(sum_a0, sum_a1, i);
-        r.cross = CrossOfLogits(arg.unit * Lane(cross0, cross1, i), r.max_a, r.max_b, r.sum_a);
-        r.sum_b = Lane(sum_b0, sum_b1, i);
-        r.nan = false, r.infinite = infinite[i] != 0;
+      KlLanes<kMode> s = empty;  // at the rows' final maxima: its steps never raise them
+      s.max_a = max_a, s.max_b = max_b;
+      for (int64_t j = 0; j < cols; ++j) s.Step(a[j], b[j]);
+      s.Flush();
+      // The rows' maxima and cross term as KlLanes::Reduce's, then distill::Finish, in SIMD.
+      Vd max_a0, max_a1, max_b0, max_b1, inf0, inf1;
+      Widen(max_a, &max_a0, &max_a1), Widen(max_b, &max_b0, &max_b1);
+      Widen(s.InfiniteLanes(), &inf0, &inf1);
+      alignas(64) double lanes[2][distill::kStats][kLanes / 2];
+      FinishLanes(max_a0, max_b0, s.sum_a0, s.cross0, s.sum_b0, inf0, temperature, s.arg.unit, lanes[0]);
+      FinishLanes(max_a1, max_b1, s.sum_a1, s.cross1, s.sum_b1, inf1, temperature, s.arg.unit, lanes[1]);
+      for (int64_t i = 0; i < n; ++i) {
+        double* row = stats + (r0 + i) * distill::kStats;
+        for (int k = 0; k < distill::kStats; ++k) row[k] = lanes[i / (kLanes / 2)][k][i % (kLanes / 2)];
       }
     }
     return 0;
@@ -977,18 +1075,15 @@ distill::KlPartial DistillKlPartial(Type type, const void* t, const void* p, int
   return {};
 }
 
-void DistillKlPartialsNarrow(Type type, const void* t, const void* p, int64_t rows, int64_t cols,
-                             double temperature, distill::KlPartial* out) {
+void DistillKlRowsNarrow(Type type, const void* t, const void* p, int64_t rows, int64_t cols,
+                         double temperature, double* stats) {
   const float tf = static_cast<float>(temperature);
   switch (type) {
-    case Type::kHalf: return KlPartialsNarrowF<HalfT>(t, p, rows, cols, tf, out);
-    case Type::kBfloat16: return KlPartialsNarrowF<Bfloat16T>(t, p, rows, cols, tf, out);
-    case Type::kFloat: return KlPartialsNarrowF<FloatT>(t, p, rows, cols, tf, out);
-    case Type::kDouble:
-      for (int64_t r = 0; r < rows; ++r) {  // not used by the op: float64 rows go one at a time
-        out[r] = KlPartialD(static_cast<const double*>(t) + r * cols,
-                            static_cast<const double*>(p) + r * cols, cols, temperature);
-      }
+    case Type::kHalf: return KlRowsNarrowF<HalfT>(t, p, rows, cols, tf, stats);
+    case Type::kBfloat16: return KlRowsNarrowF<Bfloat16T>(t, p, rows, cols, tf, stats);
+    case Type::kFloat: return KlRowsNarrowF<FloatT>(t, p, rows, cols, tf, stats);
+    case Type::kDouble:  // not supported (the op sends float64 rows one at a time): NaN
+      for (int64_t i = 0; i < rows * distill::kStats; ++i) stats[i] = NAN;
       return;
   }
 }
@@ -1013,6 +1108,22 @@ void DistillExp(const float* x, float* out, int64_t n) {
   if (i < n) {
     const Vf e = exp(LoadPadded<FloatT>(x + i, n - i, 0.0f));
     for (int64_t j = 0; i + j < n; ++j) out[i + j] = e[j];
+  }
+}
+
+void DistillLog(const double* x, double* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes / 2 <= n; i += kLanes / 2) {
+    Vd v;
+    std::memcpy(&v, x + i, sizeof(v));
+    v = LogD(v);
+    std::memcpy(out + i, &v, sizeof(v));
+  }
+  if (i < n) {
+    Vd v = SplatD(1.0);
+    for (int64_t j = 0; i + j < n; ++j) v[j] = x[i + j];
+    v = LogD(v);
+    for (int64_t j = 0; i + j < n; ++j) out[i + j] = v[j];
   }
 }
 
@@ -1285,10 +1396,10 @@ namespace distill {
 const Kernels& TF_KLD_KERNELS_FN() {
   namespace isa = cpu::TF_KLD_ISA_NAMESPACE;
   static const Kernels kernels = {TF_KLD_ISA_NAME,          &isa::DistillKlPartial,
-                                  &isa::DistillKlPartialsNarrow, isa::kNarrowCols,
+                                  &isa::DistillKlRowsNarrow, isa::kNarrowCols,
                                   &isa::DistillKlGradient,  &isa::DistillJsdSums,
                                   &isa::DistillJsdGradient, &isa::DistillExp<false>,
-                                  &isa::DistillExp<true>,
+                                  &isa::DistillExp<true>,         &isa::DistillLog,
                                   &isa::LinearGrads,
                                   isa::LinearGradsBf16IfSupported(),
                                   &isa::LinearLogits};
