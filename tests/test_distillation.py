@@ -313,18 +313,19 @@ def test_many_narrow_rows(impl, dtype, width, rng):
                                   tf.cast(loss, tf.float32).numpy()[3:])
 
 
+@pytest.mark.parametrize("beta", [None, 0.5])
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16], ids=lambda d: d.name)
-def test_narrow_rows_in_many_blocks(impl, dtype, rng):
-    """Thousands of narrow rows (the op's blocks of rows and its threads' shards, the last SIMD block
-    partial) with the special rows scattered among them: the oracle's values, row by row."""
+def test_narrow_rows_in_many_blocks(impl, dtype, beta, rng):
+    """Thousands of narrow rows (the ops' blocks of rows and their threads' shards, the last SIMD
+    block partial) with the special rows scattered among them: the oracle's values, row by row."""
     special_t, special_p = special_rows(6)
     t, p = logits(rng, (2053, 10), np.float64), logits(rng, (2053, 10), np.float64)
     at = rng.choice(np.arange(1, 2052), size=len(special_t), replace=False)
     at[-1] = 2052  # a special row last
     t[at, :6], p[at, :6] = special_t, special_p
     t, p = t.astype(U.np_dtype(dtype)), p.astype(U.np_dtype(dtype))
-    got = tf_kld.kl_divergence_with_logits(t, p, 2.0)
-    assert_loss(got, oracle(t, p, None, 2.0, dtype), t, p, 2.0, dtype)
+    got = loss_fn(beta)(t, p, 2.0)
+    assert_loss(got, oracle(t, p, beta, 2.0, dtype), t, p, 2.0, dtype)
 
 
 @pytest.mark.parametrize("temperature", TEMPERATURES)

@@ -130,6 +130,11 @@ struct Kernels {
   // adds to sums[0] = sum p (lp - lm) and sums[1] = sum q (lq - lm).
   void (*jsd_sums)(Type type, const void* y_true, const void* y_pred, int64_t n,
                    const JsdParams& params, const double* stats, double* sums);
+  // The same for `rows` whole rows of cols <= narrow_cols elements, kLanes rows at a time across
+  // SIMD lanes (as kl_rows_narrow), each row's kJsdStats stats given (the first four set): sets
+  // sums[2 r] and sums[2 r + 1]. Values as jsd_sums', up to rounding. Not float64 (NaN sums).
+  void (*jsd_sums_narrow)(Type type, const void* y_true, const void* y_pred, int64_t rows,
+                          int64_t cols, const JsdParams& params, const double* stats, double* sums);
   // JSD gradients as kl_gradient, from kJsdStats stats per row:
   // d_true = g beta / T p ((lp - lm) - KL(p || m)), d_pred = g (1 - beta) / T q ((lq - lm) - KL(q || m)).
   void (*jsd_gradient)(Type type, const void* grad, const void* y_true, const void* y_pred,

@@ -941,6 +941,49 @@ void JsdSumsF(const void* y_true, const void* y_pred, int64_t n, const distill::
   sums[1] += SumLanes(q0 + q1);
 }
 
+// The second JSD pass of `rows` whole narrow rows (cols <= kNarrowCols), kLanes rows a block, one
+// row per lane as in KlRowsNarrowF: JsdLogs' statistics per lane, the same steps over the rows'
+// columns. stats: kJsdStats per row (the first four set); sums[2 r], sums[2 r + 1] = row r's.
+template <typename E>
+void JsdSumsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int64_t cols,
+                    const distill::JsdParams& params, const double* stats, double* sums) {
+  const auto* t = static_cast<const typename E::Storage*>(y_true);
+  const auto* p = static_cast<const typename E::Storage*>(y_pred);
+  const float temperature = static_cast<float>(params.temperature);
+  const double no_stats[4] = {0.0, 0.0, 0.0, 0.0};  // lanes past a block's rows: zeros, ignored
+  JsdLogs logs(no_stats, params);
+  const Vf zero = Splat(0.0f);
+  for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
+    const int64_t n = rows - r0 < kLanes ? rows - r0 : kLanes;
+    Vf a[kNarrowCols], b[kNarrowCols];
+    LoadColumns<E>(t + r0 * cols, n, cols, (rows - r0) * cols, a);
+    LoadColumns<E>(p + r0 * cols, n, cols, (rows - r0) * cols, b);
+    logs.max_a = logs.log_a = logs.max_b = logs.log_b = zero;
+    for (int64_t i = 0; i < n; ++i) {
+      const double* st = stats + (r0 + i) * distill::kJsdStats;
+      logs.max_a[i] = RawMax(st[0], temperature), logs.log_a[i] = static_cast<float>(st[1]);
+      logs.max_b[i] = RawMax(st[2], temperature), logs.log_b[i] = static_cast<float>(st[3]);
+    }
+    // Each term goes into double at once (a row's terms share a lane here, where JsdSumsF gives
+    // them a lane each: no float sums of a row's terms, which would cost the small JSD ulps).
+    Vd p0 = {}, p1 = {}, q0 = {}, q1 = {};
+    for (int64_t j = 0; j < cols; ++j) {  // as JsdSumsF's steps
+      Vf lp, lq, pe, qe, lm;
+      Vi ma, mb;
+      logs.Compute(a[j], b[j], &lp, &lq, &pe, &qe, &lm, &ma, &mb);
+      Accumulate(ma ? zero : pe * (lp - lm), &p0, &p1);
+      Accumulate(mb ? zero : qe * (lq - lm), &q0, &q1);
+    }
+    alignas(64) double lanes[4][kLanes / 2];
+    std::memcpy(lanes[0], &p0, sizeof(Vd)), std::memcpy(lanes[1], &p1, sizeof(Vd));
+    std::memcpy(lanes[2], &q0, sizeof(Vd)), std::memcpy(lanes[3], &q1, sizeof(Vd));
+    for (int64_t i = 0; i < n; ++i) {
+      const int half = i < kLanes / 2 ? 0 : 1, lane = static_cast<int>(i % (kLanes / 2));
+      sums[2 * (r0 + i)] = lanes[half][lane], sums[2 * (r0 + i) + 1] = lanes[2 + half][lane];
+    }
+  }
+}
+
 TF_KLD_INLINE double LogMixD(double lp, double lq, const distill::JsdParams& params) {
   const double x1 = lp + params.log_beta, x2 = lq + params.log1m_beta;
   if (x1 == -INFINITY && x2 == -INFINITY) return -INFINITY;
@@ -1084,6 +1127,18 @@ void DistillKlRowsNarrow(Type type, const void* t, const void* p, int64_t rows, 
     case Type::kFloat: return KlRowsNarrowF<FloatT>(t, p, rows, cols, tf, stats);
     case Type::kDouble:  // not supported (the op sends float64 rows one at a time): NaN
       for (int64_t i = 0; i < rows * distill::kStats; ++i) stats[i] = NAN;
+      return;
+  }
+}
+
+void DistillJsdSumsNarrow(Type type, const void* t, const void* p, int64_t rows, int64_t cols,
+                          const distill::JsdParams& params, const double* stats, double* sums) {
+  switch (type) {
+    case Type::kHalf: return JsdSumsNarrowF<HalfT>(t, p, rows, cols, params, stats, sums);
+    case Type::kBfloat16: return JsdSumsNarrowF<Bfloat16T>(t, p, rows, cols, params, stats, sums);
+    case Type::kFloat: return JsdSumsNarrowF<FloatT>(t, p, rows, cols, params, stats, sums);
+    case Type::kDouble:  // not supported (the op sends float64 rows one at a time): NaN
+      for (int64_t i = 0; i < 2 * rows; ++i) sums[i] = NAN;
       return;
   }
 }
@@ -1398,6 +1453,7 @@ const Kernels& TF_KLD_KERNELS_FN() {
   static const Kernels kernels = {TF_KLD_ISA_NAME,          &isa::DistillKlPartial,
                                   &isa::DistillKlRowsNarrow, isa::kNarrowCols,
                                   &isa::DistillKlGradient,  &isa::DistillJsdSums,
+                                  &isa::DistillJsdSumsNarrow,
                                   &isa::DistillJsdGradient, &isa::DistillExp<false>,
                                   &isa::DistillExp<true>,         &isa::DistillLog,
                                   &isa::LinearGrads,

@@ -412,6 +412,29 @@ class GeneralizedJsdWithLogitsOp : public OpKernel {
       distill::Finish(s, kl_stats);
       for (int j = 0; j < 4; ++j) st[j] = kl_stats[j];
     };
+    if (type != cpu::Type::kDouble && cols <= k.narrow_cols) {  // many rows per SIMD register
+      d.parallelFor(rows, Cost(2 * cols, 2 * cols * sizeof(T), sizeof(T) + 8 * kS),
+                    [&](Eigen::Index begin, Eigen::Index end) {
+                      constexpr int64_t kBlock = 512;  // rows whose stats are still in cache
+                      double kl_stats[kBlock * distill::kStats], sums[2 * kBlock];
+                      for (Eigen::Index r0 = begin; r0 < end; r0 += kBlock) {
+                        const int64_t n = std::min<int64_t>(kBlock, end - r0);
+                        const T* rt = t + r0 * cols;
+                        const T* rp = p + r0 * cols;
+                        double* st = stats + r0 * kS;
+                        k.kl_rows_narrow(type, rt, rp, n, cols, params.temperature, kl_stats);
+                        for (int64_t i = 0; i < n; ++i) {
+                          for (int j = 0; j < 4; ++j) st[i * kS + j] = kl_stats[i * distill::kStats + j];
+                        }
+                        k.jsd_sums_narrow(type, rt, rp, n, cols, params, st, sums);
+                        for (int64_t i = 0; i < n; ++i) {
+                          loss[r0 + i] = Round<T>(
+                              distill::FinishJsd(params.beta, sums[2 * i], sums[2 * i + 1], st + i * kS));
+                        }
+                      }
+                    });
+      return;
+    }
     if (cols <= kChunk) {
       d.parallelFor(rows, Cost(2 * cols, 2 * cols * sizeof(T), sizeof(T) + 8 * kS),
                     [&](Eigen::Index begin, Eigen::Index end) {
