@@ -26,13 +26,18 @@ JSD_GRAD_OP = "TfKld>GeneralizedJsdWithLogitsGrad"
 IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tf_kld.__file__)))
 
 
-def _core_exp(x):
-    fn = ctypes.CDLL(kld_ops.library_path()).TfKldDistillExp
+def _core(name, x, dtype):
+    """The library's test hook `name` (out[i] = f(x[i]), n elements of dtype) on x."""
+    fn = getattr(ctypes.CDLL(kld_ops.library_path()), name)
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    x = np.ascontiguousarray(x, np.float32)
+    x = np.ascontiguousarray(x, dtype)
     out = np.empty_like(x)
     fn(x.ctypes.data, out.ctypes.data, x.size)
     return out
+
+
+def _core_exp(x):
+    return _core("TfKldDistillExp", x, np.float32)
 
 
 def _ulps(got, want64):
@@ -72,25 +77,17 @@ def test_vectorised_exp_accuracy(require_custom, rng):
 def test_vectorised_exp_of_nonpositive_arguments_is_the_same_exp(require_custom, rng):
     """The shorter form the loops use on shifted logits (x <= 0 or NaN) gives exactly the bits of
     the checked exp above, special values and every lane included, up to x = 89."""
-    fn = ctypes.CDLL(kld_ops.library_path()).TfKldDistillExpNonPositive
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     x = np.concatenate([rng.uniform(-120.0, 89.0, 200000), -rng.exponential(1.0, 50000),
                         np.linspace(-104.0, -86.0, 20001), -np.arange(0, 87, 0.25),
                         [-np.inf, np.nan, 0.0, -0.0, -110.0, -110.5, -1e30, -3.4e38, 89.0, 1e-30]]
                        ).astype(np.float32)
     for n in (x.size, 1, 15, 17, 33):  # partial vectors too
-        got = np.empty_like(x[:n])
-        fn(np.ascontiguousarray(x[:n]).ctypes.data, got.ctypes.data, n)
+        got = _core("TfKldDistillExpNonPositive", x[:n], np.float32)
         np.testing.assert_array_equal(got.view(np.uint32), _core_exp(x[:n]).view(np.uint32))
 
 
 def _core_log(x):
-    fn = ctypes.CDLL(kld_ops.library_path()).TfKldDistillLog
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    x = np.ascontiguousarray(x, np.float64)
-    out = np.empty_like(x)
-    fn(x.ctypes.data, out.ctypes.data, x.size)
-    return out
+    return _core("TfKldDistillLog", x, np.float64)
 
 
 def test_vectorised_log_accuracy(require_custom, rng):

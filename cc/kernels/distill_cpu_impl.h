@@ -570,6 +570,9 @@ TF_KLD_INLINE void LoadColumns(const typename E::Storage* x, int64_t rows, int64
 
 TF_KLD_INLINE Vd SplatD(double x) { return Vd{} + x; }
 
+// Lane i of the kLanes doubles held as Accumulate's split (lanes [0, kLanes / 2) in lo).
+TF_KLD_INLINE double Lane(Vd lo, Vd hi, int64_t i) { return i < kLanes / 2 ? lo[i] : hi[i - kLanes / 2]; }
+
 // a * b + c for doubles, fused where the build has FMA.
 TF_KLD_INLINE Vd MaddD(Vd a, Vd b, Vd c) {
 #if defined(__AVX512F__)
@@ -633,22 +636,30 @@ TF_KLD_INLINE void FinishLanes(Vd max_a, Vd max_b, Vd sum_a, Vd lane_cross, Vd s
   std::memcpy(out[4], &kl, sizeof(Vd));
 }
 
+// f(r0, n, a, b) for each block of kLanes rows [r0, r0 + n) of narrow rows: a, b their columns.
+template <typename E, typename F>
+TF_KLD_INLINE void NarrowBlocks(const void* y_true, const void* y_pred, int64_t rows, int64_t cols,
+                                F f) {
+  const auto* t = static_cast<const typename E::Storage*>(y_true);
+  const auto* p = static_cast<const typename E::Storage*>(y_pred);
+  for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
+    const int64_t n = rows - r0 < kLanes ? rows - r0 : kLanes;
+    Vf a[kNarrowCols], b[kNarrowCols];
+    // Loads may run into the next block's rows (their lanes are dropped), not past the last row.
+    LoadColumns<E>(t + r0 * cols, n, cols, (rows - r0) * cols, a);
+    LoadColumns<E>(p + r0 * cols, n, cols, (rows - r0) * cols, b);
+    f(r0, n, a, b);
+  }
+}
+
 template <typename E>
 void KlRowsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int64_t cols,
                    float temperature, double* stats) {
-  const auto* t = static_cast<const typename E::Storage*>(y_true);
-  const auto* p = static_cast<const typename E::Storage*>(y_pred);
   ForwardLoop(temperature, [&](auto mode) {
     constexpr int kMode = decltype(mode)::kMode;
     const KlLanes<kMode> empty(temperature);
-    const Vf minus_inf = Splat(-INFINITY);
-    for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
-      const int64_t n = rows - r0 < kLanes ? rows - r0 : kLanes;
-      Vf a[kNarrowCols], b[kNarrowCols];
-      // Loads may run into the next block's rows (their lanes are dropped), not past the last row.
-      LoadColumns<E>(t + r0 * cols, n, cols, (rows - r0) * cols, a);
-      LoadColumns<E>(p + r0 * cols, n, cols, (rows - r0) * cols, b);
-      Vf max_a = minus_inf, max_b = minus_inf;
+    NarrowBlocks<E>(y_true, y_pred, rows, cols, [&](int64_t r0, int64_t n, const Vf* a, const Vf* b) {
+      Vf max_a = Splat(-INFINITY), max_b = Splat(-INFINITY);
       for (int64_t j = 0; j < cols; ++j) {
         max_a = a[j] > max_a ? a[j] : max_a;  // NaN never raises a maximum: it makes the sums NaN
         max_b = b[j] > max_b ? b[j] : max_b;
@@ -668,7 +679,7 @@ void KlRowsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int64_t
         double* row = stats + (r0 + i) * distill::kStats;
         for (int k = 0; k < distill::kStats; ++k) row[k] = lanes[i / (kLanes / 2)][k][i % (kLanes / 2)];
       }
-    }
+    });
     return 0;
   });
 }
@@ -907,6 +918,15 @@ struct JsdLogs {
       *lm = small ? lse : *lm;
     }
   }
+
+  // The second pass's terms p (lp - lm) and q (lq - lm), 0 for masked classes.
+  TF_KLD_INLINE void Terms(Vf a, Vf b, Vf* term_p, Vf* term_q) const {
+    Vf lp, lq, pe, qe, lm;
+    Vi ma, mb;
+    Compute(a, b, &lp, &lq, &pe, &qe, &lm, &ma, &mb);
+    *term_p = ma ? Splat(0.0f) : pe * (lp - lm);
+    *term_q = mb ? Splat(0.0f) : qe * (lq - lm);
+  }
 };
 
 template <typename E>
@@ -920,11 +940,9 @@ void JsdSumsF(const void* y_true, const void* y_pred, int64_t n, const distill::
   Vd p0 = {}, p1 = {}, q0 = {}, q1 = {};
   int steps = 0;
   auto step = [&](Vf a, Vf b) {
-    Vf lp, lq, pe, qe, lm;
-    Vi ma, mb;
-    logs.Compute(a, b, &lp, &lq, &pe, &qe, &lm, &ma, &mb);
-    fp += ma ? zero : pe * (lp - lm);
-    fq += mb ? zero : qe * (lq - lm);
+    Vf tp, tq;
+    logs.Terms(a, b, &tp, &tq);
+    fp += tp, fq += tq;
     if (++steps == kFlushSteps) {
       Accumulate(fp, &p0, &p1), Accumulate(fq, &q0, &q1);
       fp = fq = zero, steps = 0;
@@ -947,18 +965,11 @@ void JsdSumsF(const void* y_true, const void* y_pred, int64_t n, const distill::
 template <typename E>
 void JsdSumsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int64_t cols,
                     const distill::JsdParams& params, const double* stats, double* sums) {
-  const auto* t = static_cast<const typename E::Storage*>(y_true);
-  const auto* p = static_cast<const typename E::Storage*>(y_pred);
   const float temperature = static_cast<float>(params.temperature);
   const double no_stats[4] = {0.0, 0.0, 0.0, 0.0};  // lanes past a block's rows: zeros, ignored
   JsdLogs logs(no_stats, params);
-  const Vf zero = Splat(0.0f);
-  for (int64_t r0 = 0; r0 < rows; r0 += kLanes) {
-    const int64_t n = rows - r0 < kLanes ? rows - r0 : kLanes;
-    Vf a[kNarrowCols], b[kNarrowCols];
-    LoadColumns<E>(t + r0 * cols, n, cols, (rows - r0) * cols, a);
-    LoadColumns<E>(p + r0 * cols, n, cols, (rows - r0) * cols, b);
-    logs.max_a = logs.log_a = logs.max_b = logs.log_b = zero;
+  NarrowBlocks<E>(y_true, y_pred, rows, cols, [&](int64_t r0, int64_t n, const Vf* a, const Vf* b) {
+    logs.max_a = logs.log_a = logs.max_b = logs.log_b = Splat(0.0f);
     for (int64_t i = 0; i < n; ++i) {
       const double* st = stats + (r0 + i) * distill::kJsdStats;
       logs.max_a[i] = RawMax(st[0], temperature), logs.log_a[i] = static_cast<float>(st[1]);
@@ -967,21 +978,15 @@ void JsdSumsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int64_
     // Each term goes into double at once (a row's terms share a lane here, where JsdSumsF gives
     // them a lane each: no float sums of a row's terms, which would cost the small JSD ulps).
     Vd p0 = {}, p1 = {}, q0 = {}, q1 = {};
-    for (int64_t j = 0; j < cols; ++j) {  // as JsdSumsF's steps
-      Vf lp, lq, pe, qe, lm;
-      Vi ma, mb;
-      logs.Compute(a[j], b[j], &lp, &lq, &pe, &qe, &lm, &ma, &mb);
-      Accumulate(ma ? zero : pe * (lp - lm), &p0, &p1);
-      Accumulate(mb ? zero : qe * (lq - lm), &q0, &q1);
+    for (int64_t j = 0; j < cols; ++j) {
+      Vf tp, tq;
+      logs.Terms(a[j], b[j], &tp, &tq);
+      Accumulate(tp, &p0, &p1), Accumulate(tq, &q0, &q1);
     }
-    alignas(64) double lanes[4][kLanes / 2];
-    std::memcpy(lanes[0], &p0, sizeof(Vd)), std::memcpy(lanes[1], &p1, sizeof(Vd));
-    std::memcpy(lanes[2], &q0, sizeof(Vd)), std::memcpy(lanes[3], &q1, sizeof(Vd));
     for (int64_t i = 0; i < n; ++i) {
-      const int half = i < kLanes / 2 ? 0 : 1, lane = static_cast<int>(i % (kLanes / 2));
-      sums[2 * (r0 + i)] = lanes[half][lane], sums[2 * (r0 + i) + 1] = lanes[2 + half][lane];
+      sums[2 * (r0 + i)] = Lane(p0, p1, i), sums[2 * (r0 + i) + 1] = Lane(q0, q1, i);
     }
-  }
+  });
 }
 
 TF_KLD_INLINE double LogMixD(double lp, double lq, const distill::JsdParams& params) {
