@@ -3,6 +3,7 @@ NumPy oracle, gradients of both inputs against NumPy's analytic formulas and aut
 composite, the conventions for -inf/huge/NaN logits, argument and input errors, jit_compile.
 Every test of the functions runs on both paths."""
 
+import decimal
 import math
 
 import numpy as np
@@ -205,6 +206,41 @@ def test_jsd_ends_are_the_kls(impl, rng):
     assert np.all(tf_kld.generalized_jsd_with_logits(t, p, 1e-6).numpy() < 1e-4)
 
 
+def decimal_jsd(y_true, y_pred, beta):
+    """The generalized JSD of float64 logit rows (T = 1) in 80-digit decimal arithmetic: exact
+    wherever float64's log-sum-exp of lm is not (near beta = 0 or 1 the JSD is O(beta) or
+    O(1 - beta) against O(1) terms)."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 80
+        b = decimal.Decimal(float(beta))
+        out = []
+        for t, p in zip(np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64)):
+            a, c = [decimal.Decimal(float(x)) for x in t], [decimal.Decimal(float(x)) for x in p]
+            la = sum((x - max(a)).exp() for x in a).ln() + max(a)
+            lc = sum((x - max(c)).exp() for x in c).ln() + max(c)
+            total = decimal.Decimal(0)
+            for x, y in zip(a, c):
+                lp, lq = x - la, y - lc
+                lm = (b * lp.exp() + (1 - b) * lq.exp()).ln()
+                total += b * lp.exp() * (lp - lm) + (1 - b) * lq.exp() * (lq - lm)
+            out.append(float(total))
+        return np.array(out)
+
+
+@pytest.mark.parametrize("beta", [1e-30, 1.0 - 2.0 ** -30, 1.0 - 1e-12], ids=repr)
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64], ids=lambda d: d.name)
+def test_jsd_near_the_ends_of_beta(impl, dtype, beta, rng):
+    """Near beta = 0 or 1 the JSD is O(beta) or O(1 - beta) while its terms are O(1): within 2e-7
+    (float32) or 1e-13 (float64) of itself, eagerly and under jit_compile, against 80-digit
+    decimal arithmetic (float64's log-sum-exp of lm loses the whole JSD at beta = 1e-30)."""
+    t, p = logits(rng, (4, 33), U.np_dtype(dtype)), logits(rng, (4, 33), U.np_dtype(dtype))
+    want = decimal_jsd(t, p, beta)
+    rtol = 2e-7 if dtype == tf.float32 else 1e-13
+    for fn in (loss_fn(beta), tf.function(loss_fn(beta), jit_compile=True)):
+        got = U.to_numpy(fn(tf.constant(t), tf.constant(p))).astype(np.float64)
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=0.0)
+
+
 @pytest.mark.parametrize("beta", [None, 0.5])
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16], ids=lambda d: d.name)
 def test_wide_rows(impl, dtype, beta, rng):
@@ -243,6 +279,40 @@ def test_offset_logits_as_accurate_as_the_composite(impl, width, beta, temperatu
             err, err_composite = np.abs(got - want), np.abs(composite - want)
             assert np.all(err <= 2 * err_composite + floor), (
                 offset, shifted, float(np.max(err)), float(np.max(err_composite)))
+
+
+def assert_jsd_of_close_distributions(fn, width, beta, temperature, rng):
+    """A student close to its teacher (logits plus noise of 1 and of 0.01): the JSD is O(d^2)
+    (d = lq - lp) while its terms p (lp - lm), q (lq - lm) are O(d), so its float32 error must
+    scale with those terms, not with the loss's own size nor with |lm|: within 2 float32 ulps of
+    the row's sum of beta p |lp - lm| + (1 - beta) q |lq - lm|, each times 1 + |lp| + |lq| (the
+    rounding of lp and lq). lp - lm taken with lm rounded to float (as TensorFlow's log-sum-exp
+    gives it, and the kernels once did) put ulps of |lm| into every term: 10 to 1000 times this
+    bound at a noise of 0.01."""
+    for noise in (1.0, 0.01):
+        t = logits(rng, (64, width), np.float64)
+        t, p = t.astype(np.float32), (t + rng.normal(size=t.shape) * noise).astype(np.float32)
+        want = oracle(t, p, beta, temperature)
+        bound = jsd_error_bound(t, p, beta, temperature)
+        err = np.abs(U.to_numpy(fn(t, p)).astype(np.float64) - want)
+        assert np.all(err <= bound), (noise, float(np.max(err / bound)))
+
+
+def jsd_error_bound(y_true, y_pred, beta, temperature):
+    """Per row: 2 float32 ulps of sum(beta p |lp - lm| + (1 - beta) q |lq - lm|) (1 + |lp| + |lq|)."""
+    lp = np_log_softmax(np.asarray(y_true, np.float64), temperature)
+    lq = np_log_softmax(np.asarray(y_pred, np.float64), temperature)
+    lm = np_log_mixture(lp, lq, beta)
+    terms = beta * np.exp(lp) * np.abs(lp - lm) + (1.0 - beta) * np.exp(lq) * np.abs(lq - lm)
+    return 2 * U.machine_eps(tf.float32) * np.sum(terms * (1.0 + np.abs(lp) + np.abs(lq)), -1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("width", [10, 33, 4099], ids=lambda w: f"width{w}")
+def test_jsd_of_close_distributions(impl, width, beta, temperature, rng):
+    assert_jsd_of_close_distributions(lambda t, p: loss_fn(beta)(t, p, temperature), width, beta,
+                                      temperature, rng)
 
 
 @pytest.mark.parametrize("beta", [None, 0.5])

@@ -117,6 +117,18 @@ def test_values_and_gradients(custom, dtype, width, temperature, beta, rng):
     _check(got, t, p, weights, beta, temperature, dtype)
 
 
+@pytest.mark.parametrize("implementation", ["custom", "auto"])
+@pytest.mark.parametrize("beta", [0.1, 0.9])
+@pytest.mark.parametrize("width", [10, 4099], ids=lambda w: f"width{w}")
+def test_jsd_of_close_distributions(require_custom, implementation, width, beta, rng):
+    """The lowering's log-ratios (and the composite's, which "auto" compiles) as accurate as the
+    CPU kernels' where the JSD is small against its terms (test_distillation's bound): XLA's
+    simplifier must not undo them (it reassociates (1 - beta) e^d + beta - 1)."""
+    with tf_kld.implementation(implementation):
+        fn = tf.function(_fn(beta, 2.0), jit_compile=True)
+        D.assert_jsd_of_close_distributions(fn, width, beta, 2.0, rng)
+
+
 @pytest.mark.parametrize("temperature", D.TEMPERATURES)
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("dtype", U.FLOAT_DTYPES, ids=lambda d: d.name)

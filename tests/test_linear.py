@@ -95,6 +95,27 @@ def test_float64_value_and_student_gradients(beta, chunk_size, impl, rng):
     _assert_matches(_problem(rng), beta, 2.0, chunk_size)
 
 
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_float32_jsd_of_a_close_student(beta, impl, rng):
+    """A student projection within 2^-8 of the teacher's (float32 logits exact: small integers
+    times multiples of 2^-10): the generalized JSD is O(d^2) against terms O(d), and the chunks
+    take lp - lm, lq - lm straight from d = lq - lp (the ops' kernels, or reference.log_ratios on
+    the composite path), so each row's float32 loss (one row weighted at a time) stays within
+    test_distillation's cancellation-aware bound (with lm rounded, some ulps of |lm| in every
+    term: the composite path was 20 to 1000 times over it here)."""
+    import test_distillation as D
+
+    h = rng.integers(-3, 4, size=(8, 8)).astype(np.float32)
+    kt = (rng.integers(-256, 257, size=(8, 300)) / 128.0).astype(np.float32)
+    ks = kt + (rng.integers(-4, 5, size=kt.shape) / 1024.0).astype(np.float32)
+    t64, s64 = h.astype(np.float64) @ kt.astype(np.float64), h.astype(np.float64) @ ks.astype(np.float64)
+    want, bound = D.oracle(t64, s64, beta), D.jsd_error_bound(t64, s64, beta, 1.0)
+    got = [float(tf_kld.linear_distillation_loss(h, ks, h, kt, beta=beta, chunk_size=4,
+                                                 sample_weight=np.eye(8, dtype=np.float32)[i]))
+           for i in range(8)]
+    assert np.all(np.abs(np.array(got) - want) <= bound), np.abs(np.array(got) - want) / bound
+
+
 @pytest.mark.parametrize("onednn", [False, True])
 def test_both_ways_of_the_hidden_states_gradient(onednn, monkeypatch, require_custom, rng):
     # dS @ W^T comes from TensorFlow's matmul where oneDNN is on, else from the in-place op's pass,

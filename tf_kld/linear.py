@@ -25,8 +25,6 @@ their logits and logit gradient in bfloat16 (widened in cache by the fused ops) 
 gradient in float32 by TfKld>AccumulateKernelGrad (see _chunked).
 """
 
-import math
-
 import numpy as np
 import tensorflow as tf
 
@@ -134,8 +132,10 @@ def rows_divergence_and_logit_grad(teacher_logits, student_logits, beta, tempera
     the per-row `g` ([rows]). beta = 0 is KL(p || q), beta = 1 is KL(q || p).
 
     Formulas (../shared/DISTILLATION_NOTES.md): beta = 0: dS = g / T (q - p); beta = 1: dS =
-    g / T q ((lq - lp) - KL(q || p)); else with lm = logsumexp(log beta + lp, log(1 - beta) + lq):
-    dS = g (1 - beta) / T q ((lq - lm) - KL(q || m)). A class with p = 0 (or q = 0) contributes 0.
+    g / T q ((lq - lp) - KL(q || p)); else with m = beta p + (1 - beta) q:
+    dS = g (1 - beta) / T q ((lq - lm) - KL(q || m)), lp - lm and lq - lm by reference.log_ratios
+    (straight from lq - lp: exact where p and q are close). A class with p = 0 (or q = 0)
+    contributes 0.
     """
     inv_t = 1.0 / temperature
     lp = tf.nn.log_softmax(teacher_logits * inv_t, axis=-1)
@@ -154,11 +154,12 @@ def rows_divergence_and_logit_grad(teacher_logits, student_logits, beta, tempera
         d = tf.reduce_sum(plogr(q, lq, lp), axis=-1)
         ds = g * tf.where(q > 0, q * ((lq - lp) - d[:, tf.newaxis]), zero)
     else:
-        lm = tf.reduce_logsumexp(tf.stack([lp + math.log(beta), lq + math.log1p(-beta)]), axis=0)
-        kl_pm = tf.reduce_sum(plogr(p, lp, lm), axis=-1)
-        kl_qm = tf.reduce_sum(plogr(q, lq, lm), axis=-1)
+        rp, rq = reference.log_ratios(lp, lq, beta)  # lp - lm, lq - lm, exact where p, q are close
+        kl_pm = tf.reduce_sum(plogr(p, rp, zero), axis=-1)
+        kl_qm = tf.reduce_sum(plogr(q, rq, zero), axis=-1)
         d = beta * kl_pm + (1.0 - beta) * kl_qm
-        ds = g * (1.0 - beta) * tf.where(q > 0, q * ((lq - lm) - kl_qm[:, tf.newaxis]), zero)
+        ds = g * (1.0 - beta) * tf.where(q > 0, q * (tf.where(q > 0, rq, zero) - kl_qm[:, tf.newaxis]),
+                                         zero)
     return d, ds
 
 

@@ -222,6 +222,67 @@ def _log_mixture(lp, lq, beta):
     return tf.where(empty, tf.fill(tf.shape(lm), minus_inf), lm)
 
 
+# Where |lq - lp| <= _RATIO_BOUND and beta >= _RATIO_MIN_BETA, the JSD's log-ratios come straight
+# from d = lq - lp (cc/kernels/distill_cpu.h's kRatioBound and kRatioMinBeta).
+_RATIO_BOUND = 64.0
+_RATIO_MIN_BETA = 2.0 ** -125
+
+
+def log_ratios(lp, lq, beta):
+    """rp = lp - lm and rq = lq - lm, with lm = log(beta * p + (1 - beta) * q), for 0 < beta < 1.
+
+    Straight from d = lq - lp: rp = -log1p((1 - beta) expm1(d)), rq = -log1p(beta expm1(-d)),
+    each exact to a few ulps of itself. Where p and q are close the JSD is O(d^2) and its terms
+    p rp, q rq are O(d): lp - lm with lm rounded would put some ulps of |lm| into every term, and
+    the loss would lose as many digits as the terms cancel. The side e^-|d| bounds (p's where
+    d <= 0: u = 1 + s = beta + (1 - beta) e^-|d|) for every d; the other (u = (1 - beta) + beta e^|d|)
+    the same way where |d| <= 64, beyond that as the first minus |d|, where nothing cancels.
+    log1p(s) is log(u) where u, a sum of positive terms, is below 1/2 (1 + s would lose s's low
+    bits). Masked classes (d infinite or NaN) get -log(beta) or -log(1 - beta) on the finite side,
+    -inf or NaN on the other (whose terms are 0); beta below 2^-125 (u not a normal float) takes
+    lm by log-sum-exp. Every branch is evaluated at finite arguments only, so no gradient is NaN."""
+    if not beta >= _RATIO_MIN_BETA:
+        lm = _log_mixture(lp, lq, beta)
+        return lp - lm, lq - lm
+    dtype = lp.dtype
+    zero, half, one = (tf.constant(v, dtype) for v in (0.0, 0.5, 1.0))
+    b, c = tf.constant(beta, dtype), tf.constant(1.0 - beta, dtype)
+    d = lq - lp
+    finite = tf.math.is_finite(d)
+    d = tf.where(finite, d, tf.zeros_like(d))
+    ad = tf.abs(d)
+    up = d > zero  # q > p: q's side is the bounded one
+    x, y = tf.where(up, c, b), tf.where(up, b, c)
+    e, k = tf.exp(-ad), tf.math.expm1(-ad)  # e^-|d|, expm1(-|d|)
+    near = ad <= tf.constant(_RATIO_BOUND, dtype)
+    r = tf.exp(tf.where(near, ad, tf.zeros_like(ad)))  # e^|d|, 1 beyond the bound
+
+    def log1p(u, s):
+        low = u < half
+        return tf.where(low, tf.math.log(tf.where(low, u, one)),
+                        tf.math.log1p(tf.where(low, tf.zeros_like(s), s)))
+
+    bounded = -log1p(x + y * e, y * k)
+    other = tf.where(near, -log1p(y + x * r, -x * (k * r)), bounded - ad)
+    rp, rq = tf.where(up, other, bounded), tf.where(up, bounded, other)
+    # Infinite or NaN d: q = 0 < p gives rp = -log(beta), p = 0 < q gives rq = -log(1 - beta); the
+    # rest NaN (their terms are 0 where that side is masked, NaN where a logit is).
+    nan = tf.constant(math.nan, dtype)
+    q_zero = tf.logical_and(tf.equal(lq, -math.inf), tf.math.is_finite(lp))
+    p_zero = tf.logical_and(tf.equal(lp, -math.inf), tf.math.is_finite(lq))
+    rp = tf.where(finite, rp, tf.where(q_zero, tf.constant(-math.log(beta), dtype), nan))
+    rq = tf.where(finite, rq, tf.where(p_zero, tf.constant(-math.log1p(-beta), dtype), nan))
+    return rp, rq
+
+
+def _ratio_terms(lp, r):
+    """p * r elementwise (r a log-ratio of p's), 0 where p = 0, NaN propagates; double `where` as
+    in _kl_terms."""
+    use = tf.not_equal(lp, tf.constant(-math.inf, lp.dtype))  # NaN is used
+    zero = tf.zeros_like(lp)
+    return tf.where(use, tf.exp(lp) * tf.where(use, r, zero), zero)
+
+
 def kl_with_logits_composite(y_true, y_pred, temperature):
     """KL(softmax(y_true / T) || softmax(y_pred / T)) on prepared tensors of one floating dtype."""
     dtype = y_pred.dtype
@@ -243,9 +304,11 @@ def jsd_with_logits_composite(y_true, y_pred, beta, temperature):
     elif beta == 1.0:
         loss = _kl_terms(lq, lp)
     else:
-        lm = _log_mixture(lp, lq, beta)
-        loss = (tf.constant(beta, work) * _kl_terms(lp, lm)
-                + tf.constant(1.0 - beta, work) * _kl_terms(lq, lm))
+        # One sum of each class's beta p rp + (1 - beta) q rq (never negative): one reduction
+        # for XLA to fuse the elementwise work into, no cancellation between two sums.
+        rp, rq = log_ratios(lp, lq, beta)
+        loss = tf.reduce_sum(tf.constant(beta, work) * _ratio_terms(lp, rp)
+                             + tf.constant(1.0 - beta, work) * _ratio_terms(lq, rq), axis=-1)
     return tf.cast(loss, dtype)
 
 

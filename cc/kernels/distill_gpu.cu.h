@@ -55,7 +55,7 @@ inline Params JsdParams(double temperature, double beta) {
   return p;
 }
 
-// exp, log1p in the compute type (host versions for the replay).
+// exp, expm1, log, log1p in the compute type (host versions for the replay).
 TF_KLD_HD float Exp(float x) {
 #ifdef __CUDA_ARCH__
   return expf(x);
@@ -84,7 +84,28 @@ TF_KLD_HD double Log1p(double x) {
   return std::log1p(x);
 #endif
 }
-TF_KLD_HD double LogD(double x) {
+TF_KLD_HD float Expm1(float x) {
+#ifdef __CUDA_ARCH__
+  return expm1f(x);
+#else
+  return std::expm1(x);
+#endif
+}
+TF_KLD_HD double Expm1(double x) {
+#ifdef __CUDA_ARCH__
+  return expm1(x);
+#else
+  return std::expm1(x);
+#endif
+}
+TF_KLD_HD float Log(float x) {
+#ifdef __CUDA_ARCH__
+  return logf(x);
+#else
+  return std::log(x);
+#endif
+}
+TF_KLD_HD double Log(double x) {
 #ifdef __CUDA_ARCH__
   return log(x);
 #else
@@ -208,7 +229,7 @@ TF_KLD_HD State Merge(const State& x, const State& y) {
 
 // The row's KL and stats[0..4] from its whole-row state (cols > 0), as distill::Finish.
 TF_KLD_HD double Finish(const State& s, double* stats) {
-  const double log_a = LogD(s.sum_a), log_b = LogD(s.sum_b);
+  const double log_a = Log(s.sum_a), log_b = Log(s.sum_b);
   double kl;
   if (s.max_a == -INFINITY || s.max_b == -INFINITY || IsNan(s.sum_a) || IsNan(s.sum_b) || IsNan(s.cross)) {
     kl = NAN;
@@ -221,35 +242,69 @@ TF_KLD_HD double Finish(const State& s, double* stats) {
   return kl;
 }
 
-// lp, lq and lm = log(beta p + (1 - beta) q) of one element from the row's first four stats (lm is
-// -inf where p = q = 0), as the CPU core's JsdLogs.
+// lp, lq and the log-ratios rp = lp - lm, rq = lq - lm to m = beta p + (1 - beta) q of one element
+// from the row's first four stats, as the CPU core's JsdLogs takes them: straight from d = lq - lp,
+// rp = -log1p((1 - beta) expm1(d)), rq = -log1p(beta expm1(-d)), the side e^-|d| bounds (p's where
+// d <= 0) for every d, the other where |d| <= kRatioBound and as the first minus |d| beyond; log1p(s)
+// as log(u) where u = 1 + s, computed as a sum of positive terms, is below 1/2. d not finite (masked
+// classes): -log(beta) or -log(1 - beta) on the finite side, NaN on the other (whose terms are 0).
+// beta below kRatioMinBeta: lm by log-sum-exp (-inf where p = q = 0).
+constexpr float kRatioBound = 64.0f;         // distill_cpu.h's
+constexpr double kRatioMinBeta = 0x1p-125;  // distill_cpu.h's
+
+template <typename C>
+TF_KLD_HD C NegLog1p(C u, C s) {
+  return -(u < C(0.5) ? Log(u) : Log1p(s));
+}
+
 template <typename C>
 struct Logs {
   Units<C> u;
-  C max_a, log_a, max_b, log_b, log_beta, log1m_beta;
+  C max_a, log_a, max_b, log_b, log_beta, log1m_beta, beta, one_minus_beta;
+  bool tiny_beta;
 
   TF_KLD_HD Logs(const double* stats, const Params& params)
       : u(params.temperature), max_a(u.Max(stats[0])), log_a(static_cast<C>(stats[1])), max_b(u.Max(stats[2])),
         log_b(static_cast<C>(stats[3])), log_beta(static_cast<C>(params.log_beta)),
-        log1m_beta(static_cast<C>(params.log1m_beta)) {}
+        log1m_beta(static_cast<C>(params.log1m_beta)), beta(static_cast<C>(params.beta)),
+        one_minus_beta(static_cast<C>(1.0 - params.beta)), tiny_beta(!(params.beta >= kRatioMinBeta)) {}
 
   // a, b as Units::In gives them.
-  TF_KLD_HD void Compute(C a, C b, C* lp, C* lq, C* lm) const {
+  TF_KLD_HD void Compute(C a, C b, C* lp, C* lq, C* rp, C* rq) const {
     *lp = u.OverT(a - max_a) - log_a, *lq = u.OverT(b - max_b) - log_b;
-    const C x1 = *lp + log_beta, x2 = *lq + log1m_beta;
-    const C hi = x1 >= x2 ? x1 : x2, lo = x1 >= x2 ? x2 : x1;
-    const bool both_masked = a == C(-INFINITY) && b == C(-INFINITY);
-    *lm = both_masked ? C(-INFINITY) : (lo == C(-INFINITY) ? hi : hi + Log1p(Exp(lo - hi)));
+    const C d = *lq - *lp;
+    if (tiny_beta) {
+      const C x1 = *lp + log_beta, x2 = *lq + log1m_beta;
+      const C hi = x1 >= x2 ? x1 : x2, lo = x1 >= x2 ? x2 : x1;
+      const bool both_masked = a == C(-INFINITY) && b == C(-INFINITY);
+      const C lm = both_masked ? C(-INFINITY) : (lo == C(-INFINITY) ? hi : hi + Log1p(Exp(lo - hi)));
+      *rp = *lp - lm, *rq = *lq - lm;
+    } else if (d - d == C(0)) {  // finite
+      const bool up = d > C(0);  // q > p: q's side is the bounded one
+      const C ad = up ? d : -d, x = up ? one_minus_beta : beta, y = up ? beta : one_minus_beta;
+      const C k = Expm1(-ad);
+      const C bounded = NegLog1p(x + y * Exp(-ad), y * k);
+      C other = bounded - ad;
+      if (ad <= C(kRatioBound)) {
+        const C big = Exp(ad);
+        other = NegLog1p(y + x * big, -x * (k * big));
+      }
+      *rp = up ? other : bounded, *rq = up ? bounded : other;
+    } else {
+      const bool p_finite = *lp - *lp == C(0), q_finite = *lq - *lq == C(0);
+      *rp = *lq == C(-INFINITY) && p_finite ? -log_beta : C(NAN);
+      *rq = *lp == C(-INFINITY) && q_finite ? -log1m_beta : C(NAN);
+    }
   }
 };
 
 // The second JSD pass's terms of one element: p (lp - lm) and q (lq - lm), 0 at masked classes.
 template <typename C>
 TF_KLD_HD void JsdTerms(const Logs<C>& logs, C a, C b, C* sp, C* sq) {
-  C lp, lq, lm;
-  logs.Compute(a, b, &lp, &lq, &lm);
-  if (a != C(-INFINITY)) *sp += Exp(lp) * (lp - lm);
-  if (b != C(-INFINITY)) *sq += Exp(lq) * (lq - lm);
+  C lp, lq, rp, rq;
+  logs.Compute(a, b, &lp, &lq, &rp, &rq);
+  if (a != C(-INFINITY)) *sp += Exp(lp) * rp;
+  if (b != C(-INFINITY)) *sq += Exp(lq) * rq;
 }
 
 // The gradients of element i of a row (stats: that row's), as the CPU core: KL
@@ -271,11 +326,11 @@ TF_KLD_HD void GradientElement(const Params& params, typename Traits<T>::Compute
     vt = a == C(-INFINITY) ? C(0) : g_over_t * (pe * ((lp - lq) - static_cast<C>(stats[4])));
   } else {
     const Logs<C> logs(stats, params);
-    C lp, lq, lm;
-    logs.Compute(a, b, &lp, &lq, &lm);
+    C lp, lq, rp, rq;
+    logs.Compute(a, b, &lp, &lq, &rp, &rq);
     const C gp = g_over_t * static_cast<C>(params.beta), gq = g_over_t * static_cast<C>(1.0 - params.beta);
-    vt = a == C(-INFINITY) ? C(0) : gp * (Exp(lp) * ((lp - lm) - static_cast<C>(stats[4])));
-    vp = b == C(-INFINITY) ? C(0) : gq * (Exp(lq) * ((lq - lm) - static_cast<C>(stats[5])));
+    vt = a == C(-INFINITY) ? C(0) : gp * (Exp(lp) * (rp - static_cast<C>(stats[4])));
+    vp = b == C(-INFINITY) ? C(0) : gq * (Exp(lq) * (rq - static_cast<C>(stats[5])));
   }
   if (d_true != nullptr) *d_true = Tr::FromCompute(vt);
   if (d_pred != nullptr) *d_pred = Tr::FromCompute(vp);

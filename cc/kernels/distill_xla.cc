@@ -192,6 +192,53 @@ xla::XlaOp LogMixture(const Rows& r, xla::XlaOp lp, xla::XlaOp lq, const distill
   return xla::Select(empty, r.Full(-INFINITY), lm);
 }
 
+// rp = lp - lm and rq = lq - lm as the CPU core's JsdLogs and the composite's _log_ratios take
+// them: straight from d = lq - lp (-log1p((1 - beta) expm1(d)), -log1p(beta expm1(-d))), the side
+// e^-|d| bounds for every d, the other where |d| <= distill::kRatioBound and as the first minus |d|
+// beyond; masked classes (d not finite) -log(beta) or -log(1 - beta) on the finite side, NaN on
+// the other; beta below distill::kRatioMinBeta by LogMixture. log1p(s) is XLA's where u = 1 + s,
+// computed as a sum of positive terms, is at least 1/2, and log(u) below; not the CPU core's
+// log(u) + (s - (u - 1)) (2 - u), whose u - 1 XLA's simplifier would reassociate.
+void LogRatios(const Rows& r, xla::XlaOp lp, xla::XlaOp lq, const distill::JsdParams& params,
+               xla::XlaOp* rp, xla::XlaOp* rq) {
+  if (!(params.beta >= distill::kRatioMinBeta)) {
+    const xla::XlaOp lm = LogMixture(r, lp, lq, params);
+    *rp = xla::Sub(lp, lm), *rq = xla::Sub(lq, lm);
+    return;
+  }
+  auto c = [&](double v) { return r.Literal(r.work(), v); };
+  const xla::XlaOp beta = c(params.beta), one_minus_beta = c(1.0 - params.beta);
+  const xla::XlaOp d_raw = xla::Sub(lq, lp);
+  const xla::XlaOp finite = xla::IsFinite(d_raw);
+  const xla::XlaOp d = xla::Select(finite, d_raw, r.Zeros());
+  const xla::XlaOp ad = xla::Abs(d);
+  const xla::XlaOp up = xla::Gt(d, c(0.0));  // q > p: q's side is the bounded one
+  const xla::XlaOp x = xla::Select(up, r.Full(1.0 - params.beta), r.Full(params.beta));
+  const xla::XlaOp y = xla::Select(up, r.Full(params.beta), r.Full(1.0 - params.beta));
+  const xla::XlaOp e = xla::Exp(xla::Neg(ad)), k = xla::Expm1(xla::Neg(ad));
+  const xla::XlaOp near = xla::Le(ad, c(distill::kRatioBound));
+  const xla::XlaOp big = xla::Exp(xla::Select(near, ad, r.Zeros()));  // e^|d|, 1 beyond the bound
+  auto neg_log1p = [&](xla::XlaOp u, xla::XlaOp s) {
+    return xla::Neg(xla::Select(xla::Lt(u, c(0.5)), xla::Log(u), xla::Log1p(s)));
+  };
+  const xla::XlaOp bounded = neg_log1p(xla::Add(x, xla::Mul(y, e)), xla::Mul(y, k));
+  const xla::XlaOp other =
+      xla::Select(near, neg_log1p(xla::Add(y, xla::Mul(x, big)), xla::Neg(xla::Mul(x, xla::Mul(k, big)))),
+                  xla::Sub(bounded, ad));
+  const xla::XlaOp nan = r.Full(NAN);
+  const xla::XlaOp q_zero = xla::And(xla::Eq(lq, r.MinusInf()), xla::IsFinite(lp));
+  const xla::XlaOp p_zero = xla::And(xla::Eq(lp, r.MinusInf()), xla::IsFinite(lq));
+  *rp = xla::Select(finite, xla::Select(up, other, bounded),
+                    xla::Select(q_zero, r.Full(-params.log_beta), nan));
+  *rq = xla::Select(finite, xla::Select(up, bounded, other),
+                    xla::Select(p_zero, r.Full(-params.log1m_beta), nan));
+}
+
+// sum(p rp) over the classes (p = exp(lp)), 0 where p = 0, NaN propagates: KL(p || m) from rp = lp - lm.
+xla::XlaOp RatioSum(const Rows& r, xla::XlaOp lp, xla::XlaOp rp) {
+  return r.Sum(xla::Select(xla::Eq(lp, r.MinusInf()), r.Zeros(), xla::Mul(xla::Exp(lp), rp)));
+}
+
 class KlDivergenceWithLogitsXlaOp : public XlaOpKernel {
  public:
   explicit KlDivergenceWithLogitsXlaOp(OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
@@ -225,8 +272,9 @@ class GeneralizedJsdWithLogitsXlaOp : public XlaOpKernel {
     const Rows r(ctx, shape, ctx->input_type(0), params_.temperature);
     if (r.empty_rows()) return r.SetEmpty(distill::kJsdStats);
     const LogSoftmax a(r, r.Logits(ctx->Input(0))), b(r, r.Logits(ctx->Input(1)));
-    const xla::XlaOp lm = LogMixture(r, a.lp, b.lp, params_);
-    const xla::XlaOp kl_p = KlSum(r, a.lp, lm), kl_q = KlSum(r, b.lp, lm);  // KL(p || m), KL(q || m)
+    xla::XlaOp rp, rq;
+    LogRatios(r, a.lp, b.lp, params_, &rp, &rq);
+    const xla::XlaOp kl_p = RatioSum(r, a.lp, rp), kl_q = RatioSum(r, b.lp, rq);  // KL(p || m), KL(q || m)
     const xla::XlaOp jsd = xla::Add(xla::Mul(r.Literal(r.sum(), params_.beta), kl_p),
                                     xla::Mul(r.Literal(r.sum(), 1.0 - params_.beta), kl_q));
     ctx->SetOutput(0, XlaHelpers::ConvertElementType(jsd, r.type()));
@@ -327,16 +375,16 @@ class GeneralizedJsdWithLogitsGradXlaOp : public DistillGradXlaOp {
   void Gradients(const Rows& r, xla::XlaOp gt, xla::XlaOp a, xla::XlaOp b, xla::XlaOp lp,
                  xla::XlaOp lq, xla::XlaOp stats, xla::XlaOp* d_true,
                  xla::XlaOp* d_pred) const override {
-    const xla::XlaOp lm = LogMixture(r, lp, lq, params_);
+    xla::XlaOp rp, rq;
+    LogRatios(r, lp, lq, params_, &rp, &rq);
     const xla::XlaOp minus_inf = r.MinusInf(), zeros = r.Zeros();
-    auto side = [&](xla::XlaOp x, xla::XlaOp lx, double weight, int kl) {
+    auto side = [&](xla::XlaOp x, xla::XlaOp lx, xla::XlaOp rx, double weight, int kl) {
       const xla::XlaOp g = r.Expand(xla::Mul(gt, r.Literal(r.work(), weight)));
-      const xla::XlaOp value =
-          xla::Mul(g, xla::Mul(xla::Exp(lx), xla::Sub(xla::Sub(lx, lm), r.Stat(stats, kl))));
+      const xla::XlaOp value = xla::Mul(g, xla::Mul(xla::Exp(lx), xla::Sub(rx, r.Stat(stats, kl))));
       return xla::Select(xla::Eq(x, minus_inf), zeros, value);
     };
-    *d_true = side(a, lp, params_.beta, 4);
-    *d_pred = side(b, lq, 1.0 - params_.beta, 5);
+    *d_true = side(a, lp, rp, params_.beta, 4);
+    *d_pred = side(b, lq, rq, 1.0 - params_.beta, 5);
   }
 
  private:
