@@ -55,63 +55,22 @@ inline Params JsdParams(double temperature, double beta) {
   return p;
 }
 
-// exp, expm1, log, log1p in the compute type (host versions for the replay).
-TF_KLD_HD float Exp(float x) {
+// exp, expm1, log, log1p in the compute type: CUDA's float (fn##f) and double functions on the
+// device, the host's for the replay.
 #ifdef __CUDA_ARCH__
-  return expf(x);
+#define TF_KLD_DISTILL_MATH(Name, fn)                \
+  TF_KLD_HD float Name(float x) { return fn##f(x); } \
+  TF_KLD_HD double Name(double x) { return fn(x); }
 #else
-  return std::exp(x);
+#define TF_KLD_DISTILL_MATH(Name, fn)                    \
+  TF_KLD_HD float Name(float x) { return std::fn(x); }   \
+  TF_KLD_HD double Name(double x) { return std::fn(x); }
 #endif
-}
-TF_KLD_HD double Exp(double x) {
-#ifdef __CUDA_ARCH__
-  return exp(x);
-#else
-  return std::exp(x);
-#endif
-}
-TF_KLD_HD float Log1p(float x) {
-#ifdef __CUDA_ARCH__
-  return log1pf(x);
-#else
-  return std::log1p(x);
-#endif
-}
-TF_KLD_HD double Log1p(double x) {
-#ifdef __CUDA_ARCH__
-  return log1p(x);
-#else
-  return std::log1p(x);
-#endif
-}
-TF_KLD_HD float Expm1(float x) {
-#ifdef __CUDA_ARCH__
-  return expm1f(x);
-#else
-  return std::expm1(x);
-#endif
-}
-TF_KLD_HD double Expm1(double x) {
-#ifdef __CUDA_ARCH__
-  return expm1(x);
-#else
-  return std::expm1(x);
-#endif
-}
-TF_KLD_HD float Log(float x) {
-#ifdef __CUDA_ARCH__
-  return logf(x);
-#else
-  return std::log(x);
-#endif
-}
-TF_KLD_HD double Log(double x) {
-#ifdef __CUDA_ARCH__
-  return log(x);
-#else
-  return std::log(x);
-#endif
-}
+TF_KLD_DISTILL_MATH(Exp, exp)
+TF_KLD_DISTILL_MATH(Expm1, expm1)
+TF_KLD_DISTILL_MATH(Log, log)
+TF_KLD_DISTILL_MATH(Log1p, log1p)
+#undef TF_KLD_DISTILL_MATH
 TF_KLD_HD bool IsNan(double x) { return x != x; }
 
 // How logits enter the arithmetic, as the CPU core's: float compute keeps them raw, takes the maxima

@@ -192,8 +192,8 @@ xla::XlaOp LogMixture(const Rows& r, xla::XlaOp lp, xla::XlaOp lq, const distill
   return xla::Select(empty, r.Full(-INFINITY), lm);
 }
 
-// rp = lp - lm and rq = lq - lm as the CPU core's JsdLogs and the composite's _log_ratios take
-// them: straight from d = lq - lp (-log1p((1 - beta) expm1(d)), -log1p(beta expm1(-d))), the side
+// rp = lp - lm and rq = lq - lm as the CPU core's JsdLogs and reference.log_ratios take them:
+// straight from d = lq - lp (-log1p((1 - beta) expm1(d)), -log1p(beta expm1(-d))), the side
 // e^-|d| bounds for every d, the other where |d| <= distill::kRatioBound and as the first minus |d|
 // beyond; masked classes (d not finite) -log(beta) or -log(1 - beta) on the finite side, NaN on
 // the other; beta below distill::kRatioMinBeta by LogMixture. log1p(s) is XLA's where u = 1 + s,
