@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cc/kernels/distill_ratios.h"
 #include "cc/kernels/kld_cpu.h"
 
 namespace tf_kld {
@@ -98,14 +99,8 @@ inline double Finish(const KlPartial& s, double* stats) {
 // Stats: [max_a, log sum_a, max_b, log sum_b, KL(p || m), KL(q || m)].
 constexpr int kJsdStats = 6;
 
-// The log-ratios lp - lm and lq - lm come straight from d = lq - lp (-log1p((1 - beta) expm1(d))
-// and -log1p(beta expm1(-d)), no rounded lm cancelled against lp, lq): the side e^-|d| bounds for
-// every d, the other where |d| <= kRatioBound (beyond it, the first minus |d|). A beta below
-// kRatioMinBeta (not a normal float, nor then 1 + s) takes lm by log-sum-exp instead. The CPU core's
-// JsdLogs and LogRatiosD, the CUDA core's Logs, the XLA lowering and reference.log_ratios share
-// these cases.
-constexpr float kRatioBound = 64.0f;
-constexpr double kRatioMinBeta = 0x1p-125;
+// The log-ratios lp - lm and lq - lm come straight from d = lq - lp, in the cases (kRatioBound,
+// kRatioMinBeta) of distill_ratios.h, whose scalar LogRatios the float64 kernels take.
 
 struct JsdParams {
   double temperature, beta, log_beta, log1m_beta;  // log(beta), log1p(-beta)

@@ -1035,38 +1035,17 @@ void JsdSumsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int64_
   });
 }
 
-TF_KLD_INLINE double LogMixD(double lp, double lq, const distill::JsdParams& params) {
-  const double x1 = lp + params.log_beta, x2 = lq + params.log1m_beta;
-  if (x1 == -INFINITY && x2 == -INFINITY) return -INFINITY;
-  const double hi = x1 >= x2 ? x1 : x2, lo = x1 >= x2 ? x2 : x1;
-  return hi + std::log1p(std::exp(lo - hi));
-}
+// libm's exp, expm1, log and log1p: the float64 kernels' math for distill::LogRatios (JsdLogs'
+// cases, in double).
+struct StdMath {
+  static double Exp(double x) { return std::exp(x); }
+  static double Expm1(double x) { return std::expm1(x); }
+  static double Log(double x) { return std::log(x); }
+  static double Log1p(double x) { return std::log1p(x); }
+};
 
-// rp = lp - lm and rq = lq - lm in double, as JsdLogs takes them (the same cases; libm's exp, expm1,
-// log and log1p, log1p(s) as log(u) where u = 1 + s is below 1/2).
-TF_KLD_INLINE void LogRatiosD(double lp, double lq, const distill::JsdParams& params, double* rp,
-                              double* rq) {
-  const double d = lq - lp;
-  if (!(params.beta >= distill::kRatioMinBeta)) {
-    const double lm = LogMixD(lp, lq, params);
-    *rp = lp - lm, *rq = lq - lm;
-  } else if (d - d == 0.0) {  // finite (CrossOfLogits' test)
-    auto neg_log1p = [](double u, double s) { return -(u < 0.5 ? std::log(u) : std::log1p(s)); };
-    const bool up = d > 0.0;  // q > p: q's side is the bounded one
-    const double ad = std::fabs(d);
-    const double x = up ? 1.0 - params.beta : params.beta, y = up ? params.beta : 1.0 - params.beta;
-    const double k = std::expm1(-ad);
-    const double bounded = neg_log1p(x + y * std::exp(-ad), y * k);
-    double other = bounded - ad;
-    if (ad <= distill::kRatioBound) {
-      const double big = std::exp(ad);
-      other = neg_log1p(y + x * big, -x * (k * big));
-    }
-    *rp = up ? other : bounded, *rq = up ? bounded : other;
-  } else {
-    *rp = lq == -INFINITY && lp - lp == 0.0 ? -params.log_beta : NAN;
-    *rq = lp == -INFINITY && lq - lq == 0.0 ? -params.log1m_beta : NAN;
-  }
+TF_KLD_INLINE distill::Mixture<double> MixtureD(const distill::JsdParams& params) {
+  return distill::MixtureOf<double>(params.beta, params.log_beta, params.log1m_beta);
 }
 
 void JsdSumsD(const void* y_true, const void* y_pred, int64_t n, const distill::JsdParams& params,
@@ -1074,13 +1053,14 @@ void JsdSumsD(const void* y_true, const void* y_pred, int64_t n, const distill::
   const auto* t = static_cast<const double*>(y_true);
   const auto* p = static_cast<const double*>(y_pred);
   const double temperature = params.temperature;
+  const distill::Mixture<double> mix = MixtureD(params);
   double sp = 0.0, sq = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const double a = temperature != 1.0 ? t[i] / temperature : t[i];
     const double b = temperature != 1.0 ? p[i] / temperature : p[i];
     const double lp = (a - stats[0]) - stats[1], lq = (b - stats[2]) - stats[3];
     double rp, rq;
-    LogRatiosD(lp, lq, params, &rp, &rq);
+    distill::LogRatios<StdMath>(lp, lq, mix, &rp, &rq);
     if (a != -INFINITY) sp += std::exp(lp) * rp;
     if (b != -INFINITY) sq += std::exp(lq) * rq;
   }
@@ -1143,6 +1123,7 @@ void JsdGradientD(const void* grad, const void* y_true, const void* y_pred, cons
   auto* dt = static_cast<double*>(d_true);
   auto* dp = static_cast<double*>(d_pred);
   const double temperature = params.temperature;
+  const distill::Mixture<double> mix = MixtureD(params);
   int64_t i = begin;
   for (int64_t row = begin / cols; i < end; ++row) {
     const int64_t stop = (row + 1) * cols < end ? (row + 1) * cols : end;
@@ -1153,7 +1134,7 @@ void JsdGradientD(const void* grad, const void* y_true, const void* y_pred, cons
       const double b = temperature != 1.0 ? p[i] / temperature : p[i];
       const double lp = (a - s[0]) - s[1], lq = (b - s[2]) - s[3];
       double rp, rq;
-      LogRatiosD(lp, lq, params, &rp, &rq);
+      distill::LogRatios<StdMath>(lp, lq, mix, &rp, &rq);
       if (dt != nullptr) dt[i] = a == -INFINITY ? 0.0 : gt * params.beta * (std::exp(lp) * (rp - s[4]));
       if (dp != nullptr) {
         dp[i] = b == -INFINITY ? 0.0 : gt * (1.0 - params.beta) * (std::exp(lq) * (rq - s[5]));

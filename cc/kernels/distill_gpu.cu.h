@@ -21,6 +21,7 @@
 
 #include <type_traits>
 
+#include "cc/kernels/distill_ratios.h"
 #include "cc/kernels/kld_gpu.cu.h"
 
 namespace tf_kld {
@@ -201,59 +202,31 @@ TF_KLD_HD double Finish(const State& s, double* stats) {
   return kl;
 }
 
+// Exp, Expm1, Log, Log1p above, for tf_kld::distill::LogRatios.
+struct Math {
+  template <typename C> TF_KLD_HD static C Exp(C x) { return distill::Exp(x); }
+  template <typename C> TF_KLD_HD static C Expm1(C x) { return distill::Expm1(x); }
+  template <typename C> TF_KLD_HD static C Log(C x) { return distill::Log(x); }
+  template <typename C> TF_KLD_HD static C Log1p(C x) { return distill::Log1p(x); }
+};
+
 // lp, lq and the log-ratios rp = lp - lm, rq = lq - lm to m = beta p + (1 - beta) q of one element
-// from the row's first four stats, as the CPU core's JsdLogs takes them: straight from d = lq - lp,
-// rp = -log1p((1 - beta) expm1(d)), rq = -log1p(beta expm1(-d)), the side e^-|d| bounds (p's where
-// d <= 0) for every d, the other where |d| <= kRatioBound and as the first minus |d| beyond; log1p(s)
-// as log(u) where u = 1 + s, computed as a sum of positive terms, is below 1/2. d not finite (masked
-// classes): -log(beta) or -log(1 - beta) on the finite side, NaN on the other (whose terms are 0).
-// beta below kRatioMinBeta: lm by log-sum-exp (-inf where p = q = 0).
-constexpr float kRatioBound = 64.0f;         // distill_cpu.h's
-constexpr double kRatioMinBeta = 0x1p-125;  // distill_cpu.h's
-
-template <typename C>
-TF_KLD_HD C NegLog1p(C u, C s) {
-  return -(u < C(0.5) ? Log(u) : Log1p(s));
-}
-
+// from the row's first four stats, as the CPU core's JsdLogs takes them (distill_ratios.h).
 template <typename C>
 struct Logs {
   Units<C> u;
-  C max_a, log_a, max_b, log_b, log_beta, log1m_beta, beta, one_minus_beta;
-  bool tiny_beta;
+  C max_a, log_a, max_b, log_b;
+  tf_kld::distill::Mixture<C> mix;
 
   TF_KLD_HD Logs(const double* stats, const Params& params)
       : u(params.temperature), max_a(u.Max(stats[0])), log_a(static_cast<C>(stats[1])), max_b(u.Max(stats[2])),
-        log_b(static_cast<C>(stats[3])), log_beta(static_cast<C>(params.log_beta)),
-        log1m_beta(static_cast<C>(params.log1m_beta)), beta(static_cast<C>(params.beta)),
-        one_minus_beta(static_cast<C>(1.0 - params.beta)), tiny_beta(!(params.beta >= kRatioMinBeta)) {}
+        log_b(static_cast<C>(stats[3])),
+        mix(tf_kld::distill::MixtureOf<C>(params.beta, params.log_beta, params.log1m_beta)) {}
 
   // a, b as Units::In gives them.
   TF_KLD_HD void Compute(C a, C b, C* lp, C* lq, C* rp, C* rq) const {
     *lp = u.OverT(a - max_a) - log_a, *lq = u.OverT(b - max_b) - log_b;
-    const C d = *lq - *lp;
-    if (tiny_beta) {
-      const C x1 = *lp + log_beta, x2 = *lq + log1m_beta;
-      const C hi = x1 >= x2 ? x1 : x2, lo = x1 >= x2 ? x2 : x1;
-      const bool both_masked = a == C(-INFINITY) && b == C(-INFINITY);
-      const C lm = both_masked ? C(-INFINITY) : (lo == C(-INFINITY) ? hi : hi + Log1p(Exp(lo - hi)));
-      *rp = *lp - lm, *rq = *lq - lm;
-    } else if (d - d == C(0)) {  // finite
-      const bool up = d > C(0);  // q > p: q's side is the bounded one
-      const C ad = up ? d : -d, x = up ? one_minus_beta : beta, y = up ? beta : one_minus_beta;
-      const C k = Expm1(-ad);
-      const C bounded = NegLog1p(x + y * Exp(-ad), y * k);
-      C other = bounded - ad;
-      if (ad <= C(kRatioBound)) {
-        const C big = Exp(ad);
-        other = NegLog1p(y + x * big, -x * (k * big));
-      }
-      *rp = up ? other : bounded, *rq = up ? bounded : other;
-    } else {
-      const bool p_finite = *lp - *lp == C(0), q_finite = *lq - *lq == C(0);
-      *rp = *lq == C(-INFINITY) && p_finite ? -log_beta : C(NAN);
-      *rq = *lp == C(-INFINITY) && q_finite ? -log1m_beta : C(NAN);
-    }
+    tf_kld::distill::LogRatios<Math>(*lp, *lq, mix, rp, rq);
   }
 };
 
