@@ -315,6 +315,30 @@ def test_jsd_of_close_distributions(impl, width, beta, temperature, rng):
                                       temperature, rng)
 
 
+def assert_jsd_to_ulps_of_itself(fn, width, beta, temperature, rng):
+    """The fused JSD within 16 float32 ulps of itself for a student close to its teacher (logits
+    plus noise of 1 and 0.01, also offset by 1e4): its terms m h(r) cancel nothing, and d = lq - lp
+    comes from the logits' exact difference. Sums of p (lp - lm) carried the rounding of every O(d)
+    term and of lp itself into the O(d^2) result: 70-1000 ulps here at a noise of 0.01 (as the
+    composite still does)."""
+    for noise in (1.0, 0.01):
+        for offset in (0.0, 1e4):
+            t = logits(rng, (32, width), np.float64)
+            t, p = t.astype(np.float32), (t + rng.normal(size=t.shape) * noise + offset).astype(np.float32)
+            want = oracle(t, p, beta, temperature)
+            err = np.abs(U.to_numpy(fn(t, p)).astype(np.float64) - want)
+            ulps = err / (U.machine_eps(tf.float32) * np.abs(want))
+            assert np.all(ulps <= 16), (noise, offset, float(np.max(ulps)))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("width", [10, 33, 4099], ids=lambda w: f"width{w}")
+def test_jsd_to_ulps_of_itself(require_custom, width, beta, temperature, rng):
+    assert_jsd_to_ulps_of_itself(lambda t, p: loss_fn(beta)(t, p, temperature), width, beta,
+                                 temperature, rng)
+
+
 @pytest.mark.parametrize("beta", [None, 0.5])
 @pytest.mark.parametrize("width", [7, 33, 32003], ids=lambda w: f"width{w}")
 def test_exact_distances_at_any_temperature(require_custom, width, beta, rng):

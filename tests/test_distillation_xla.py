@@ -129,6 +129,16 @@ def test_jsd_of_close_distributions(require_custom, implementation, width, beta,
         D.assert_jsd_of_close_distributions(fn, width, beta, 2.0, rng)
 
 
+@pytest.mark.parametrize("beta", [0.1, 0.9])
+@pytest.mark.parametrize("width", [10, 4099], ids=lambda w: f"width{w}")
+def test_jsd_to_ulps_of_itself(require_custom, width, beta, rng):
+    """The lowering sums the fused op's terms m h(r) from d = lq - lp of the logits' difference (in
+    float64: XLA could reassociate the CPU core's TwoSum): within 16 ulps of the JSD itself."""
+    with tf_kld.implementation("custom"):
+        fn = tf.function(_fn(beta, 3.0), jit_compile=True)
+        D.assert_jsd_to_ulps_of_itself(fn, width, beta, 3.0, rng)
+
+
 @pytest.mark.parametrize("temperature", D.TEMPERATURES)
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("dtype", U.FLOAT_DTYPES, ids=lambda d: d.name)

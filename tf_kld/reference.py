@@ -222,7 +222,7 @@ def _log_mixture(lp, lq, beta):
     return tf.where(empty, tf.fill(tf.shape(lm), minus_inf), lm)
 
 
-# log_ratios' cases, as the kernels' (cc/kernels/distill_ratios.h's kRatioBound and kRatioMinBeta):
+# log_ratios' cases, as the kernels' (cc/kernels/distill_jsd.h's kRatioBound and kRatioMinBeta):
 # the far side of d = lq - lp direct up to |d| = _RATIO_BOUND, lm itself below beta = _RATIO_MIN_BETA.
 _RATIO_BOUND = 64.0
 _RATIO_MIN_BETA = 2.0 ** -125

@@ -962,9 +962,16 @@ void DistillReplayForward(const dg::Params& params, const T* t, const T* p, T* l
     double st[dg::kJsdStats];
     double result = dg::Finish(reduce_states(states), st);
     if (params.jsd) {
-      std::vector<double> sp(lanes, 0.0), sq(lanes, 0.0);
-      for (int l = 0; l < lanes; ++l) dg::RowJsdSums(tr, pr, cols, l, lanes, params, st, &sp[l], &sq[l]);
-      result = dg::FinishJsd(params, reduce_sums(sp), reduce_sums(sq), st);
+      constexpr int kSums = tf_kld::distill::kJsdSums;
+      std::vector<double> lane_sums(lanes * kSums, 0.0);
+      for (int l = 0; l < lanes; ++l) dg::RowJsdSums(tr, pr, cols, l, lanes, params, st, &lane_sums[l * kSums]);
+      double js[kSums];
+      for (int k = 0; k < kSums; ++k) {
+        std::vector<double> v(lanes);
+        for (int l = 0; l < lanes; ++l) v[l] = lane_sums[l * kSums + k];
+        js[k] = reduce_sums(v);
+      }
+      result = dg::FinishJsd(params, js, st);
     } else {
       st[4] = result;
     }

@@ -16,7 +16,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "cc/kernels/distill_ratios.h"
+#include "cc/kernels/distill_jsd.h"
 #include "cc/kernels/kld_cpu.h"
 
 namespace tf_kld {
@@ -94,24 +94,30 @@ inline double Finish(const KlPartial& s, double* stats) {
 }
 
 // Generalized JSD (0 < beta < 1): a first pass as KL's gives each row's maxima and log-sums; a
-// second pass sums sum_p = sum p (lp - lm) and sum_q = sum q (lq - lm), with
-// m = beta p + (1 - beta) q. JSD = beta sum_p + (1 - beta) sum_q.
+// second pass sums, with m = beta p + (1 - beta) q, KL(p || m) = sum p (lp - lm) and KL(q || m) =
+// sum q (lq - lm) for the gradient, and the same two as sums of terms that cancel nothing for the
+// loss (distill_jsd.h's kJsdSums). JSD = beta KL(p || m) + (1 - beta) KL(q || m).
 // Stats: [max_a, log sum_a, max_b, log sum_b, KL(p || m), KL(q || m)].
 constexpr int kJsdStats = 6;
 
-// The log-ratios lp - lm and lq - lm come straight from d = lq - lp, in the cases (kRatioBound,
-// kRatioMinBeta) of distill_ratios.h, whose scalar LogRatios the float64 kernels take.
+// The per-element arithmetic (the log-ratios lp - lm and lq - lm straight from d = lq - lp, the
+// terms) is distill_jsd.h's, whose scalar form the float64 kernels take.
 
 struct JsdParams {
   double temperature, beta, log_beta, log1m_beta;  // log(beta), log1p(-beta)
+  double ratio_threshold;                          // RatioThreshold(beta)
 };
 
-// The row's JSD; stats[kJsdStats] filled from the row's first-pass state (its first four entries
-// already set by the caller) and second-pass sums.
-inline double FinishJsd(double beta, double sum_p, double sum_q, double* stats) {
-  stats[4] = sum_p, stats[5] = sum_q;
+// TfKld>GeneralizedJsdWithLogitsBlock's state per row: the kJsdStats stats, then the loss's two
+// sums (kJsdSums' last two) of the columns so far.
+constexpr int kJsdBlockState = kJsdStats + 2;
+
+// The row's JSD from its second-pass sums (kJsdSums); stats[kJsdStats] gets the gradient's two
+// (its first four entries already set by the caller).
+inline double FinishJsd(double beta, const double* sums, double* stats) {
+  stats[4] = sums[0], stats[5] = sums[1];
   if (stats[0] == -INFINITY || stats[2] == -INFINITY) return NAN;
-  return beta * sum_p + (1.0 - beta) * sum_q;
+  return beta * sums[2] + (1.0 - beta) * sums[3];
 }
 
 struct Kernels {
@@ -130,13 +136,14 @@ struct Kernels {
   void (*kl_gradient)(Type type, const void* grad, const void* y_true, const void* y_pred,
                       const double* stats, void* d_true, void* d_pred, int64_t begin, int64_t end,
                       int64_t cols, double temperature);
-  // The second JSD pass over n contiguous elements of one row, given its first four stats:
-  // adds to sums[0] = sum p (lp - lm) and sums[1] = sum q (lq - lm).
+  // The second JSD pass over n contiguous elements of one row, given its first four stats: adds
+  // to its kJsdSums sums.
   void (*jsd_sums)(Type type, const void* y_true, const void* y_pred, int64_t n,
                    const JsdParams& params, const double* stats, double* sums);
   // The same for `rows` whole rows of cols <= narrow_cols elements, kLanes rows at a time across
   // SIMD lanes (as kl_rows_narrow), each row's kJsdStats stats given (the first four set): sets
-  // sums[2 r] and sums[2 r + 1]. Values as jsd_sums', up to rounding. Not float64 (NaN sums).
+  // row r's kJsdSums sums at sums[kJsdSums r]. Values as jsd_sums', up to rounding. Not float64
+  // (NaN sums).
   void (*jsd_sums_narrow)(Type type, const void* y_true, const void* y_pred, int64_t rows,
                           int64_t cols, const JsdParams& params, const double* stats, double* sums);
   // JSD gradients as kl_gradient, from kJsdStats stats per row:

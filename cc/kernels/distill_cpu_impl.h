@@ -896,55 +896,63 @@ TF_KLD_INLINE Vf Expm1Small(Vf x) {
   return Madd(y * x, x, x);
 }
 
-// One element group's p = exp(lp), q = exp(lq) and log-ratios to the mixture m = beta p + (1 - beta) q,
-// rp = lp - lm and rq = lq - lm, straight from d = lq - lp:
-//   rp = -log(beta + (1 - beta) e^d) = -log1p((1 - beta) expm1(d)),
-//   rq = -log((1 - beta) + beta e^-d) = -log1p(beta expm1(-d)),
-// each exact to a few ulps of itself. The JSD is small against its terms p rp, q rq wherever p and
-// q are close (it is O(d^2), they O(d)); lp - lm with lm rounded to float would put lm's rounding,
-// some ulps of |lm|, into every term: the JSD's error was hundreds of ulps there (as the
-// log-sum-exp composite's was), and 10^5 at a student's noise of 0.01. The side the exp of -|d|
-// bounds (p's where d <= 0: u = beta + (1 - beta) e^-|d|, in [beta, 1]) for every d, the other side
-// (u = (1 - beta) + beta e^|d|) the same way where |d| <= kRatioBound, and beyond that as the first
-// minus |d| (rq = rp + d), where nothing cancels. d = -inf (q = 0) gives rp = -log(beta), rq = -inf;
-// +inf the mirror; NaN (p = q = 0 or NaN logits) NaN: the masked classes' terms are 0 all the same.
-// Beta below kRatioMinBeta (its float not normal, nor u): lm = log(beta p + (1 - beta) q) as
-// ByMixture takes it.
+// One element group's p = exp(lp), q = exp(lq) (the larger as exp of its log, the other as it
+// times e^-|d|) and log-ratios to the mixture m = beta p + (1 - beta) q, rp = lp - lm and
+// rq = lq - lm, and the second pass's terms: distill_jsd.h's steps (d = lq - lp from the logits'
+// difference, one log-ratio computed and the other as it plus or minus d, the terms m h(r)), with
+// the vectorised exp, log and expm1 below. expm1(-|d|) is the series below |d| = 1/2 and e^-|d| - 1
+// above; e^z, z = d for rp and -d for rq, is e^-|d| or, only where d lies between 0 and theta
+// (never at beta = 1/2), its reciprocal. Beta below kRatioMinBeta (its float not normal, nor u): lm
+// = log(beta p + (1 - beta) q) as ByMixture takes it.
 struct JsdLogs {
-  Vf max_a, log_a, max_b, log_b, log_beta, log1m_beta, beta, one_minus_beta;
+  Vf max_a, log_a, max_b, log_b, max_ba, max_ba_lo, log_ba, log_ba_lo, log_beta, log1m_beta, beta,
+      one_minus_beta, theta;
   Divider by_t;
-  bool tiny_beta;
+  bool tiny_beta, divides;
 
   JsdLogs(const double* stats, const distill::JsdParams& params)
       : max_a(Splat(RawMax(stats[0], static_cast<float>(params.temperature)))),
         log_a(Splat(static_cast<float>(stats[1]))),
         max_b(Splat(RawMax(stats[2], static_cast<float>(params.temperature)))),
         log_b(Splat(static_cast<float>(stats[3]))),
+        max_ba(max_b - max_a),
+        max_ba_lo(distill::DifferenceError(max_b, max_a)),
+        log_ba(Splat(static_cast<float>(stats[3] - stats[1]))),
+        log_ba_lo(Splat(static_cast<float>((stats[3] - stats[1]) - static_cast<float>(stats[3] - stats[1])))),
         log_beta(Splat(static_cast<float>(params.log_beta))),
         log1m_beta(Splat(static_cast<float>(params.log1m_beta))),
         beta(Splat(static_cast<float>(params.beta))),
         one_minus_beta(Splat(static_cast<float>(1.0 - params.beta))),
+        theta(Splat(static_cast<float>(params.ratio_threshold))),
         by_t(static_cast<float>(params.temperature)),
-        tiny_beta(!(params.beta >= distill::kRatioMinBeta)) {}
+        tiny_beta(!(params.beta >= distill::kRatioMinBeta)),
+        divides(static_cast<float>(params.ratio_threshold) != 0.0f) {}
 
   TF_KLD_INLINE void Compute(Vf a, Vf b, Vf* p, Vf* q, Vf* rp, Vf* rq, Vi* masked_a, Vi* masked_b) const {
-    const Vf minus_inf = Splat(-INFINITY), one = Splat(1.0f);
+    const Vf minus_inf = Splat(-INFINITY), one = Splat(1.0f), zero = Splat(0.0f);
     *masked_a = a == minus_inf, *masked_b = b == minus_inf;
     const Vf lp = by_t(a - max_a) - log_a, lq = by_t(b - max_b) - log_b;  // as KlRowGrad's
-    const Vf d = lq - lp;
+    const Vf d = *masked_a | *masked_b ? lq - lp                  // lq - lp, to ulps of itself
+                                       : (by_t(distill::LogitDistance(a, b, max_ba, max_ba_lo)) - log_ba) - log_ba_lo;
     const Vf ad = BitCast<Vf>(BitCast<Vi>(d) & 0x7fffffff);
-    const Vi up = d > Splat(0.0f);                               // q > p: q's side is bounded
+    const Vi up = d > zero;                                      // q > p
     const Vf e = ExpNonPositive(-ad);                            // e^-|d|
+    const Vf k = ad < Splat(0.5f) ? Expm1Small(-ad) : e - one;   // expm1(-|d|)
     const Vf top = ExpNonPositive(up ? lq : lp);                 // the larger of p, q
     *p = up ? top * e : top, *q = up ? top : top * e;
     if (__builtin_expect(tiny_beta, 0)) return ByMixture(lp, lq, *p, *q, *masked_a & *masked_b, rp, rq);
-    const Vi near = ad <= Splat(distill::kRatioBound);  // false at NaN
-    const Vf k = ad < Splat(0.5f) ? Expm1Small(-ad) : e - one;   // expm1(-|d|)
-    const Vf r = one / (near ? e : one);                         // e^|d| (1 beyond the bound)
-    const Vf x = up ? one_minus_beta : beta, y = up ? beta : one_minus_beta;
-    const Vf bounded = -Log1pOf(Madd(y, e, x), y * k);
-    const Vf other = near ? -Log1pOf(Madd(x, r, y), x * -(k * r)) : bounded - ad;
-    *rp = up ? other : bounded, *rq = up ? bounded : other;
+    Vf ez = e, kz = k;                                           // e^z, expm1(z) where z = -|d|
+    const Vi q_side = d >= theta;                                // rq computed, rp = rq - d
+    if (divides) {
+      const Vi rise = q_side != up;                              // z = |d| > 0
+      if (AnyLane(rise)) {
+        const Vf r = one / e;
+        ez = rise ? r : e, kz = rise ? -(k * r) : k;
+      }
+    }
+    const Vf x = q_side ? one_minus_beta : beta, y = q_side ? beta : one_minus_beta;
+    const Vf r = -Log1pOf(Madd(y, ez, x), y * kz);
+    *rp = q_side ? r - d : r, *rq = q_side ? r : r + d;
   }
 
   // lm = log(beta p + (1 - beta) q): its log where that sum is at least 2^-125, else by
@@ -965,13 +973,33 @@ struct JsdLogs {
     *rp = lp - lm, *rq = lq - lm;
   }
 
-  // The second pass's terms p (lp - lm) and q (lq - lm), 0 for masked classes.
-  TF_KLD_INLINE void Terms(Vf a, Vf b, Vf* term_p, Vf* term_q) const {
+  // The second pass's terms (distill_jsd.h's AddJsdTerms): p rp and q rq (0 for masked classes),
+  // m h(rp) and m h(rq) (m for masked classes); all 0 where both are masked.
+  TF_KLD_INLINE void Terms(Vf a, Vf b, Vf* plain_p, Vf* plain_q, Vf* mixed_p, Vf* mixed_q) const {
     Vf pe, qe, rp, rq;
     Vi ma, mb;
     Compute(a, b, &pe, &qe, &rp, &rq, &ma, &mb);
-    *term_p = ma ? Splat(0.0f) : pe * rp;
-    *term_q = mb ? Splat(0.0f) : qe * rq;
+    const Vf zero = Splat(0.0f), m = Madd(beta, pe, one_minus_beta * qe);
+    const Vi both = ma & mb;
+    *plain_p = ma ? zero : pe * rp, *plain_q = mb ? zero : qe * rq;
+    *mixed_p = both ? zero : ma ? m : MixTerm(pe, rp, m);
+    *mixed_q = both ? zero : mb ? m : MixTerm(qe, rq, m);
+  }
+
+  // m h(r) for r = log(w / m) (w: pe or qe), as distill::MixTerm.
+  static TF_KLD_INLINE Vf MixTerm(Vf w, Vf r, Vf m) {
+    const Vf one = Splat(1.0f);
+    Vf h = Madd(Splat(1.0f / 403200), r, Splat(1.0f / 45360));
+    h = Madd(h, r, Splat(1.0f / 5760));
+    h = Madd(h, r, Splat(1.0f / 840));
+    h = Madd(h, r, Splat(1.0f / 144));
+    h = Madd(h, r, Splat(1.0f / 30));
+    h = Madd(h, r, Splat(1.0f / 8));
+    h = Madd(h, r, Splat(1.0f / 3));
+    h = Madd(h, r, Splat(0.5f));
+    const Vf small = m * ((r * r) * h);
+    const Vf ar = BitCast<Vf>(BitCast<Vi>(r) & 0x7fffffff);
+    return ar <= Splat(0.5f) ? small : Madd(w, r - one, m);
   }
 };
 
@@ -982,17 +1010,17 @@ void JsdSumsF(const void* y_true, const void* y_pred, int64_t n, const distill::
   const auto* p = static_cast<const typename E::Storage*>(y_pred);
   const JsdLogs logs(stats, params);
   const Vf zero = Splat(0.0f);
-  Vf fp = zero, fq = zero;
-  Vd p0 = {}, p1 = {}, q0 = {}, q1 = {};
+  Vf f[distill::kJsdSums] = {zero, zero, zero, zero};
+  Vd lo[distill::kJsdSums] = {}, hi[distill::kJsdSums] = {};
   int steps = 0;
+  auto flush = [&]() __attribute__((always_inline)) {
+    for (int k = 0; k < distill::kJsdSums; ++k) Accumulate(f[k], &lo[k], &hi[k]), f[k] = zero;
+  };
   auto step = [&](Vf a, Vf b) __attribute__((always_inline)) {
-    Vf tp, tq;
-    logs.Terms(a, b, &tp, &tq);
-    fp += tp, fq += tq;
-    if (++steps == kFlushSteps) {
-      Accumulate(fp, &p0, &p1), Accumulate(fq, &q0, &q1);
-      fp = fq = zero, steps = 0;
-    }
+    Vf v[distill::kJsdSums];
+    logs.Terms(a, b, &v[0], &v[1], &v[2], &v[3]);
+    for (int k = 0; k < distill::kJsdSums; ++k) f[k] += v[k];
+    if (++steps == kFlushSteps) flush(), steps = 0;
   };
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -1000,14 +1028,13 @@ void JsdSumsF(const void* y_true, const void* y_pred, int64_t n, const distill::
     step(E::Load(t + i), E::Load(p + i));
   }
   if (i < n) step(LoadPadded<E>(t + i, n - i, -INFINITY), LoadPadded<E>(p + i, n - i, -INFINITY));
-  Accumulate(fp, &p0, &p1), Accumulate(fq, &q0, &q1);
-  sums[0] += SumLanes(p0 + p1);
-  sums[1] += SumLanes(q0 + q1);
+  flush();
+  for (int k = 0; k < distill::kJsdSums; ++k) sums[k] += SumLanes(lo[k] + hi[k]);
 }
 
 // The second JSD pass of `rows` whole narrow rows (cols <= kNarrowCols), kLanes rows a block, one
 // row per lane as in KlRowsNarrowF: JsdLogs' statistics per lane, the same steps over the rows'
-// columns. stats: kJsdStats per row (the first four set); sums[2 r], sums[2 r + 1] = row r's.
+// columns. stats: kJsdStats per row (the first four set); row r's kJsdSums sums to sums[kJsdSums r].
 template <typename E>
 void JsdSumsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int64_t cols,
                     const distill::JsdParams& params, const double* stats, double* sums) {
@@ -1015,28 +1042,31 @@ void JsdSumsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int64_
   const double no_stats[4] = {0.0, 0.0, 0.0, 0.0};  // lanes past a block's rows: zeros, ignored
   JsdLogs logs(no_stats, params);
   NarrowBlocks<E>(y_true, y_pred, rows, cols, [&](int64_t r0, int64_t n, const Vf* a, const Vf* b) {
-    logs.max_a = logs.log_a = logs.max_b = logs.log_b = Splat(0.0f);
+    logs.max_a = logs.log_a = logs.max_b = logs.log_b = logs.log_ba = logs.log_ba_lo = Splat(0.0f);
     for (int64_t i = 0; i < n; ++i) {
       const double* st = stats + (r0 + i) * distill::kJsdStats;
       logs.max_a[i] = RawMax(st[0], temperature), logs.log_a[i] = static_cast<float>(st[1]);
       logs.max_b[i] = RawMax(st[2], temperature), logs.log_b[i] = static_cast<float>(st[3]);
+      logs.log_ba[i] = static_cast<float>(st[3] - st[1]);
+      logs.log_ba_lo[i] = static_cast<float>((st[3] - st[1]) - logs.log_ba[i]);
     }
+    logs.max_ba = logs.max_b - logs.max_a;
+    logs.max_ba_lo = distill::DifferenceError(logs.max_b, logs.max_a);
     // Each term goes into double at once (a row's terms share a lane here, where JsdSumsF gives
     // them a lane each: no float sums of a row's terms, which would cost the small JSD ulps).
-    Vd p0 = {}, p1 = {}, q0 = {}, q1 = {};
+    Vd lo[distill::kJsdSums] = {}, hi[distill::kJsdSums] = {};
     for (int64_t j = 0; j < cols; ++j) {
-      Vf tp, tq;
-      logs.Terms(a[j], b[j], &tp, &tq);
-      Accumulate(tp, &p0, &p1), Accumulate(tq, &q0, &q1);
+      Vf v[distill::kJsdSums];
+      logs.Terms(a[j], b[j], &v[0], &v[1], &v[2], &v[3]);
+      for (int k = 0; k < distill::kJsdSums; ++k) Accumulate(v[k], &lo[k], &hi[k]);
     }
     for (int64_t i = 0; i < n; ++i) {
-      sums[2 * (r0 + i)] = Lane(p0, p1, i), sums[2 * (r0 + i) + 1] = Lane(q0, q1, i);
+      for (int k = 0; k < distill::kJsdSums; ++k) sums[distill::kJsdSums * (r0 + i) + k] = Lane(lo[k], hi[k], i);
     }
   });
 }
 
-// libm's exp, expm1, log and log1p: the float64 kernels' math for distill::LogRatios (JsdLogs'
-// cases, in double).
+// libm's exp, expm1, log and log1p: the float64 kernels' math for distill_jsd.h.
 struct StdMath {
   static double Exp(double x) { return std::exp(x); }
   static double Expm1(double x) { return std::expm1(x); }
@@ -1045,7 +1075,18 @@ struct StdMath {
 };
 
 TF_KLD_INLINE distill::Mixture<double> MixtureD(const distill::JsdParams& params) {
-  return distill::MixtureOf<double>(params.beta, params.log_beta, params.log1m_beta);
+  return distill::MixtureOf<double>(params.beta, params.log_beta, params.log1m_beta, params.ratio_threshold);
+}
+
+// The float64 rows' element: a, b divided by T, the row's stats; d from the logits' difference.
+TF_KLD_INLINE void JsdElementD(double a, double b, const double* st, const distill::Mixture<double>& mix,
+                               double* p, double* q, double* rp, double* rq) {
+  const double lp = (a - st[0]) - st[1], lq = (b - st[2]) - st[3];
+  const double d = a == -INFINITY || b == -INFINITY
+                       ? lq - lp
+                       : distill::LogitDistance(a, b, st[2] - st[0], distill::DifferenceError(st[2], st[0])) -
+                             (st[3] - st[1]);
+  distill::JsdElement<StdMath>(lp, lq, d, mix, p, q, rp, rq);
 }
 
 void JsdSumsD(const void* y_true, const void* y_pred, int64_t n, const distill::JsdParams& params,
@@ -1054,17 +1095,15 @@ void JsdSumsD(const void* y_true, const void* y_pred, int64_t n, const distill::
   const auto* p = static_cast<const double*>(y_pred);
   const double temperature = params.temperature;
   const distill::Mixture<double> mix = MixtureD(params);
-  double sp = 0.0, sq = 0.0;
+  double s[distill::kJsdSums] = {0.0, 0.0, 0.0, 0.0};
   for (int64_t i = 0; i < n; ++i) {
     const double a = temperature != 1.0 ? t[i] / temperature : t[i];
     const double b = temperature != 1.0 ? p[i] / temperature : p[i];
-    const double lp = (a - stats[0]) - stats[1], lq = (b - stats[2]) - stats[3];
-    double rp, rq;
-    distill::LogRatios<StdMath>(lp, lq, mix, &rp, &rq);
-    if (a != -INFINITY) sp += std::exp(lp) * rp;
-    if (b != -INFINITY) sq += std::exp(lq) * rq;
+    double pe, qe, rp, rq;
+    JsdElementD(a, b, stats, mix, &pe, &qe, &rp, &rq);
+    distill::AddJsdTerms(a == -INFINITY, b == -INFINITY, pe, qe, rp, rq, mix, s);
   }
-  sums[0] += sp, sums[1] += sq;
+  for (int k = 0; k < distill::kJsdSums; ++k) sums[k] += s[k];
 }
 
 template <typename E>
@@ -1132,13 +1171,10 @@ void JsdGradientD(const void* grad, const void* y_true, const void* y_pred, cons
     for (; i < stop; ++i) {
       const double a = temperature != 1.0 ? t[i] / temperature : t[i];
       const double b = temperature != 1.0 ? p[i] / temperature : p[i];
-      const double lp = (a - s[0]) - s[1], lq = (b - s[2]) - s[3];
-      double rp, rq;
-      distill::LogRatios<StdMath>(lp, lq, mix, &rp, &rq);
-      if (dt != nullptr) dt[i] = a == -INFINITY ? 0.0 : gt * params.beta * (std::exp(lp) * (rp - s[4]));
-      if (dp != nullptr) {
-        dp[i] = b == -INFINITY ? 0.0 : gt * (1.0 - params.beta) * (std::exp(lq) * (rq - s[5]));
-      }
+      double pe, qe, rp, rq;
+      JsdElementD(a, b, s, mix, &pe, &qe, &rp, &rq);
+      if (dt != nullptr) dt[i] = a == -INFINITY ? 0.0 : gt * params.beta * (pe * (rp - s[4]));
+      if (dp != nullptr) dp[i] = b == -INFINITY ? 0.0 : gt * (1.0 - params.beta) * (qe * (rq - s[5]));
     }
   }
 }
@@ -1197,7 +1233,7 @@ void DistillJsdSumsNarrow(Type type, const void* t, const void* p, int64_t rows,
     case Type::kBfloat16: return JsdSumsNarrowF<Bfloat16T>(t, p, rows, cols, params, stats, sums);
     case Type::kFloat: return JsdSumsNarrowF<FloatT>(t, p, rows, cols, params, stats, sums);
     case Type::kDouble:  // not supported (the op sends float64 rows one at a time): NaN
-      for (int64_t i = 0; i < 2 * rows; ++i) sums[i] = NAN;
+      for (int64_t i = 0; i < distill::kJsdSums * rows; ++i) sums[i] = NAN;
       return;
   }
 }

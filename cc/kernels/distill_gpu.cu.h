@@ -21,7 +21,7 @@
 
 #include <type_traits>
 
-#include "cc/kernels/distill_ratios.h"
+#include "cc/kernels/distill_jsd.h"
 #include "cc/kernels/kld_gpu.cu.h"
 
 namespace tf_kld {
@@ -38,6 +38,7 @@ struct Params {
   double temperature = 1.0;
   bool jsd = false;
   double beta = 0.5, log_beta = 0.0, log1m_beta = 0.0;  // log(beta), log1p(-beta)
+  double ratio_threshold = 0.0;                         // tf_kld::distill::RatioThreshold(beta)
 };
 
 inline Params KlParams(double temperature) {
@@ -53,6 +54,7 @@ inline Params JsdParams(double temperature, double beta) {
   p.beta = beta;
   p.log_beta = std::log(beta);
   p.log1m_beta = std::log1p(-beta);
+  p.ratio_threshold = tf_kld::distill::RatioThreshold(beta);
   return p;
 }
 
@@ -202,7 +204,7 @@ TF_KLD_HD double Finish(const State& s, double* stats) {
   return kl;
 }
 
-// Exp, Expm1, Log, Log1p above, for tf_kld::distill::LogRatios.
+// Exp, Expm1, Log, Log1p above, for distill_jsd.h.
 struct Math {
   template <typename C> TF_KLD_HD static C Exp(C x) { return distill::Exp(x); }
   template <typename C> TF_KLD_HD static C Expm1(C x) { return distill::Expm1(x); }
@@ -210,33 +212,38 @@ struct Math {
   template <typename C> TF_KLD_HD static C Log1p(C x) { return distill::Log1p(x); }
 };
 
-// lp, lq and the log-ratios rp = lp - lm, rq = lq - lm to m = beta p + (1 - beta) q of one element
-// from the row's first four stats, as the CPU core's JsdLogs takes them (distill_ratios.h).
+// One element's p, q and log-ratios rp = lp - lm, rq = lq - lm to m = beta p + (1 - beta) q from
+// the row's first four stats, as the CPU core's JsdLogs takes them (distill_jsd.h's steps).
 template <typename C>
 struct Logs {
   Units<C> u;
-  C max_a, log_a, max_b, log_b;
+  C max_a, log_a, max_b, log_b, max_ba, max_ba_lo, log_ba, log_ba_lo;
   tf_kld::distill::Mixture<C> mix;
 
   TF_KLD_HD Logs(const double* stats, const Params& params)
       : u(params.temperature), max_a(u.Max(stats[0])), log_a(static_cast<C>(stats[1])), max_b(u.Max(stats[2])),
-        log_b(static_cast<C>(stats[3])),
-        mix(tf_kld::distill::MixtureOf<C>(params.beta, params.log_beta, params.log1m_beta)) {}
+        log_b(static_cast<C>(stats[3])), max_ba(max_b - max_a),
+        max_ba_lo(tf_kld::distill::DifferenceError(max_b, max_a)), log_ba(static_cast<C>(stats[3] - stats[1])),
+        log_ba_lo(static_cast<C>((stats[3] - stats[1]) - static_cast<double>(log_ba))),
+        mix(tf_kld::distill::MixtureOf<C>(params.beta, params.log_beta, params.log1m_beta,
+                                          params.ratio_threshold)) {}
 
   // a, b as Units::In gives them.
-  TF_KLD_HD void Compute(C a, C b, C* lp, C* lq, C* rp, C* rq) const {
-    *lp = u.OverT(a - max_a) - log_a, *lq = u.OverT(b - max_b) - log_b;
-    tf_kld::distill::LogRatios<Math>(*lp, *lq, mix, rp, rq);
+  TF_KLD_HD void Compute(C a, C b, C* p, C* q, C* rp, C* rq) const {
+    const C lp = u.OverT(a - max_a) - log_a, lq = u.OverT(b - max_b) - log_b;
+    const C d = a == C(-INFINITY) || b == C(-INFINITY)
+                    ? lq - lp
+                    : (u.OverT(tf_kld::distill::LogitDistance(a, b, max_ba, max_ba_lo)) - log_ba) - log_ba_lo;
+    tf_kld::distill::JsdElement<Math>(lp, lq, d, mix, p, q, rp, rq);
   }
 };
 
-// The second JSD pass's terms of one element: p (lp - lm) and q (lq - lm), 0 at masked classes.
+// Adds one element's second-pass terms to the (compute-type) sums, kJsdSums of them.
 template <typename C>
-TF_KLD_HD void JsdTerms(const Logs<C>& logs, C a, C b, C* sp, C* sq) {
-  C lp, lq, rp, rq;
-  logs.Compute(a, b, &lp, &lq, &rp, &rq);
-  if (a != C(-INFINITY)) *sp += Exp(lp) * rp;
-  if (b != C(-INFINITY)) *sq += Exp(lq) * rq;
+TF_KLD_HD void JsdTerms(const Logs<C>& logs, C a, C b, C* sums) {
+  C p, q, rp, rq;
+  logs.Compute(a, b, &p, &q, &rp, &rq);
+  tf_kld::distill::AddJsdTerms(a == C(-INFINITY), b == C(-INFINITY), p, q, rp, rq, logs.mix, sums);
 }
 
 // The gradients of element i of a row (stats: that row's), as the CPU core: KL
@@ -258,11 +265,11 @@ TF_KLD_HD void GradientElement(const Params& params, typename Traits<T>::Compute
     vt = a == C(-INFINITY) ? C(0) : g_over_t * (pe * ((lp - lq) - static_cast<C>(stats[4])));
   } else {
     const Logs<C> logs(stats, params);
-    C lp, lq, rp, rq;
-    logs.Compute(a, b, &lp, &lq, &rp, &rq);
+    C pe, qe, rp, rq;
+    logs.Compute(a, b, &pe, &qe, &rp, &rq);
     const C gp = g_over_t * static_cast<C>(params.beta), gq = g_over_t * static_cast<C>(1.0 - params.beta);
-    vt = a == C(-INFINITY) ? C(0) : gp * (Exp(lp) * (rp - static_cast<C>(stats[4])));
-    vp = b == C(-INFINITY) ? C(0) : gq * (Exp(lq) * (rq - static_cast<C>(stats[5])));
+    vt = a == C(-INFINITY) ? C(0) : gp * (pe * (rp - static_cast<C>(stats[4])));
+    vp = b == C(-INFINITY) ? C(0) : gq * (qe * (rq - static_cast<C>(stats[5])));
   }
   if (d_true != nullptr) *d_true = Tr::FromCompute(vt);
   if (d_pred != nullptr) *d_pred = Tr::FromCompute(vp);
@@ -301,29 +308,30 @@ TF_KLD_HD Lane<typename Traits<T>::Compute> RowLane(const T* t, const T* p, int6
   return s;
 }
 
-// Thread `lane`'s second-pass sums over a row of n elements (stats: the row's first four).
+// Thread `lane`'s second-pass sums (kJsdSums) over a row of n elements (stats: the row's first four).
 template <typename T>
 TF_KLD_HD void RowJsdSums(const T* t, const T* p, int64_t n, int lane, int lanes, const Params& params,
-                          const double* stats, double* sp, double* sq) {
+                          const double* stats, double* sums) {
   using C = typename Traits<T>::Compute;
+  constexpr int kSums = tf_kld::distill::kJsdSums;
   const Logs<C> logs(stats, params);
-  C fp = 0, fq = 0;  // flushed into the double sums every kFlushSteps terms, as Lane's
+  C f[kSums] = {0, 0, 0, 0};  // flushed into the double sums every kFlushSteps terms, as Lane's
   int steps = 0;
   for (int64_t i = lane; i < n; i += lanes) {
-    JsdTerms(logs, logs.u.In(t[i]), logs.u.In(p[i]), &fp, &fq);
+    JsdTerms(logs, logs.u.In(t[i]), logs.u.In(p[i]), f);
     if (++steps == kFlushSteps) {
-      *sp += static_cast<double>(fp), *sq += static_cast<double>(fq);
-      fp = fq = C(0), steps = 0;
+      for (int k = 0; k < kSums; ++k) sums[k] += static_cast<double>(f[k]), f[k] = C(0);
+      steps = 0;
     }
   }
-  *sp += static_cast<double>(fp), *sq += static_cast<double>(fq);
+  for (int k = 0; k < kSums; ++k) sums[k] += static_cast<double>(f[k]);
 }
 
-// The row's loss from its merged state and second-pass sums; fills stats[0 .. kStats or kJsdStats).
-TF_KLD_HD double FinishJsd(const Params& params, double sp, double sq, double* stats) {
-  stats[4] = sp, stats[5] = sq;
+// The row's loss from its second-pass sums (kJsdSums) as distill::FinishJsd; fills stats[4], stats[5].
+TF_KLD_HD double FinishJsd(const Params& params, const double* sums, double* stats) {
+  stats[4] = sums[0], stats[5] = sums[1];
   if (stats[0] == -INFINITY || stats[2] == -INFINITY) return NAN;
-  return params.beta * sp + (1.0 - params.beta) * sq;
+  return params.beta * sums[2] + (1.0 - params.beta) * sums[3];
 }
 
 #ifdef __CUDACC__
@@ -420,14 +428,12 @@ __global__ void __launch_bounds__(kMaxBlock)
     double st[kJsdStats];
     double result = Finish(s, st);
     if (params.jsd) {
-      double sp = 0.0, sq = 0.0;
-      if (live) RowJsdSums(tr, pr, cols, lane, lanes, params, st, &sp, &sq);
-      if (in_warp) {
-        sp = GroupSumOrdered(sp, group), sq = GroupSumOrdered(sq, group);
-      } else {
-        sp = BlockSumOrdered(sp, sums), sq = BlockSumOrdered(sq, sums);
+      double js[tf_kld::distill::kJsdSums] = {0.0, 0.0, 0.0, 0.0};
+      if (live) RowJsdSums(tr, pr, cols, lane, lanes, params, st, js);
+      for (int k = 0; k < tf_kld::distill::kJsdSums; ++k) {
+        js[k] = in_warp ? GroupSumOrdered(js[k], group) : BlockSumOrdered(js[k], sums);
       }
-      result = FinishJsd(params, sp, sq, st);
+      result = FinishJsd(params, js, st);
     } else {
       st[4] = result;
     }

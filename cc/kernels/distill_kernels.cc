@@ -261,7 +261,8 @@ class KlDivergenceWithLogitsBlockOp : public OpKernel {
 };
 
 // TfKld>GeneralizedJsdWithLogitsBlock: the next block of columns' second-pass sums added to the
-// rows' stats (given their whole-row first four), and the JSD of the sums so far.
+// rows' state (given their whole-row first four stats): kJsdStats stats and then the loss's two
+// sums (kJsdBlockState in all), and the JSD of the sums so far.
 template <typename T>
 class GeneralizedJsdWithLogitsBlockOp : public OpKernel {
  public:
@@ -270,7 +271,7 @@ class GeneralizedJsdWithLogitsBlockOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* ctx) override {
-    constexpr int kS = distill::kJsdStats;
+    constexpr int kS = distill::kJsdBlockState;
     const Tensor& y_true = ctx->input(0);
     const Tensor& y_pred = ctx->input(1);
     const Tensor& stats = ctx->input(2);
@@ -293,14 +294,15 @@ class GeneralizedJsdWithLogitsBlockOp : public OpKernel {
           for (Eigen::Index r = begin; r < end; ++r) {
             double* st = out + r * kS;
             if (st != in + r * kS) std::copy(in + r * kS, in + (r + 1) * kS, st);
-            double sp = st[4], sq = st[5];
+            double total[distill::kJsdSums] = {st[4], st[5], st[6], st[7]};
             for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {  // the full op's chunks of wide rows
-              double sums[2] = {0.0, 0.0};
+              double sums[distill::kJsdSums] = {0.0, 0.0, 0.0, 0.0};
               k.jsd_sums(type, t + r * cols + c0, p + r * cols + c0, std::min(kChunk, cols - c0),
                          params, st, sums);
-              sp += sums[0], sq += sums[1];
+              for (int j = 0; j < distill::kJsdSums; ++j) total[j] += sums[j];
             }
-            loss[r] = Round<T>(distill::FinishJsd(params.beta, sp, sq, st));
+            loss[r] = Round<T>(distill::FinishJsd(params.beta, total, st));
+            st[6] = total[2], st[7] = total[3];
           }
         });
   }
@@ -416,7 +418,7 @@ class GeneralizedJsdWithLogitsOp : public OpKernel {
       d.parallelFor(rows, Cost(2 * cols, 2 * cols * sizeof(T), sizeof(T) + 8 * kS),
                     [&](Eigen::Index begin, Eigen::Index end) {
                       constexpr int64_t kBlock = 512;  // rows whose stats are still in cache
-                      double kl_stats[kBlock * distill::kStats], sums[2 * kBlock];
+                      double kl_stats[kBlock * distill::kStats], sums[distill::kJsdSums * kBlock];
                       for (Eigen::Index r0 = begin; r0 < end; r0 += kBlock) {
                         const int64_t n = std::min<int64_t>(kBlock, end - r0);
                         const T* rt = t + r0 * cols;
@@ -429,7 +431,7 @@ class GeneralizedJsdWithLogitsOp : public OpKernel {
                         k.jsd_sums_narrow(type, rt, rp, n, cols, params, st, sums);
                         for (int64_t i = 0; i < n; ++i) {
                           loss[r0 + i] = Round<T>(
-                              distill::FinishJsd(params.beta, sums[2 * i], sums[2 * i + 1], st + i * kS));
+                              distill::FinishJsd(params.beta, sums + distill::kJsdSums * i, st + i * kS));
                         }
                       }
                     });
@@ -442,9 +444,9 @@ class GeneralizedJsdWithLogitsOp : public OpKernel {
                         double* st = stats + r * kS;
                         first_stats(k.kl_partial(type, t + r * cols, p + r * cols, cols,
                                                  params.temperature), st);
-                        double sums[2] = {0.0, 0.0};
+                        double sums[distill::kJsdSums] = {0.0, 0.0, 0.0, 0.0};
                         k.jsd_sums(type, t + r * cols, p + r * cols, cols, params, st, sums);
-                        loss[r] = Round<T>(distill::FinishJsd(params.beta, sums[0], sums[1], st));
+                        loss[r] = Round<T>(distill::FinishJsd(params.beta, sums, st));
                       }
                     });
       return;
@@ -465,20 +467,22 @@ class GeneralizedJsdWithLogitsOp : public OpKernel {
       for (int64_t c = 1; c < chunks; ++c) s = distill::Merge(s, partial[r * chunks + c]);
       first_stats(s, stats + r * kS);
     }
-    std::vector<double> sums(rows * chunks * 2, 0.0);
+    std::vector<double> sums(rows * chunks * distill::kJsdSums, 0.0);
     d.parallelFor(rows * chunks, Cost(kChunk, 2 * kChunk * sizeof(T), 16),
                   [&](Eigen::Index begin, Eigen::Index end) {
                     for (Eigen::Index item = begin; item < end; ++item) {
                       const int64_t row = item / chunks, start = (item % chunks) * kChunk;
                       const int64_t offset = row * cols + start;
                       k.jsd_sums(type, t + offset, p + offset, std::min(kChunk, cols - start),
-                                 params, stats + row * kS, &sums[2 * item]);
+                                 params, stats + row * kS, &sums[distill::kJsdSums * item]);
                     }
                   });
     for (int64_t r = 0; r < rows; ++r) {
-      double sp = 0.0, sq = 0.0;
-      for (int64_t c = 0; c < chunks; ++c) sp += sums[2 * (r * chunks + c)], sq += sums[2 * (r * chunks + c) + 1];
-      loss[r] = Round<T>(distill::FinishJsd(params.beta, sp, sq, stats + r * kS));
+      double total[distill::kJsdSums] = {0.0, 0.0, 0.0, 0.0};
+      for (int64_t c = 0; c < chunks; ++c) {
+        for (int j = 0; j < distill::kJsdSums; ++j) total[j] += sums[distill::kJsdSums * (r * chunks + c) + j];
+      }
+      loss[r] = Round<T>(distill::FinishJsd(params.beta, total, stats + r * kS));
     }
   }
 

@@ -132,6 +132,10 @@ class Rows {
     for (const xla::XlaOp& row : rows) columns.push_back(StatColumn(row));
     return xla::ConcatInDim(b_, columns, last_);
   }
+  // Column i of the stats [rows..., k] in float64, broadcast along the classes.
+  xla::XlaOp Stat64(xla::XlaOp stats, int i) const {
+    return Expand(xla::Reshape(xla::SliceInDim(stats, i, i + 1, 1, last_), row_sizes_));
+  }
   // Column i of the stats [rows..., k], in the compute type, broadcast along the classes.
   xla::XlaOp Stat(xla::XlaOp stats, int i) const {
     const xla::XlaOp column = xla::Reshape(xla::SliceInDim(stats, i, i + 1, 1, last_), row_sizes_);
@@ -160,13 +164,13 @@ class Rows {
 // all -inf, make the row's lp NaN (x - max is NaN there), as in the composite.
 struct LogSoftmax {
   LogSoftmax(const Rows& r, xla::XlaOp x) {
-    const xla::XlaOp row_max = r.Max(x);
+    row_max = r.Max(x);
     max = r.MaxStat(row_max);
     const xla::XlaOp shifted = r.Shifted(x, r.Expand(row_max));
     log_sum = xla::Log(r.Sum(xla::Exp(shifted)));
     lp = xla::Sub(shifted, r.Expand(XlaHelpers::ConvertElementType(log_sum, r.work())));
   }
-  xla::XlaOp max, log_sum, lp;
+  xla::XlaOp row_max, max, log_sum, lp;  // row_max: of x (compute type); max: its stat
 };
 
 // sum(p (lp - lq)) over the classes: 0 where p = 0 (lp = -inf), +inf where p > 0 and q = 0, NaN
@@ -192,14 +196,27 @@ xla::XlaOp LogMixture(const Rows& r, xla::XlaOp lp, xla::XlaOp lq, const distill
   return xla::Select(empty, r.Full(-INFINITY), lm);
 }
 
-// rp = lp - lm and rq = lq - lm as the CPU core's JsdLogs and reference.log_ratios take them:
-// straight from d = lq - lp (-log1p((1 - beta) expm1(d)), -log1p(beta expm1(-d))), the side
+// d = lq - lp to ulps of itself (distill_jsd.h): ((b - a) - (max_b - max_a)) / T - (log sum_b -
+// log sum_a) in float64 (exact differences of the logits where the CPU core takes TwoSum's, which
+// XLA's simplifier could reassociate), from Rows::Logits values and their rows' maxima (compute
+// type, broadcast) and log-sums (any float type, broadcast); +-inf or NaN at masked classes.
+xla::XlaOp Distance(const Rows& r, xla::XlaOp a, xla::XlaOp b, xla::XlaOp max_a, xla::XlaOp max_b,
+                    xla::XlaOp log_a, xla::XlaOp log_b) {
+  auto f64 = [](xla::XlaOp x) { return XlaHelpers::ConvertElementType(x, tensorflow::DT_DOUBLE); };
+  xla::XlaOp d = xla::Sub(xla::Sub(f64(b), f64(a)), xla::Sub(f64(max_b), f64(max_a)));
+  if (r.raw_maxima()) d = xla::Div(d, r.StatTemperature());
+  d = xla::Sub(d, xla::Sub(f64(log_b), f64(log_a)));
+  return XlaHelpers::ConvertElementType(d, r.work());
+}
+
+// rp = lp - lm and rq = lq - lm as reference.log_ratios takes them: straight from d = lq - lp
+// (Distance's) as -log1p((1 - beta) expm1(d)) and -log1p(beta expm1(-d)), the side
 // e^-|d| bounds for every d, the other where |d| <= distill::kRatioBound and as the first minus |d|
 // beyond; masked classes (d not finite) -log(beta) or -log(1 - beta) on the finite side, NaN on
 // the other; beta below distill::kRatioMinBeta by LogMixture. log1p(s) is XLA's where u = 1 + s,
 // computed as a sum of positive terms, is at least 1/2, and log(u) below; not the CPU core's
 // log(u) + (s - (u - 1)) (2 - u), whose u - 1 XLA's simplifier would reassociate.
-void LogRatios(const Rows& r, xla::XlaOp lp, xla::XlaOp lq, const distill::JsdParams& params,
+void LogRatios(const Rows& r, xla::XlaOp lp, xla::XlaOp lq, xla::XlaOp d_raw, const distill::JsdParams& params,
                xla::XlaOp* rp, xla::XlaOp* rq) {
   if (!(params.beta >= distill::kRatioMinBeta)) {
     const xla::XlaOp lm = LogMixture(r, lp, lq, params);
@@ -208,7 +225,6 @@ void LogRatios(const Rows& r, xla::XlaOp lp, xla::XlaOp lq, const distill::JsdPa
   }
   auto c = [&](double v) { return r.Literal(r.work(), v); };
   const xla::XlaOp beta = c(params.beta), one_minus_beta = c(1.0 - params.beta);
-  const xla::XlaOp d_raw = xla::Sub(lq, lp);
   const xla::XlaOp finite = xla::IsFinite(d_raw);
   const xla::XlaOp d = xla::Select(finite, d_raw, r.Zeros());
   const xla::XlaOp ad = xla::Abs(d);
@@ -237,6 +253,26 @@ void LogRatios(const Rows& r, xla::XlaOp lp, xla::XlaOp lq, const distill::JsdPa
 // sum(p rp) over the classes (p = exp(lp)), 0 where p = 0, NaN propagates: KL(p || m) from rp = lp - lm.
 xla::XlaOp RatioSum(const Rows& r, xla::XlaOp lp, xla::XlaOp rp) {
   return r.Sum(xla::Select(xla::Eq(lp, r.MinusInf()), r.Zeros(), xla::Mul(xla::Exp(lp), rp)));
+}
+
+// sum(m h(r)) over the classes, h(r) = e^r (r - 1) + 1 (distill_jsd.h's MixTerm: the series to r^10
+// in float, r^17 in double, where |r| <= 1/2, else w (r - 1) + m): KL(w || m) as a sum of terms that
+// cancel nothing, for the loss. w: p or q; masked: m where w's logit is -inf, 0 where both are.
+xla::XlaOp MixSum(const Rows& r, xla::XlaOp w, xla::XlaOp rw, xla::XlaOp m, xla::XlaOp masked,
+                  xla::XlaOp both_masked) {
+  auto c = [&](double v) { return r.Literal(r.work(), v); };
+  static constexpr double kDouble[] = {22230464256000.0, 1394852659200.0, 93405312000.0, 6706022400.0,
+                                       518918400.0, 43545600.0, 3991680.0};
+  static constexpr double kFloat[] = {403200, 45360, 5760, 840, 144, 30, 8, 3, 2};
+  xla::XlaOp h = c(0.0);
+  if (r.work() == tensorflow::DT_DOUBLE) {
+    for (double k : kDouble) h = xla::Add(xla::Mul(h, rw), c(1.0 / k));
+  }
+  for (double k : kFloat) h = xla::Add(xla::Mul(h, rw), c(1.0 / k));
+  const xla::XlaOp series = xla::Mul(m, xla::Mul(xla::Mul(rw, rw), h));
+  const xla::XlaOp direct = xla::Add(xla::Mul(w, xla::Sub(rw, c(1.0))), m);
+  const xla::XlaOp term = xla::Select(xla::Le(xla::Abs(rw), c(0.5)), series, direct);
+  return r.Sum(xla::Select(both_masked, r.Zeros(), xla::Select(masked, m, term)));
 }
 
 class KlDivergenceWithLogitsXlaOp : public XlaOpKernel {
@@ -271,12 +307,27 @@ class GeneralizedJsdWithLogitsXlaOp : public XlaOpKernel {
     OP_REQUIRES_OK(ctx, CheckLogits(shape, ctx->InputShape(1)));
     const Rows r(ctx, shape, ctx->input_type(0), params_.temperature);
     if (r.empty_rows()) return r.SetEmpty(distill::kJsdStats);
-    const LogSoftmax a(r, r.Logits(ctx->Input(0))), b(r, r.Logits(ctx->Input(1)));
+    const xla::XlaOp x = r.Logits(ctx->Input(0)), y = r.Logits(ctx->Input(1));
+    const LogSoftmax a(r, x), b(r, y);
+    const xla::XlaOp d = Distance(r, x, y, r.Expand(a.row_max), r.Expand(b.row_max), r.Expand(a.log_sum),
+                                  r.Expand(b.log_sum));
     xla::XlaOp rp, rq;
-    LogRatios(r, a.lp, b.lp, params_, &rp, &rq);
-    const xla::XlaOp kl_p = RatioSum(r, a.lp, rp), kl_q = RatioSum(r, b.lp, rq);  // KL(p || m), KL(q || m)
-    const xla::XlaOp jsd = xla::Add(xla::Mul(r.Literal(r.sum(), params_.beta), kl_p),
-                                    xla::Mul(r.Literal(r.sum(), 1.0 - params_.beta), kl_q));
+    LogRatios(r, a.lp, b.lp, d, params_, &rp, &rq);
+    // KL(p || m), KL(q || m) for the gradient (consistent with its p = e^lp and rp), and again as
+    // sums of m h(r) for the loss, with the larger of p, q as e^its log and the other as it times
+    // e^-|d| (an error of both logs scales both alike).
+    const xla::XlaOp kl_p = RatioSum(r, a.lp, rp), kl_q = RatioSum(r, b.lp, rq);
+    const xla::XlaOp up = xla::Gt(d, r.Zeros());
+    const xla::XlaOp top = xla::Exp(xla::Select(up, b.lp, a.lp));
+    const xla::XlaOp other = xla::Mul(top, xla::Exp(xla::Neg(xla::Abs(d))));
+    const xla::XlaOp p = xla::Select(up, other, top), q = xla::Select(up, top, other);
+    const xla::XlaOp m = xla::Add(xla::Mul(r.Literal(r.work(), params_.beta), p),
+                                  xla::Mul(r.Literal(r.work(), 1.0 - params_.beta), q));
+    const xla::XlaOp masked_a = xla::Eq(x, r.MinusInf()), masked_b = xla::Eq(y, r.MinusInf());
+    const xla::XlaOp both = xla::And(masked_a, masked_b);
+    const xla::XlaOp jsd = xla::Add(
+        xla::Mul(r.Literal(r.sum(), params_.beta), MixSum(r, p, rp, m, masked_a, both)),
+        xla::Mul(r.Literal(r.sum(), 1.0 - params_.beta), MixSum(r, q, rq, m, masked_b, both)));
     ctx->SetOutput(0, XlaHelpers::ConvertElementType(jsd, r.type()));
     ctx->SetOutput(1, r.Stats({a.max, a.log_sum, b.max, b.log_sum, kl_p, kl_q}));
   }
@@ -375,8 +426,10 @@ class GeneralizedJsdWithLogitsGradXlaOp : public DistillGradXlaOp {
   void Gradients(const Rows& r, xla::XlaOp gt, xla::XlaOp a, xla::XlaOp b, xla::XlaOp lp,
                  xla::XlaOp lq, xla::XlaOp stats, xla::XlaOp* d_true,
                  xla::XlaOp* d_pred) const override {
+    const xla::XlaOp d = Distance(r, a, b, r.MaxOfStat(stats, 0), r.MaxOfStat(stats, 2), r.Stat64(stats, 1),
+                                  r.Stat64(stats, 3));
     xla::XlaOp rp, rq;
-    LogRatios(r, lp, lq, params_, &rp, &rq);
+    LogRatios(r, lp, lq, d, params_, &rp, &rq);
     const xla::XlaOp minus_inf = r.MinusInf(), zeros = r.Zeros();
     auto side = [&](xla::XlaOp x, xla::XlaOp lx, xla::XlaOp rx, double weight, int kl) {
       const xla::XlaOp g = r.Expand(xla::Mul(gt, r.Literal(r.work(), weight)));

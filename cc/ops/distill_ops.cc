@@ -10,9 +10,10 @@ using tensorflow::shape_inference::DimensionHandle;
 using tensorflow::shape_inference::InferenceContext;
 using tensorflow::shape_inference::ShapeHandle;
 
-constexpr int kKlStats = 5;   // distill::kStats
-constexpr int kJsdStats = 6;  // distill::kJsdStats
-constexpr int kBlockState = 7;  // distill::kBlockState
+constexpr int kKlStats = 5;        // distill::kStats
+constexpr int kJsdStats = 6;       // distill::kJsdStats
+constexpr int kJsdBlockState = 8;  // distill::kJsdBlockState
+constexpr int kBlockState = 7;     // distill::kBlockState
 
 // y_true (input first) and y_pred (first + 1): one shape of rank >= 1, into *merged and, without
 // its last axis, *rows.
@@ -187,14 +188,16 @@ REGISTER_OP("TfKld>GeneralizedJsdWithLogitsBlock")
     .Attr("temperature_f64: string = ''")
     .Attr("beta: float = 0.5")
     .Attr("beta_f64: string = ''")
-    .SetShapeFn(BlockShape<kJsdStats, false>)
+    .SetShapeFn(BlockShape<kJsdBlockState, false>)
     .Doc(R"doc(
 The second pass of TfKld>GeneralizedJsdWithLogits a block of columns at a time (tf_kld.linear's
-column blocks): stats [rows, 6] holds the whole rows' first four stats (max_a, log sum_a, max_b,
-log sum_b: TfKld>KlDivergenceWithLogitsBlock's after the last block) and the sums
-KL(p || m), KL(q || m) of the columns before this block (0 to start); stats_out adds this block's
-(it may take over stats' buffer) and loss is the JSD of the sums so far, so after the last block
-stats_out is what TfKld>GeneralizedJsdWithLogitsGrad reads and loss the rows' JSD. CPU only.
+column blocks): stats [rows, 8] holds the whole rows' first four stats (max_a, log sum_a, max_b,
+log sum_b: TfKld>KlDivergenceWithLogitsBlock's after the last block), then the sums KL(p || m),
+KL(q || m) of the columns before this block as the gradient reads them, and the same two as the
+loss sums them (sums of terms m h(lp - lm) that cancel nothing; 0 to start); stats_out adds this
+block's (it may take over stats' buffer) and loss is the JSD of the sums so far, so after the last
+block stats_out's first six are what TfKld>GeneralizedJsdWithLogitsGrad reads and loss the rows'
+JSD. CPU only.
 )doc");
 
 REGISTER_OP("TfKld>GeneralizedJsdWithLogitsGrad")

@@ -1,0 +1,161 @@
+// The generalized JSD's arithmetic of one element (a class of a row) in scalar form: the CPU
+// core's float64 kernels (distill_cpu_impl.h) and the CUDA core (distill_gpu.cu.h, float and
+// double, on the device and in the harness's CPU replay) take it from here. No TensorFlow, no CUDA
+// needed. The CPU core's SIMD JsdLogs and the XLA lowering take the same steps in their own
+// arithmetic.
+//
+// d = lq - lp, computed to ulps of itself from the logits' difference and the rows' statistics,
+// ((b - a) - (max_b - max_a)) / T - (log sum_b - log sum_a) (LogitDistance), not as a difference
+// of lq and lp, which carry ulps of |lp|.
+//
+// The log-ratios to the mixture m = beta p + (1 - beta) q, straight from d:
+//   rp = lp - lm = -log1p((1 - beta) expm1(d)),   rq = lq - lm = -log1p(beta expm1(-d)).
+// One is computed (one log), the one of smaller magnitude: rq where d >= RatioThreshold(beta), else
+// rp; the other is it plus or minus d (rq = rp + d), which adds at most half an ulp of the larger.
+// log1p(s) is taken as log(u), u = 1 + s computed as a sum of positive terms, where u is below 1/2.
+// d not finite (masked classes): -log(beta) or -log(1 - beta) on the finite side, -inf or NaN on
+// the other (whose terms are 0). beta below kRatioMinBeta (not a normal float, nor then 1 + s): lm
+// by log-sum-exp (-inf where p = q = 0).
+//
+// The sums, per row: KL(p || m) = sum p rp and KL(q || m) = sum q rq as the gradient reads them
+// (consistent with its own p and rp: the gradient sum(p (rp - KL)) is 0 to rounding), and the same
+// two as sums of terms that cancel nothing, for the loss: KL(p || m) = sum m h(rp), h(r) =
+// e^r (r - 1) + 1 >= 0 (= p rp + (m - p), whose added terms sum to 0). Where p and q are close the
+// JSD is O(d^2) while p rp is O(d); a sum of the p rp carries the rounding of each O(d) product
+// and of lp itself (ulps of |lp|, common to p and q) into the O(d^2) result: hundreds of ulps of
+// the JSD at a student's noise of 0.01, where the m h(r) give one or two. h(r) = r^2 (1/2 + r/3 +
+// r^2/8 + ...) by its series where |r| <= 1/2, else p (r - 1) + m.
+#ifndef TF_KLD_CC_KERNELS_DISTILL_JSD_H_
+#define TF_KLD_CC_KERNELS_DISTILL_JSD_H_
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__CUDA__)
+#define TF_KLD_JSD_FN __host__ __device__ __forceinline__
+#else
+#define TF_KLD_JSD_FN inline __attribute__((always_inline))
+#endif
+
+namespace tf_kld {
+namespace distill {
+
+constexpr float kRatioBound = 64.0f;
+constexpr double kRatioMinBeta = 0x1p-125;
+// A row's second-pass sums: [sum p rp, sum q rq, sum m h(rp), sum m h(rq)].
+constexpr int kJsdSums = 4;
+
+// beta and its logs in the compute type C; tiny: beta < kRatioMinBeta.
+template <typename C>
+struct Mixture {
+  C beta, one_minus_beta, log_beta, log1m_beta;  // log(beta), log1p(-beta)
+  C theta;                                       // RatioThreshold(beta)
+  bool tiny;
+};
+
+namespace {  // internal linkage: the CPU ISA objects each keep their own copy
+
+// Where the log-ratio computed turns from rp's to rq's: d = 2 log(beta / (1 - beta)), where
+// |rp| = |rq|, clamped to +-kRatioBound so that the exp in either side's u, e^d or e^-d, stays below
+// e^kRatioBound. 0 at beta = 1/2.
+inline double RatioThreshold(double beta) {
+  const double theta = 2.0 * std::log(beta / (1.0 - beta));
+  return theta < -kRatioBound ? -kRatioBound : theta > kRatioBound ? kRatioBound : theta;
+}
+
+template <typename C>
+TF_KLD_JSD_FN Mixture<C> MixtureOf(double beta, double log_beta, double log1m_beta, double theta) {
+  return {static_cast<C>(beta), static_cast<C>(1.0 - beta), static_cast<C>(log_beta),
+          static_cast<C>(log1m_beta), static_cast<C>(theta), !(beta >= kRatioMinBeta)};
+}
+
+// TwoSum's error of x - y: x - y = fl(x - y) + DifferenceError(x, y) exactly (no overflow).
+template <typename C>
+TF_KLD_JSD_FN C DifferenceError(C x, C y) {
+  const C s = x - y, bb = s - x, ap = s - bb;
+  return (x - ap) - (y + bb);
+}
+
+// (b - a) - (mh + ml), mh + ml = max_b - max_a exactly, to an ulp of the result wherever b - a is
+// near mh: b - a is its rounded value plus DifferenceError, whose difference to mh is exact there
+// (logits offset by 1e4 cancel so). Finite a, b (masked classes take lq - lp). Never built with
+// reassociating arithmetic.
+template <typename C>
+TF_KLD_JSD_FN C LogitDistance(C a, C b, C mh, C ml) {
+  return (((b - a) - mh) + DifferenceError(b, a)) - ml;
+}
+
+// -log1p(s), s = u - 1, as -log(u) where u is below 1/2.
+template <typename M, typename C>
+TF_KLD_JSD_FN C NegLog1p(C u, C s) {
+  return -(u < C(0.5) ? M::Log(u) : M::Log1p(s));
+}
+
+// One element: p, q (the larger as exp of its log, the other as it times e^-|d|, so that an error
+// of both logs scales both alike) and rp, rq. M: static Exp, Expm1, Log, Log1p of C.
+template <typename M, typename C>
+TF_KLD_JSD_FN void JsdElement(C lp, C lq, C d, const Mixture<C>& mix, C* p, C* q, C* rp, C* rq) {
+  const bool up = d > C(0);  // q > p
+  const C ad = up ? d : -d;
+  const C top = M::Exp(up ? lq : lp), e = M::Exp(-ad);
+  *p = up ? top * e : top, *q = up ? top : top * e;
+  if (mix.tiny) {
+    const C minus_inf = C(-INFINITY);
+    const C x1 = lp + mix.log_beta, x2 = lq + mix.log1m_beta;
+    const C hi = x1 >= x2 ? x1 : x2, lo = x1 >= x2 ? x2 : x1;
+    const C lm = x1 == minus_inf && x2 == minus_inf ? minus_inf : hi + M::Log1p(M::Exp(lo - hi));
+    *rp = lp - lm, *rq = lq - lm;
+    return;
+  }
+  const bool q_side = d >= mix.theta;  // rq computed, rp = rq - d
+  const C z = q_side ? -d : d;         // below kRatioBound
+  const C x = q_side ? mix.one_minus_beta : mix.beta, y = q_side ? mix.beta : mix.one_minus_beta;
+  const C r = NegLog1p<M>(x + y * M::Exp(z), y * M::Expm1(z));
+  *rp = q_side ? r - d : r, *rq = q_side ? r : r + d;
+}
+
+// m h(r) for the log-ratio r = log(w / m) of w (p or q): the series where |r| <= 1/2, to r^10 in
+// float (the rest within 2^-29 of h) and to r^17 in double (within 2^-60).
+template <typename C>
+TF_KLD_JSD_FN C MixTerm(C w, C r, C m) {
+  if (!(r <= C(0.5) && r >= C(-0.5))) return w * (r - C(1)) + m;
+  C h = C(0);
+  if (sizeof(C) > sizeof(float)) {  // the coefficients of r^17 .. r^11: (n - 1) / n!
+    h = C(1.0 / 22230464256000.0) * r + C(1.0 / 1394852659200.0);
+    h = h * r + C(1.0 / 93405312000.0);
+    h = h * r + C(1.0 / 6706022400.0);
+    h = h * r + C(1.0 / 518918400.0);
+    h = h * r + C(1.0 / 43545600.0);
+    h = h * r + C(1.0 / 3991680.0);
+  }
+  h = h * r + C(1.0 / 403200);  // r^10 .. r^2
+  h = h * r + C(1.0 / 45360);
+  h = h * r + C(1.0 / 5760);
+  h = h * r + C(1.0 / 840);
+  h = h * r + C(1.0 / 144);
+  h = h * r + C(1.0 / 30);
+  h = h * r + C(1.0 / 8);
+  h = h * r + C(1.0 / 3);
+  h = h * r + C(0.5);
+  return m * ((r * r) * h);
+}
+
+// Adds one element's terms to its row's sums (kJsdSums, C): p rp, q rq, m h(rp), m h(rq); a masked
+// class (logit -inf) has p rp = 0 and m h(rp) = m; both masked: nothing.
+template <typename C>
+TF_KLD_JSD_FN void AddJsdTerms(bool masked_a, bool masked_b, C p, C q, C rp, C rq, const Mixture<C>& mix,
+                               C* sums) {
+  if (masked_a && masked_b) return;
+  const C m = mix.beta * p + mix.one_minus_beta * q;
+  if (!masked_a) sums[0] += p * rp;
+  if (!masked_b) sums[1] += q * rq;
+  sums[2] += masked_a ? m : MixTerm(p, rp, m);
+  sums[3] += masked_b ? m : MixTerm(q, rq, m);
+}
+
+}  // namespace
+}  // namespace distill
+}  // namespace tf_kld
+
+#undef TF_KLD_JSD_FN
+
+#endif  // TF_KLD_CC_KERNELS_DISTILL_JSD_H_
