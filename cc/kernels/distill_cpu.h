@@ -112,13 +112,7 @@ struct JsdParams {
 // sums (kJsdSums' last two) of the columns so far.
 constexpr int kJsdBlockState = kJsdStats + 2;
 
-// The row's JSD from its second-pass sums (kJsdSums); stats[kJsdStats] gets the gradient's two
-// (its first four entries already set by the caller).
-inline double FinishJsd(double beta, const double* sums, double* stats) {
-  stats[4] = sums[0], stats[5] = sums[1];
-  if (stats[0] == -INFINITY || stats[2] == -INFINITY) return NAN;
-  return beta * sums[2] + (1.0 - beta) * sums[3];
-}
+// FinishJsd (the row's JSD from its second-pass sums): distill_jsd.h's.
 
 struct Kernels {
   const char* isa;

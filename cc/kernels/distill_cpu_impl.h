@@ -915,10 +915,6 @@ struct JsdLogs {
         log_a(Splat(static_cast<float>(stats[1]))),
         max_b(Splat(RawMax(stats[2], static_cast<float>(params.temperature)))),
         log_b(Splat(static_cast<float>(stats[3]))),
-        max_ba(max_b - max_a),
-        max_ba_lo(distill::DifferenceError(max_b, max_a)),
-        log_ba(Splat(static_cast<float>(stats[3] - stats[1]))),
-        log_ba_lo(Splat(static_cast<float>((stats[3] - stats[1]) - static_cast<float>(stats[3] - stats[1])))),
         log_beta(Splat(static_cast<float>(params.log_beta))),
         log1m_beta(Splat(static_cast<float>(params.log1m_beta))),
         beta(Splat(static_cast<float>(params.beta))),
@@ -926,7 +922,17 @@ struct JsdLogs {
         theta(Splat(static_cast<float>(params.ratio_threshold))),
         by_t(static_cast<float>(params.temperature)),
         tiny_beta(!(params.beta >= distill::kRatioMinBeta)),
-        divides(static_cast<float>(params.ratio_threshold) != 0.0f) {}
+        divides(static_cast<float>(params.ratio_threshold) != 0.0f) {
+    const distill::RowShift<float> shift = distill::RowShiftOf(max_a[0], max_b[0], stats[3] - stats[1]);
+    max_ba = Splat(shift.mh), max_ba_lo = Splat(shift.ml), log_ba = Splat(shift.log_hi);
+    log_ba_lo = Splat(shift.log_lo);
+  }
+
+  // Lane i's row constants for d (the narrow rows' one row per lane).
+  TF_KLD_INLINE void SetShiftLane(int64_t i, double log_ba_i) {
+    const distill::RowShift<float> shift = distill::RowShiftOf(max_a[i], max_b[i], log_ba_i);
+    max_ba[i] = shift.mh, max_ba_lo[i] = shift.ml, log_ba[i] = shift.log_hi, log_ba_lo[i] = shift.log_lo;
+  }
 
   TF_KLD_INLINE void Compute(Vf a, Vf b, Vf* p, Vf* q, Vf* rp, Vf* rq, Vi* masked_a, Vi* masked_b) const {
     const Vf minus_inf = Splat(-INFINITY), one = Splat(1.0f), zero = Splat(0.0f);
@@ -1042,16 +1048,14 @@ void JsdSumsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int64_
   const double no_stats[4] = {0.0, 0.0, 0.0, 0.0};  // lanes past a block's rows: zeros, ignored
   JsdLogs logs(no_stats, params);
   NarrowBlocks<E>(y_true, y_pred, rows, cols, [&](int64_t r0, int64_t n, const Vf* a, const Vf* b) {
-    logs.max_a = logs.log_a = logs.max_b = logs.log_b = logs.log_ba = logs.log_ba_lo = Splat(0.0f);
+    logs.max_a = logs.log_a = logs.max_b = logs.log_b = Splat(0.0f);
+    logs.max_ba = logs.max_ba_lo = logs.log_ba = logs.log_ba_lo = Splat(0.0f);
     for (int64_t i = 0; i < n; ++i) {
       const double* st = stats + (r0 + i) * distill::kJsdStats;
       logs.max_a[i] = RawMax(st[0], temperature), logs.log_a[i] = static_cast<float>(st[1]);
       logs.max_b[i] = RawMax(st[2], temperature), logs.log_b[i] = static_cast<float>(st[3]);
-      logs.log_ba[i] = static_cast<float>(st[3] - st[1]);
-      logs.log_ba_lo[i] = static_cast<float>((st[3] - st[1]) - logs.log_ba[i]);
+      logs.SetShiftLane(i, st[3] - st[1]);
     }
-    logs.max_ba = logs.max_b - logs.max_a;
-    logs.max_ba_lo = distill::DifferenceError(logs.max_b, logs.max_a);
     // Each term goes into double at once (a row's terms share a lane here, where JsdSumsF gives
     // them a lane each: no float sums of a row's terms, which would cost the small JSD ulps).
     Vd lo[distill::kJsdSums] = {}, hi[distill::kJsdSums] = {};
@@ -1078,15 +1082,17 @@ TF_KLD_INLINE distill::Mixture<double> MixtureD(const distill::JsdParams& params
   return distill::MixtureOf<double>(params.beta, params.log_beta, params.log1m_beta, params.ratio_threshold);
 }
 
-// The float64 rows' element: a, b divided by T, the row's stats; d from the logits' difference.
-TF_KLD_INLINE void JsdElementD(double a, double b, const double* st, const distill::Mixture<double>& mix,
-                               double* p, double* q, double* rp, double* rq) {
+// The float64 rows' element: a, b divided by T, the row's stats and shift (RowShiftD).
+TF_KLD_INLINE void JsdElementD(double a, double b, const double* st, const distill::RowShift<double>& shift,
+                               const distill::Mixture<double>& mix, double* p, double* q, double* rp,
+                               double* rq) {
   const double lp = (a - st[0]) - st[1], lq = (b - st[2]) - st[3];
-  const double d = a == -INFINITY || b == -INFINITY
-                       ? lq - lp
-                       : distill::LogitDistance(a, b, st[2] - st[0], distill::DifferenceError(st[2], st[0])) -
-                             (st[3] - st[1]);
+  const double d = distill::LogDistance(a, b, lp, lq, shift, 1.0, false);
   distill::JsdElement<StdMath>(lp, lq, d, mix, p, q, rp, rq);
+}
+
+TF_KLD_INLINE distill::RowShift<double> RowShiftD(const double* st) {
+  return distill::RowShiftOf(st[0], st[2], st[3] - st[1]);
 }
 
 void JsdSumsD(const void* y_true, const void* y_pred, int64_t n, const distill::JsdParams& params,
@@ -1095,12 +1101,13 @@ void JsdSumsD(const void* y_true, const void* y_pred, int64_t n, const distill::
   const auto* p = static_cast<const double*>(y_pred);
   const double temperature = params.temperature;
   const distill::Mixture<double> mix = MixtureD(params);
+  const distill::RowShift<double> shift = RowShiftD(stats);
   double s[distill::kJsdSums] = {0.0, 0.0, 0.0, 0.0};
   for (int64_t i = 0; i < n; ++i) {
     const double a = temperature != 1.0 ? t[i] / temperature : t[i];
     const double b = temperature != 1.0 ? p[i] / temperature : p[i];
     double pe, qe, rp, rq;
-    JsdElementD(a, b, stats, mix, &pe, &qe, &rp, &rq);
+    JsdElementD(a, b, stats, shift, mix, &pe, &qe, &rp, &rq);
     distill::AddJsdTerms(a == -INFINITY, b == -INFINITY, pe, qe, rp, rq, mix, s);
   }
   for (int k = 0; k < distill::kJsdSums; ++k) sums[k] += s[k];
@@ -1167,12 +1174,13 @@ void JsdGradientD(const void* grad, const void* y_true, const void* y_pred, cons
   for (int64_t row = begin / cols; i < end; ++row) {
     const int64_t stop = (row + 1) * cols < end ? (row + 1) * cols : end;
     const double* s = stats + row * distill::kJsdStats;
+    const distill::RowShift<double> shift = RowShiftD(s);
     const double gt = g[row] / temperature;
     for (; i < stop; ++i) {
       const double a = temperature != 1.0 ? t[i] / temperature : t[i];
       const double b = temperature != 1.0 ? p[i] / temperature : p[i];
       double pe, qe, rp, rq;
-      JsdElementD(a, b, s, mix, &pe, &qe, &rp, &rq);
+      JsdElementD(a, b, s, shift, mix, &pe, &qe, &rp, &rq);
       if (dt != nullptr) dt[i] = a == -INFINITY ? 0.0 : gt * params.beta * (pe * (rp - s[4]));
       if (dp != nullptr) dp[i] = b == -INFINITY ? 0.0 : gt * (1.0 - params.beta) * (qe * (rq - s[5]));
     }

@@ -217,23 +217,20 @@ struct Math {
 template <typename C>
 struct Logs {
   Units<C> u;
-  C max_a, log_a, max_b, log_b, max_ba, max_ba_lo, log_ba, log_ba_lo;
+  C max_a, log_a, max_b, log_b;
+  tf_kld::distill::RowShift<C> shift;
   tf_kld::distill::Mixture<C> mix;
 
   TF_KLD_HD Logs(const double* stats, const Params& params)
       : u(params.temperature), max_a(u.Max(stats[0])), log_a(static_cast<C>(stats[1])), max_b(u.Max(stats[2])),
-        log_b(static_cast<C>(stats[3])), max_ba(max_b - max_a),
-        max_ba_lo(tf_kld::distill::DifferenceError(max_b, max_a)), log_ba(static_cast<C>(stats[3] - stats[1])),
-        log_ba_lo(static_cast<C>((stats[3] - stats[1]) - static_cast<double>(log_ba))),
+        log_b(static_cast<C>(stats[3])), shift(tf_kld::distill::RowShiftOf(max_a, max_b, stats[3] - stats[1])),
         mix(tf_kld::distill::MixtureOf<C>(params.beta, params.log_beta, params.log1m_beta,
                                           params.ratio_threshold)) {}
 
   // a, b as Units::In gives them.
   TF_KLD_HD void Compute(C a, C b, C* p, C* q, C* rp, C* rq) const {
     const C lp = u.OverT(a - max_a) - log_a, lq = u.OverT(b - max_b) - log_b;
-    const C d = a == C(-INFINITY) || b == C(-INFINITY)
-                    ? lq - lp
-                    : (u.OverT(tf_kld::distill::LogitDistance(a, b, max_ba, max_ba_lo)) - log_ba) - log_ba_lo;
+    const C d = tf_kld::distill::LogDistance(a, b, lp, lq, shift, u.temperature, Units<C>::kRaw && u.scaled);
     tf_kld::distill::JsdElement<Math>(lp, lq, d, mix, p, q, rp, rq);
   }
 };
@@ -325,13 +322,6 @@ TF_KLD_HD void RowJsdSums(const T* t, const T* p, int64_t n, int lane, int lanes
     }
   }
   for (int k = 0; k < kSums; ++k) sums[k] += static_cast<double>(f[k]);
-}
-
-// The row's loss from its second-pass sums (kJsdSums) as distill::FinishJsd; fills stats[4], stats[5].
-TF_KLD_HD double FinishJsd(const Params& params, const double* sums, double* stats) {
-  stats[4] = sums[0], stats[5] = sums[1];
-  if (stats[0] == -INFINITY || stats[2] == -INFINITY) return NAN;
-  return params.beta * sums[2] + (1.0 - params.beta) * sums[3];
 }
 
 #ifdef __CUDACC__
@@ -433,7 +423,7 @@ __global__ void __launch_bounds__(kMaxBlock)
       for (int k = 0; k < tf_kld::distill::kJsdSums; ++k) {
         js[k] = in_warp ? GroupSumOrdered(js[k], group) : BlockSumOrdered(js[k], sums);
       }
-      result = FinishJsd(params, js, st);
+      result = tf_kld::distill::FinishJsd(params.beta, js, st);
     } else {
       st[4] = result;
     }

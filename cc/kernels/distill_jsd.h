@@ -84,6 +84,37 @@ TF_KLD_JSD_FN C LogitDistance(C a, C b, C mh, C ml) {
   return (((b - a) - mh) + DifferenceError(b, a)) - ml;
 }
 
+// A row's constants for d: max_b - max_a as mh + ml exactly (C maxima), log sum_b - log sum_a
+// (float64) as log_hi + log_lo in C.
+template <typename C>
+struct RowShift {
+  C mh, ml, log_hi, log_lo;
+};
+
+template <typename C>
+TF_KLD_JSD_FN RowShift<C> RowShiftOf(C max_a, C max_b, double log_ba) {
+  const C hi = static_cast<C>(log_ba);
+  return {max_b - max_a, DifferenceError(max_b, max_a), hi, static_cast<C>(log_ba - static_cast<double>(hi))};
+}
+
+// d = lq - lp of one element: a, b are the logits in the units of the row's maxima, and a distance
+// of them is divided by t where `divide` (raw float logits; float64 ones come divided already).
+// Masked classes (a or b -inf) take lq - lp: +-inf, or NaN where both are.
+template <typename C>
+TF_KLD_JSD_FN C LogDistance(C a, C b, C lp, C lq, const RowShift<C>& s, C t, bool divide) {
+  if (a == C(-INFINITY) || b == C(-INFINITY)) return lq - lp;
+  const C x = LogitDistance(a, b, s.mh, s.ml);
+  return ((divide ? x / t : x) - s.log_hi) - s.log_lo;
+}
+
+// The row's JSD from its second-pass sums (kJsdSums); stats[4], stats[5] get the gradient's two
+// (stats[0..4): the row's first-pass stats).
+TF_KLD_JSD_FN double FinishJsd(double beta, const double* sums, double* stats) {
+  stats[4] = sums[0], stats[5] = sums[1];
+  if (stats[0] == -INFINITY || stats[2] == -INFINITY) return NAN;
+  return beta * sums[2] + (1.0 - beta) * sums[3];
+}
+
 // -log1p(s), s = u - 1, as -log(u) where u is below 1/2.
 template <typename M, typename C>
 TF_KLD_JSD_FN C NegLog1p(C u, C s) {
@@ -109,7 +140,8 @@ TF_KLD_JSD_FN void JsdElement(C lp, C lq, C d, const Mixture<C>& mix, C* p, C* q
   const bool q_side = d >= mix.theta;  // rq computed, rp = rq - d
   const C z = q_side ? -d : d;         // below kRatioBound
   const C x = q_side ? mix.one_minus_beta : mix.beta, y = q_side ? mix.beta : mix.one_minus_beta;
-  const C r = NegLog1p<M>(x + y * M::Exp(z), y * M::Expm1(z));
+  const C ez = z > C(0) ? M::Exp(z) : e;  // e^-|d| unless z = |d|
+  const C r = NegLog1p<M>(x + y * ez, y * M::Expm1(z));
   *rp = q_side ? r - d : r, *rq = q_side ? r : r + d;
 }
 
