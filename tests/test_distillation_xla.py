@@ -81,10 +81,12 @@ def test_custom_compiles_the_ops_own_lowering(custom, beta):
 @pytest.mark.parametrize("beta", [None, 0.5])
 def test_auto_emits_composite_inside_xla(require_custom, beta):
     """implementation("auto") (the default) under jit_compile: the log-softmax composite, as for
-    kl_divergence; outside XLA the fused op."""
+    kl_divergence (the JSD's writes its log-softmax out, for its exact d); outside XLA the fused
+    op."""
     spec = tf.TensorSpec([None, 7], tf.float32)
     jitted = U.graph_op_types(tf.function(_fn(beta, 2.0), jit_compile=True).get_concrete_function(spec, spec))
-    assert not {KL_OP, JSD_OP} & jitted and "LogSoftmax" in jitted, jitted
+    composite = "LogSoftmax" if beta is None else "Exp"
+    assert not {KL_OP, JSD_OP} & jitted and composite in jitted, jitted
     plain = U.graph_op_types(tf.function(_fn(beta, 2.0)).get_concrete_function(spec, spec))
     assert _ops_of(beta)[0] in plain, plain
 
@@ -129,12 +131,14 @@ def test_jsd_of_close_distributions(require_custom, implementation, width, beta,
         D.assert_jsd_of_close_distributions(fn, width, beta, 2.0, rng)
 
 
+@pytest.mark.parametrize("implementation", ["custom", "auto"])
 @pytest.mark.parametrize("beta", [0.1, 0.9])
 @pytest.mark.parametrize("width", [10, 4099], ids=lambda w: f"width{w}")
-def test_jsd_to_ulps_of_itself(require_custom, width, beta, rng):
-    """The lowering sums the fused op's terms m h(r) from d = lq - lp of the logits' difference (in
-    float64: XLA could reassociate the CPU core's TwoSum): within 16 ulps of the JSD itself."""
-    with tf_kld.implementation("custom"):
+def test_jsd_to_ulps_of_itself(require_custom, implementation, width, beta, rng):
+    """The lowering sums the fused op's terms m h(r), the composite ("auto") its series in d, both
+    from d = lq - lp of the logits' difference (in float64: XLA could reassociate the CPU core's
+    TwoSum): within 16 ulps of the JSD itself."""
+    with tf_kld.implementation(implementation):
         fn = tf.function(_fn(beta, 3.0), jit_compile=True)
         D.assert_jsd_to_ulps_of_itself(fn, width, beta, 3.0, rng)
 

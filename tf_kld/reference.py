@@ -16,6 +16,8 @@ y_pred=[0, 1] gives inf in float16 Keras and 15.94 here) and rounding error grow
 The custom op and its gradients are checked against this module; the XLA/TPU path runs it.
 """
 
+import fractions
+import functools
 import math
 
 import keras
@@ -228,13 +230,14 @@ _RATIO_BOUND = 64.0
 _RATIO_MIN_BETA = 2.0 ** -125
 
 
-def log_ratios(lp, lq, beta):
+def log_ratios(lp, lq, beta, d=None):
     """rp = lp - lm and rq = lq - lm, with lm = log(beta * p + (1 - beta) * q), for 0 < beta < 1.
 
-    Straight from d = lq - lp: rp = -log1p((1 - beta) expm1(d)), rq = -log1p(beta expm1(-d)),
-    each exact to a few ulps of itself. Where p and q are close the JSD is O(d^2) and its terms
-    p rp, q rq are O(d): lp - lm with lm rounded would put some ulps of |lm| into every term, and
-    the loss would lose as many digits as the terms cancel. The side e^-|d| bounds (p's where
+    Straight from d = lq - lp (or the given d: the same, its value more exact):
+    rp = -log1p((1 - beta) expm1(d)), rq = -log1p(beta expm1(-d)), each exact to a few ulps of
+    itself. Where p and q are close the JSD is O(d^2) and its terms p rp, q rq are O(d): lp - lm
+    with lm rounded would put some ulps of |lm| into every term, and the loss would lose as many
+    digits as the terms cancel. The side e^-|d| bounds (p's where
     d <= 0: u = 1 + s = beta + (1 - beta) e^-|d|) for every d; the other (u = (1 - beta) + beta e^|d|)
     the same way where |d| <= 64, beyond that as the first minus |d|, where nothing cancels.
     log1p(s) is log(u) where u, a sum of positive terms, is below 1/2 (1 + s would lose s's low
@@ -247,7 +250,7 @@ def log_ratios(lp, lq, beta):
     dtype = lp.dtype
     zero, half, one = (tf.constant(v, dtype) for v in (0.0, 0.5, 1.0))
     b, c = tf.constant(beta, dtype), tf.constant(1.0 - beta, dtype)
-    d = lq - lp
+    d = lq - lp if d is None else d
     finite = tf.math.is_finite(d)
     d = tf.where(finite, d, tf.zeros_like(d))
     ad = tf.abs(d)
@@ -283,6 +286,75 @@ def _ratio_terms(lp, r):
     return tf.where(use, tf.exp(lp) * tf.where(use, r, zero), zero)
 
 
+def _log_softmax_and_distance(y_true, y_pred, temperature):
+    """lp, lq (log-softmax at the temperature) and d = lq - lp whose value is
+    ((y - max y) - (x - max x)) / T - (log sum_y - log sum_x) (x, y the logits): lq - lp carries
+    ulps of |lp| into a d that may be far smaller. The logits' difference in float64 where the work
+    is float32 (exact), so only the rows' log-sums round, alike for every class of a row. d's
+    gradient is lq - lp's."""
+    wide = tf.float64 if y_pred.dtype == tf.float32 else y_pred.dtype
+
+    def parts(x):
+        top = tf.stop_gradient(tf.reduce_max(x, axis=-1, keepdims=True))  # lp does not depend on it
+        z = x - top
+        if temperature != 1.0:
+            z = z / tf.constant(temperature, z.dtype)
+        log_sum = tf.math.log(tf.reduce_sum(tf.exp(z), axis=-1, keepdims=True))
+        return z - log_sum, log_sum, tf.cast(x, wide) - tf.cast(top, wide)
+
+    lp, log_sum_p, shifted_x = parts(y_true)
+    lq, log_sum_q, shifted_y = parts(y_pred)
+    plain = lq - lp
+    exact = tf.cast(shifted_y - shifted_x, plain.dtype)
+    if temperature != 1.0:
+        exact = exact / tf.constant(temperature, plain.dtype)
+    exact = exact - (log_sum_q - log_sum_p)
+    finite = tf.logical_and(tf.math.is_finite(exact), tf.math.is_finite(plain))
+    d = plain + tf.stop_gradient(tf.where(finite, exact - plain, tf.zeros_like(plain)))
+    return lp, lq, d
+
+
+# Where |d| <= _SERIES_BOUND a class's JSD term is p times a series in d (_jsd_series).
+_SERIES_BOUND = 0.5
+
+
+@functools.lru_cache(maxsize=64)
+def _jsd_series(beta, ulp):
+    """K's Taylor coefficients (of d^0, d^1, ...) in beta p rp + (1 - beta) q rq =
+    p beta (1 - beta) d^2 K(d): with u = beta + (1 - beta) e^d, the term over p is
+    J(d) = (1 - beta) d e^d - u log u, which vanishes with its first derivative at d = 0 and at
+    beta = 0 and 1. Exact rational arithmetic in beta (its float's value), then as many
+    coefficients as make the rest below `ulp` / 2 of K at |d| = _SERIES_BOUND (u's zeros are
+    |d| >= pi away: 7-8 for float32, 14-18 for float64)."""
+    n = 24
+    b = fractions.Fraction(beta)
+    c = 1 - b
+
+    def times(a, z):  # a z truncated after d^n
+        out = [fractions.Fraction(0)] * (n + 1)
+        for i, x in enumerate(a):
+            if x:
+                for j in range(n + 1 - i):
+                    out[i + j] += x * z[j]
+        return out
+
+    w = [fractions.Fraction(0)] + [c / math.factorial(k) for k in range(1, n + 1)]  # u - 1
+    log_u, w_k = [fractions.Fraction(0)] * (n + 1), [fractions.Fraction(1)] + [0] * n
+    for k in range(1, n + 1):  # log(1 + w)
+        w_k = times(w_k, w)
+        log_u = [a + fractions.Fraction((-1) ** (k + 1), k) * x for a, x in zip(log_u, w_k)]
+    u_log_u = times([fractions.Fraction(1)] + w[1:], log_u)
+    j = [(c / math.factorial(i - 1) if i else 0) - x for i, x in enumerate(u_log_u)]
+    assert j[0] == 0 and j[1] == 0
+    k = [float(x / (b * c)) for x in j[2:]]
+    for count in range(1, len(k) + 1):
+        if all(sum(abs(x) * _SERIES_BOUND ** i for i, x in enumerate(k) if i >= count)
+               <= ulp / 2 * abs(sum(x * s ** i for i, x in enumerate(k)))
+               for s in (_SERIES_BOUND, -_SERIES_BOUND)):
+            return tuple(k[:count])
+    raise AssertionError(f"the JSD's series needs more than {n} terms at beta={beta}")
+
+
 def kl_with_logits_composite(y_true, y_pred, temperature):
     """KL(softmax(y_true / T) || softmax(y_pred / T)) on prepared tensors of one floating dtype."""
     dtype = y_pred.dtype
@@ -297,18 +369,28 @@ def jsd_with_logits_composite(y_true, y_pred, beta, temperature):
     dtype = y_pred.dtype
     work = compute_dtype(dtype)
     y_true, y_pred = broadcast(tf.cast(y_true, work), tf.cast(y_pred, work))
-    lp = _log_softmax(y_true, temperature)
-    lq = _log_softmax(y_pred, temperature)
     if beta == 0.0:
-        loss = _kl_terms(lp, lq)
+        loss = _kl_terms(_log_softmax(y_true, temperature), _log_softmax(y_pred, temperature))
     elif beta == 1.0:
-        loss = _kl_terms(lq, lp)
+        loss = _kl_terms(_log_softmax(y_pred, temperature), _log_softmax(y_true, temperature))
     else:
         # One sum of each class's beta p rp + (1 - beta) q rq (never negative): one reduction
-        # for XLA to fuse the elementwise work into, no cancellation between two sums.
-        rp, rq = log_ratios(lp, lq, beta)
-        loss = tf.reduce_sum(tf.constant(beta, work) * _ratio_terms(lp, rp)
-                             + tf.constant(1.0 - beta, work) * _ratio_terms(lq, rq), axis=-1)
+        # for XLA to fuse the elementwise work into, no cancellation between two sums. Where p
+        # and q are close a class's term is O(d^2) and its two parts O(d): there (|d| <= 1/2) it
+        # is p beta (1 - beta) d^2 K(d) (_jsd_series), which cancels nothing, with d to ulps of
+        # itself (_log_softmax_and_distance). Beyond, the parts cancel at most a factor ~4.
+        lp, lq, d = _log_softmax_and_distance(y_true, y_pred, temperature)
+        rp, rq = log_ratios(lp, lq, beta, d)
+        far = (tf.constant(beta, work) * _ratio_terms(lp, rp)
+               + tf.constant(1.0 - beta, work) * _ratio_terms(lq, rq))
+        near = tf.abs(d) <= tf.constant(_SERIES_BOUND, work)
+        dn = tf.where(near, d, tf.zeros_like(d))
+        k = tf.zeros_like(dn)
+        for coefficient in reversed(_jsd_series(beta, float(np.finfo(work.as_numpy_dtype).eps))):
+            k = k * dn + tf.constant(coefficient, work)
+        series = tf.exp(lp) * (dn * dn * k) * tf.constant(beta * (1.0 - beta), work)
+        terms = tf.where(near, series, far)
+        loss = tf.reduce_sum(terms, axis=-1)
     return tf.cast(loss, dtype)
 
 
