@@ -227,19 +227,20 @@ def decimal_jsd(y_true, y_pred, beta):
         return np.array(out)
 
 
-@pytest.mark.parametrize("beta", [1e-30, 1e-6, 0.1, 0.5, 0.9, 1.0 - 2.0 ** -30], ids=repr)
+@pytest.mark.parametrize("beta", [1e-30, 1e-6, 0.1, 0.5, 0.9, 1.0 - 2.0 ** -30, 1.0 - 1e-16],
+                         ids=repr)
 def test_composite_jsd_series(beta):
-    """The composite's class term over p where |d| <= 1/2, beta (1 - beta) d^2 K(d), against
+    """The composite's class term over p where |d| <= 1, beta (1 - beta) d^2 K(d), against
     J(d) = (1 - beta) d e^d - u log u (u = beta + (1 - beta) e^d) in 80-digit decimals: K's
     coefficients (float64, evaluated in float64) within 2 float64 ulps of J, and those kept for
-    float32 (fewer) within half a float32 ulp of the truncation (the series is the JSD's exact
-    form; a wrong coefficient, or one too few, fails)."""
+    float32 (fewer) within half a float32 ulp (the series is the JSD's exact form; a wrong
+    coefficient, or one too few, fails). The kernels take the same coefficients."""
     with decimal.localcontext() as ctx:
         ctx.prec = 80
         b = decimal.Decimal(beta)
         for dtype, bound in ((np.float64, 2.0), (np.float32, 0.5)):
-            k = reference._jsd_series(beta, float(np.finfo(dtype).eps))
-            for d in np.linspace(-0.5, 0.5, 41):
+            k = reference._jsd_series(beta)[:reference._SERIES_TERMS[tf.as_dtype(dtype)]]
+            for d in np.linspace(-1.0, 1.0, 81):
                 if d == 0.0:
                     continue
                 e = decimal.Decimal(d).exp()
@@ -343,8 +344,8 @@ def test_jsd_of_close_distributions(impl, width, beta, temperature, rng):
 
 def assert_jsd_to_ulps_of_itself(fn, width, beta, temperature, rng):
     """The JSD within 16 float32 ulps of itself for a student close to its teacher (logits plus
-    noise of 1 and 0.01, also offset by 1e4): its terms cancel nothing (the kernels' m h(r), the
-    composite's series in d where |d| <= 1/2), and d = lq - lp comes from the logits' exact
+    noise of 1 and 0.01, also offset by 1e4): its terms cancel nothing (p beta (1 - beta) d^2 K(d),
+    K by its series, where |d| <= 1), and d = lq - lp comes from the logits' exact
     difference. Sums of p (lp - lm) carried the rounding of every O(d) term and of lp itself into
     the O(d^2) result: 70-1000 ulps here at a noise of 0.01."""
     for noise in (1.0, 0.01):

@@ -135,8 +135,8 @@ def test_jsd_of_close_distributions(require_custom, implementation, width, beta,
 @pytest.mark.parametrize("beta", [0.1, 0.9])
 @pytest.mark.parametrize("width", [10, 4099], ids=lambda w: f"width{w}")
 def test_jsd_to_ulps_of_itself(require_custom, implementation, width, beta, rng):
-    """The lowering sums the fused op's terms m h(r), the composite ("auto") its series in d, both
-    from d = lq - lp of the logits' difference (in float64: XLA could reassociate the CPU core's
+    """The lowering and the composite ("auto") sum the JSD's series in d where |d| <= 1, from
+    d = lq - lp of the logits' difference (in float64: XLA could reassociate the CPU core's
     TwoSum): within 16 ulps of the JSD itself."""
     with tf_kld.implementation(implementation):
         fn = tf.function(_fn(beta, 3.0), jit_compile=True)

@@ -839,7 +839,8 @@ def test_jsd_block_op_is_the_full_op_by_blocks(dtype, block, require_custom, rng
         for c0 in range(0, cols, block):
             state, _, kl_stats = ops.kl_divergence_with_logits_block(
                 t[:, c0:c0 + block], s[:, c0:c0 + block], state, temperature)
-        b_stats = tf.concat([kl_stats[:, :4], tf.zeros([rows, 4], tf.float64)], axis=1)
+        b_stats = tf.concat(
+            [kl_stats[:, :4], tf.zeros([rows, ops.JSD_BLOCK_STATE - 4], tf.float64)], axis=1)
         for c0 in range(0, cols, block):
             b_stats, b_loss = ops.generalized_jsd_with_logits_block(
                 t[:, c0:c0 + block], s[:, c0:c0 + block], b_stats, beta, temperature)

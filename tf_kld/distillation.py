@@ -73,13 +73,13 @@ def generalized_jsd_with_logits(y_true, y_pred, beta=0.5, temperature=1.0):
     over the last axis, with `log p - log m` and `log q - log m` taken straight from
     `d = log q - log p` (`-log1p((1 - beta) expm1(d))` and `-log1p(beta expm1(-d))`): exact where p
     and q are close and the JSD is small against its terms, never a log of a sum of underflowed
-    probabilities. The fused op also sums terms that cancel nothing (`m h(log(p / m))`,
-    `h(r) = e^r (r - 1) + 1`) with `d` from the logits' exact difference: within a few ulps of the
-    JSD itself however close the student is to the teacher. As TRL's `generalized_jsd_loss` (so
-    code ported from it gives the same numbers), `beta == 0` gives `KL(p || q)` and `beta == 1` gives
-    `KL(q || p)`, although the formula's limit at both ends is 0. `beta = 0.5` is the symmetric
-    Jensen-Shannon divergence (at most log 2). Conventions and dtypes as
-    `kl_divergence_with_logits`.
+    probabilities. Where `|d| <= 1` a class's term is `p * beta * (1 - beta) * d**2 * K(d)`, K by
+    its Taylor series, a term that cancels nothing, with `d` from the logits' exact difference
+    (the fused op and the composite alike): within a few ulps of the JSD itself however close the
+    student is to the teacher. As TRL's `generalized_jsd_loss` (so code ported from it gives the
+    same numbers), `beta == 0` gives `KL(p || q)` and `beta == 1` gives `KL(q || p)`, although
+    the formula's limit at both ends is 0. `beta = 0.5` is the symmetric Jensen-Shannon divergence
+    (at most log 2). Conventions and dtypes as `kl_divergence_with_logits`.
 
     Args:
       y_true: Teacher logits (p). Cast to `y_pred`'s dtype.

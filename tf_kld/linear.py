@@ -411,7 +411,8 @@ def _column_blocked(hs, ws, bs, ht, wt, bt, w, beta, temperature, static_rows, w
 
             _, stats, d = tf.while_loop(
                 lambda j, *_: j < n_blocks, sums_step,
-                (tf.constant(0), tf.concat([stats[:, :4], tf.zeros([rc, 4], tf.float64)], axis=1),
+                (tf.constant(0), tf.concat([stats[:, :4], tf.zeros([rc, ops.JSD_BLOCK_STATE - 4],
+                                                                   tf.float64)], axis=1),
                  tf.zeros([rc], work)), parallel_iterations=1)
             stats = stats[:, :6]  # the gradient's
         loss += tf.reduce_sum(g_c * d)

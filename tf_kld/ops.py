@@ -520,11 +520,17 @@ def kl_divergence_with_logits_block(y_true, y_pred, state, temperature):
         y_true, y_pred, state, **_temperature_attrs(temperature, y_pred.dtype))
 
 
+# The columns of TfKld>GeneralizedJsdWithLogitsBlock's state (cc/kernels/distill_cpu.h's
+# kJsdBlockState): the six stats and the loss's sum.
+JSD_BLOCK_STATE = 7
+
+
 def generalized_jsd_with_logits_block(y_true, y_pred, stats, beta, temperature):
     """The next block of columns ([rows, block], one dtype) of the generalized JSD's second pass:
-    (stats, loss) with the block's sums added to stats ([rows, 8]: the whole rows' first four
-    stats, then the sums so far: KL(p || m), KL(q || m) as the gradient reads them, then as the
-    loss takes them) and the JSD of the sums so far. The first six are the gradient's stats."""
+    (stats, loss) with the block's sums added to stats ([rows, JSD_BLOCK_STATE]: the whole rows'
+    first four stats, then the sums so far: KL(p || m), KL(q || m) as the gradient reads them,
+    then the JSD as the loss sums it) and the JSD of the sums so far. The first six are the
+    gradient's stats."""
     return _module.tf_kld_generalized_jsd_with_logits_block(
         y_true, y_pred, stats, beta=beta, beta_f64=repr(float(beta)),
         **_temperature_attrs(temperature, y_pred.dtype))

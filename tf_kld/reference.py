@@ -16,7 +16,6 @@ y_pred=[0, 1] gives inf in float16 Keras and 15.94 here) and rounding error grow
 The custom op and its gradients are checked against this module; the XLA/TPU path runs it.
 """
 
-import fractions
 import functools
 import math
 
@@ -314,45 +313,34 @@ def _log_softmax_and_distance(y_true, y_pred, temperature):
     return lp, lq, d
 
 
-# Where |d| <= _SERIES_BOUND a class's JSD term is p times a series in d (_jsd_series).
-_SERIES_BOUND = 0.5
+# Where |d| <= _SERIES_BOUND a class's JSD term is p times a series in d (_jsd_series), of
+# _SERIES_TERMS coefficients by compute dtype (cc/kernels/distill_jsd.h's kJsdSeriesBound,
+# kJsdSeriesFloat and kJsdSeries): the rest is below half an ulp of the series at |d| = 1 for every
+# beta (u's zeros are at least pi away from d = 0).
+_SERIES_BOUND = 1.0
+_SERIES_TERMS = {tf.float32: 12, tf.float64: 28}
 
 
 @functools.lru_cache(maxsize=64)
-def _jsd_series(beta, ulp):
-    """K's Taylor coefficients (of d^0, d^1, ...) in beta p rp + (1 - beta) q rq =
-    p beta (1 - beta) d^2 K(d): with u = beta + (1 - beta) e^d, the term over p is
+def _jsd_series(beta):
+    """K's Taylor coefficients (of d^0 .. d^27) in beta p rp + (1 - beta) q rq =
+    p beta (1 - beta) d^2 K(d), as the kernels take them (distill_jsd.h's JsdSeries, the same
+    recurrence in float64). With u = beta + (1 - beta) e^d the term over p is
     J(d) = (1 - beta) d e^d - u log u, which vanishes with its first derivative at d = 0 and at
-    beta = 0 and 1. Exact rational arithmetic in beta (its float's value), then as many
-    coefficients as make the rest below `ulp` / 2 of K at |d| = _SERIES_BOUND (u's zeros are
-    |d| >= pi away: 7-8 for float32, 14-18 for float64)."""
-    n = 24
-    b = fractions.Fraction(beta)
-    c = 1 - b
-
-    def times(a, z):  # a z truncated after d^n
-        out = [fractions.Fraction(0)] * (n + 1)
-        for i, x in enumerate(a):
-            if x:
-                for j in range(n + 1 - i):
-                    out[i + j] += x * z[j]
-        return out
-
-    w = [fractions.Fraction(0)] + [c / math.factorial(k) for k in range(1, n + 1)]  # u - 1
-    log_u, w_k = [fractions.Fraction(0)] * (n + 1), [fractions.Fraction(1)] + [0] * n
-    for k in range(1, n + 1):  # log(1 + w)
-        w_k = times(w_k, w)
-        log_u = [a + fractions.Fraction((-1) ** (k + 1), k) * x for a, x in zip(log_u, w_k)]
-    u_log_u = times([fractions.Fraction(1)] + w[1:], log_u)
-    j = [(c / math.factorial(i - 1) if i else 0) - x for i, x in enumerate(u_log_u)]
-    assert j[0] == 0 and j[1] == 0
-    k = [float(x / (b * c)) for x in j[2:]]
-    for count in range(1, len(k) + 1):
-        if all(sum(abs(x) * _SERIES_BOUND ** i for i, x in enumerate(k) if i >= count)
-               <= ulp / 2 * abs(sum(x * s ** i for i, x in enumerate(k)))
-               for s in (_SERIES_BOUND, -_SERIES_BOUND)):
-            return tuple(k[:count])
-    raise AssertionError(f"the JSD's series needs more than {n} terms at beta={beta}")
+    beta = 0 and 1; J' = (1 - beta) e^d rq with rq' = t = beta e^-d / u, t' = -t (1 - t): the
+    series of tau = t / beta by (n + 1) tau_(n+1) = beta sum_(i+j=n) tau_i tau_j - tau_n, nothing
+    divided by beta or 1 - beta (within half a float64 ulp of K at |d| = 1 against exact rational
+    arithmetic, for beta from 1e-30 to 1 - 1e-16)."""
+    n = _SERIES_TERMS[tf.float64] + 1
+    tau = [1.0]
+    for m in range(n):
+        tau.append((beta * sum(tau[i] * tau[m - i] for i in range(m + 1)) - tau[m]) / (m + 1))
+    rq = [0.0] + [tau[i - 1] / i for i in range(1, n + 2)]  # rq / beta
+    inverse_factorial = [1.0]
+    for j in range(1, n + 1):
+        inverse_factorial.append(inverse_factorial[-1] / j)
+    return tuple(sum(inverse_factorial[i] * rq[j + 1 - i] for i in range(j + 2)) / (j + 2)
+                 for j in range(_SERIES_TERMS[tf.float64]))
 
 
 def kl_with_logits_composite(y_true, y_pred, temperature):
@@ -376,9 +364,9 @@ def jsd_with_logits_composite(y_true, y_pred, beta, temperature):
     else:
         # One sum of each class's beta p rp + (1 - beta) q rq (never negative): one reduction
         # for XLA to fuse the elementwise work into, no cancellation between two sums. Where p
-        # and q are close a class's term is O(d^2) and its two parts O(d): there (|d| <= 1/2) it
-        # is p beta (1 - beta) d^2 K(d) (_jsd_series), which cancels nothing, with d to ulps of
-        # itself (_log_softmax_and_distance). Beyond, the parts cancel at most a factor ~4.
+        # and q are close a class's term is O(d^2) and its two parts O(d): there (|d| <= 1) it is
+        # p beta (1 - beta) d^2 K(d) (_jsd_series, as the kernels), which cancels nothing, with d
+        # to ulps of itself (_log_softmax_and_distance). Beyond, the parts cancel at most ~3x.
         lp, lq, d = _log_softmax_and_distance(y_true, y_pred, temperature)
         rp, rq = log_ratios(lp, lq, beta, d)
         far = (tf.constant(beta, work) * _ratio_terms(lp, rp)
@@ -386,7 +374,7 @@ def jsd_with_logits_composite(y_true, y_pred, beta, temperature):
         near = tf.abs(d) <= tf.constant(_SERIES_BOUND, work)
         dn = tf.where(near, d, tf.zeros_like(d))
         k = tf.zeros_like(dn)
-        for coefficient in reversed(_jsd_series(beta, float(np.finfo(work.as_numpy_dtype).eps))):
+        for coefficient in reversed(_jsd_series(beta)[:_SERIES_TERMS[work]]):
             k = k * dn + tf.constant(coefficient, work)
         series = tf.exp(lp) * (dn * dn * k) * tf.constant(beta * (1.0 - beta), work)
         terms = tf.where(near, series, far)

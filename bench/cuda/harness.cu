@@ -971,7 +971,7 @@ void DistillReplayForward(const dg::Params& params, const T* t, const T* p, T* l
         for (int l = 0; l < lanes; ++l) v[l] = lane_sums[l * kSums + k];
         js[k] = reduce_sums(v);
       }
-      result = tf_kld::distill::FinishJsd(params.beta, js, st);
+      result = tf_kld::distill::FinishJsd(js, st);
     } else {
       st[4] = result;
     }

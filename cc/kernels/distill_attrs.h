@@ -59,6 +59,7 @@ inline absl::StatusOr<distill::JsdParams> ReadJsdParams(tensorflow::OpKernelCons
   params.log_beta = std::log(params.beta);
   params.log1m_beta = std::log1p(-params.beta);
   params.ratio_threshold = distill::RatioThreshold(params.beta);
+  distill::JsdSeries(params.beta, params.series);
   return params;
 }
 

@@ -95,8 +95,8 @@ inline double Finish(const KlPartial& s, double* stats) {
 
 // Generalized JSD (0 < beta < 1): a first pass as KL's gives each row's maxima and log-sums; a
 // second pass sums, with m = beta p + (1 - beta) q, KL(p || m) = sum p (lp - lm) and KL(q || m) =
-// sum q (lq - lm) for the gradient, and the same two as sums of terms that cancel nothing for the
-// loss (distill_jsd.h's kJsdSums). JSD = beta KL(p || m) + (1 - beta) KL(q || m).
+// sum q (lq - lm) for the gradient, and JSD = beta KL(p || m) + (1 - beta) KL(q || m) as a sum of
+// terms that cancel nothing for the loss (distill_jsd.h's kJsdSums).
 // Stats: [max_a, log sum_a, max_b, log sum_b, KL(p || m), KL(q || m)].
 constexpr int kJsdStats = 6;
 
@@ -106,11 +106,12 @@ constexpr int kJsdStats = 6;
 struct JsdParams {
   double temperature, beta, log_beta, log1m_beta;  // log(beta), log1p(-beta)
   double ratio_threshold;                          // RatioThreshold(beta)
+  double series[kJsdSeries];                       // JsdSeries(beta)
 };
 
-// TfKld>GeneralizedJsdWithLogitsBlock's state per row: the kJsdStats stats, then the loss's two
-// sums (kJsdSums' last two) of the columns so far.
-constexpr int kJsdBlockState = kJsdStats + 2;
+// TfKld>GeneralizedJsdWithLogitsBlock's state per row: the kJsdStats stats, then the loss's sum
+// (kJsdSums' last) of the columns so far.
+constexpr int kJsdBlockState = kJsdStats + 1;
 
 // FinishJsd (the row's JSD from its second-pass sums): distill_jsd.h's.
 

@@ -899,14 +899,14 @@ TF_KLD_INLINE Vf Expm1Small(Vf x) {
 // One element group's p = exp(lp), q = exp(lq) (the larger as exp of its log, the other as it
 // times e^-|d|) and log-ratios to the mixture m = beta p + (1 - beta) q, rp = lp - lm and
 // rq = lq - lm, and the second pass's terms: distill_jsd.h's steps (d = lq - lp from the logits'
-// difference, one log-ratio computed and the other as it plus or minus d, the terms m h(r)), with
+// difference, one log-ratio computed and the other as it plus or minus d, the JSD's terms), with
 // the vectorised exp, log and expm1 below. expm1(-|d|) is the series below |d| = 1/2 and e^-|d| - 1
 // above; e^z, z = d for rp and -d for rq, is e^-|d| or, only where d lies between 0 and theta
 // (never at beta = 1/2), its reciprocal. Beta below kRatioMinBeta (its float not normal, nor u): lm
 // = log(beta p + (1 - beta) q) as ByMixture takes it.
 struct JsdLogs {
   Vf max_a, log_a, max_b, log_b, max_ba, max_ba_lo, log_ba, log_ba_lo, log_beta, log1m_beta, beta,
-      one_minus_beta, theta;
+      one_minus_beta, theta, scale, series[distill::kJsdSeriesFloat];
   Divider by_t;
   bool tiny_beta, divides;
 
@@ -926,6 +926,9 @@ struct JsdLogs {
     const distill::RowShift<float> shift = distill::RowShiftOf(max_a[0], max_b[0], stats[3] - stats[1]);
     max_ba = Splat(shift.mh), max_ba_lo = Splat(shift.ml), log_ba = Splat(shift.log_hi);
     log_ba_lo = Splat(shift.log_lo);
+    const distill::Series<float> s = distill::SeriesOf<float>(params.beta, params.series);
+    scale = Splat(s.scale);
+    for (int j = 0; j < distill::kJsdSeriesFloat; ++j) series[j] = Splat(s.k[j]);
   }
 
   // Lane i's row constants for d (the narrow rows' one row per lane).
@@ -934,12 +937,14 @@ struct JsdLogs {
     max_ba[i] = shift.mh, max_ba_lo[i] = shift.ml, log_ba[i] = shift.log_hi, log_ba_lo[i] = shift.log_lo;
   }
 
-  TF_KLD_INLINE void Compute(Vf a, Vf b, Vf* p, Vf* q, Vf* rp, Vf* rq, Vi* masked_a, Vi* masked_b) const {
+  TF_KLD_INLINE void Compute(Vf a, Vf b, Vf* p, Vf* q, Vf* rp, Vf* rq, Vi* masked_a, Vi* masked_b,
+                             Vf* distance = nullptr) const {
     const Vf minus_inf = Splat(-INFINITY), one = Splat(1.0f), zero = Splat(0.0f);
     *masked_a = a == minus_inf, *masked_b = b == minus_inf;
     const Vf lp = by_t(a - max_a) - log_a, lq = by_t(b - max_b) - log_b;  // as KlRowGrad's
     const Vf d = *masked_a | *masked_b ? lq - lp                  // lq - lp, to ulps of itself
                                        : (by_t(distill::LogitDistance(a, b, max_ba, max_ba_lo)) - log_ba) - log_ba_lo;
+    if (distance != nullptr) *distance = d;
     const Vf ad = BitCast<Vf>(BitCast<Vi>(d) & 0x7fffffff);
     const Vi up = d > zero;                                      // q > p
     const Vf e = ExpNonPositive(-ad);                            // e^-|d|
@@ -979,33 +984,19 @@ struct JsdLogs {
     *rp = lp - lm, *rq = lq - lm;
   }
 
-  // The second pass's terms (distill_jsd.h's AddJsdTerms): p rp and q rq (0 for masked classes),
-  // m h(rp) and m h(rq) (m for masked classes); all 0 where both are masked.
-  TF_KLD_INLINE void Terms(Vf a, Vf b, Vf* plain_p, Vf* plain_q, Vf* mixed_p, Vf* mixed_q) const {
-    Vf pe, qe, rp, rq;
+  // The second pass's terms (distill_jsd.h's AddJsdTerms): p rp and q rq (0 for masked classes)
+  // and the JSD's term (JsdTerm: its series in d where |d| <= kJsdSeriesBound).
+  TF_KLD_INLINE void Terms(Vf a, Vf b, Vf* plain_p, Vf* plain_q, Vf* term) const {
+    Vf pe, qe, rp, rq, d;
     Vi ma, mb;
-    Compute(a, b, &pe, &qe, &rp, &rq, &ma, &mb);
-    const Vf zero = Splat(0.0f), m = Madd(beta, pe, one_minus_beta * qe);
-    const Vi both = ma & mb;
+    Compute(a, b, &pe, &qe, &rp, &rq, &ma, &mb, &d);
+    const Vf zero = Splat(0.0f);
     *plain_p = ma ? zero : pe * rp, *plain_q = mb ? zero : qe * rq;
-    *mixed_p = both ? zero : ma ? m : MixTerm(pe, rp, m);
-    *mixed_q = both ? zero : mb ? m : MixTerm(qe, rq, m);
-  }
-
-  // m h(r) for r = log(w / m) (w: pe or qe), as distill::MixTerm.
-  static TF_KLD_INLINE Vf MixTerm(Vf w, Vf r, Vf m) {
-    const Vf one = Splat(1.0f);
-    Vf h = Madd(Splat(1.0f / 403200), r, Splat(1.0f / 45360));
-    h = Madd(h, r, Splat(1.0f / 5760));
-    h = Madd(h, r, Splat(1.0f / 840));
-    h = Madd(h, r, Splat(1.0f / 144));
-    h = Madd(h, r, Splat(1.0f / 30));
-    h = Madd(h, r, Splat(1.0f / 8));
-    h = Madd(h, r, Splat(1.0f / 3));
-    h = Madd(h, r, Splat(0.5f));
-    const Vf small = m * ((r * r) * h);
-    const Vf ar = BitCast<Vf>(BitCast<Vi>(r) & 0x7fffffff);
-    return ar <= Splat(0.5f) ? small : Madd(w, r - one, m);
+    Vf k = series[distill::kJsdSeriesFloat - 1];
+    for (int j = distill::kJsdSeriesFloat - 2; j >= 0; --j) k = Madd(k, d, series[j]);
+    const Vf near = pe * (scale * ((d * d) * k)), far = Madd(beta, *plain_p, one_minus_beta * *plain_q);
+    const Vf ad = BitCast<Vf>(BitCast<Vi>(d) & 0x7fffffff);  // NaN where both are masked: far
+    *term = ad <= Splat(static_cast<float>(distill::kJsdSeriesBound)) ? near : far;
   }
 };
 
@@ -1016,7 +1007,7 @@ void JsdSumsF(const void* y_true, const void* y_pred, int64_t n, const distill::
   const auto* p = static_cast<const typename E::Storage*>(y_pred);
   const JsdLogs logs(stats, params);
   const Vf zero = Splat(0.0f);
-  Vf f[distill::kJsdSums] = {zero, zero, zero, zero};
+  Vf f[distill::kJsdSums] = {zero, zero, zero};
   Vd lo[distill::kJsdSums] = {}, hi[distill::kJsdSums] = {};
   int steps = 0;
   auto flush = [&]() __attribute__((always_inline)) {
@@ -1024,7 +1015,7 @@ void JsdSumsF(const void* y_true, const void* y_pred, int64_t n, const distill::
   };
   auto step = [&](Vf a, Vf b) __attribute__((always_inline)) {
     Vf v[distill::kJsdSums];
-    logs.Terms(a, b, &v[0], &v[1], &v[2], &v[3]);
+    logs.Terms(a, b, &v[0], &v[1], &v[2]);
     for (int k = 0; k < distill::kJsdSums; ++k) f[k] += v[k];
     if (++steps == kFlushSteps) flush(), steps = 0;
   };
@@ -1061,7 +1052,7 @@ void JsdSumsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int64_
     Vd lo[distill::kJsdSums] = {}, hi[distill::kJsdSums] = {};
     for (int64_t j = 0; j < cols; ++j) {
       Vf v[distill::kJsdSums];
-      logs.Terms(a[j], b[j], &v[0], &v[1], &v[2], &v[3]);
+      logs.Terms(a[j], b[j], &v[0], &v[1], &v[2]);
       for (int k = 0; k < distill::kJsdSums; ++k) Accumulate(v[k], &lo[k], &hi[k]);
     }
     for (int64_t i = 0; i < n; ++i) {
@@ -1082,13 +1073,14 @@ TF_KLD_INLINE distill::Mixture<double> MixtureD(const distill::JsdParams& params
   return distill::MixtureOf<double>(params.beta, params.log_beta, params.log1m_beta, params.ratio_threshold);
 }
 
-// The float64 rows' element: a, b divided by T, the row's stats and shift (RowShiftD).
-TF_KLD_INLINE void JsdElementD(double a, double b, const double* st, const distill::RowShift<double>& shift,
-                               const distill::Mixture<double>& mix, double* p, double* q, double* rp,
-                               double* rq) {
+// The float64 rows' element: a, b divided by T, the row's stats and shift (RowShiftD); returns d.
+TF_KLD_INLINE double JsdElementD(double a, double b, const double* st, const distill::RowShift<double>& shift,
+                                 const distill::Mixture<double>& mix, double* p, double* q, double* rp,
+                                 double* rq) {
   const double lp = (a - st[0]) - st[1], lq = (b - st[2]) - st[3];
   const double d = distill::LogDistance(a, b, lp, lq, shift, 1.0, false);
   distill::JsdElement<StdMath>(lp, lq, d, mix, p, q, rp, rq);
+  return d;
 }
 
 TF_KLD_INLINE distill::RowShift<double> RowShiftD(const double* st) {
@@ -1102,13 +1094,14 @@ void JsdSumsD(const void* y_true, const void* y_pred, int64_t n, const distill::
   const double temperature = params.temperature;
   const distill::Mixture<double> mix = MixtureD(params);
   const distill::RowShift<double> shift = RowShiftD(stats);
-  double s[distill::kJsdSums] = {0.0, 0.0, 0.0, 0.0};
+  const distill::Series<double> series = distill::SeriesOf<double>(params.beta, params.series);
+  double s[distill::kJsdSums] = {};
   for (int64_t i = 0; i < n; ++i) {
     const double a = temperature != 1.0 ? t[i] / temperature : t[i];
     const double b = temperature != 1.0 ? p[i] / temperature : p[i];
     double pe, qe, rp, rq;
-    JsdElementD(a, b, stats, shift, mix, &pe, &qe, &rp, &rq);
-    distill::AddJsdTerms(a == -INFINITY, b == -INFINITY, pe, qe, rp, rq, mix, s);
+    const double d = JsdElementD(a, b, stats, shift, mix, &pe, &qe, &rp, &rq);
+    distill::AddJsdTerms(a == -INFINITY, b == -INFINITY, pe, qe, rp, rq, d, mix, series, s);
   }
   for (int k = 0; k < distill::kJsdSums; ++k) sums[k] += s[k];
 }

@@ -39,6 +39,7 @@ struct Params {
   bool jsd = false;
   double beta = 0.5, log_beta = 0.0, log1m_beta = 0.0;  // log(beta), log1p(-beta)
   double ratio_threshold = 0.0;                         // tf_kld::distill::RatioThreshold(beta)
+  double series[tf_kld::distill::kJsdSeries] = {};      // tf_kld::distill::JsdSeries(beta)
 };
 
 inline Params KlParams(double temperature) {
@@ -55,6 +56,7 @@ inline Params JsdParams(double temperature, double beta) {
   p.log_beta = std::log(beta);
   p.log1m_beta = std::log1p(-beta);
   p.ratio_threshold = tf_kld::distill::RatioThreshold(beta);
+  tf_kld::distill::JsdSeries(beta, p.series);
   return p;
 }
 
@@ -227,20 +229,21 @@ struct Logs {
         mix(tf_kld::distill::MixtureOf<C>(params.beta, params.log_beta, params.log1m_beta,
                                           params.ratio_threshold)) {}
 
-  // a, b as Units::In gives them.
-  TF_KLD_HD void Compute(C a, C b, C* p, C* q, C* rp, C* rq) const {
+  // a, b as Units::In gives them; returns d = lq - lp.
+  TF_KLD_HD C Compute(C a, C b, C* p, C* q, C* rp, C* rq) const {
     const C lp = u.OverT(a - max_a) - log_a, lq = u.OverT(b - max_b) - log_b;
     const C d = tf_kld::distill::LogDistance(a, b, lp, lq, shift, u.temperature, Units<C>::kRaw && u.scaled);
     tf_kld::distill::JsdElement<Math>(lp, lq, d, mix, p, q, rp, rq);
+    return d;
   }
 };
 
 // Adds one element's second-pass terms to the (compute-type) sums, kJsdSums of them.
 template <typename C>
-TF_KLD_HD void JsdTerms(const Logs<C>& logs, C a, C b, C* sums) {
+TF_KLD_HD void JsdTerms(const Logs<C>& logs, const tf_kld::distill::Series<C>& series, C a, C b, C* sums) {
   C p, q, rp, rq;
-  logs.Compute(a, b, &p, &q, &rp, &rq);
-  tf_kld::distill::AddJsdTerms(a == C(-INFINITY), b == C(-INFINITY), p, q, rp, rq, logs.mix, sums);
+  const C d = logs.Compute(a, b, &p, &q, &rp, &rq);
+  tf_kld::distill::AddJsdTerms(a == C(-INFINITY), b == C(-INFINITY), p, q, rp, rq, d, logs.mix, series, sums);
 }
 
 // The gradients of element i of a row (stats: that row's), as the CPU core: KL
@@ -312,10 +315,11 @@ TF_KLD_HD void RowJsdSums(const T* t, const T* p, int64_t n, int lane, int lanes
   using C = typename Traits<T>::Compute;
   constexpr int kSums = tf_kld::distill::kJsdSums;
   const Logs<C> logs(stats, params);
-  C f[kSums] = {0, 0, 0, 0};  // flushed into the double sums every kFlushSteps terms, as Lane's
+  const tf_kld::distill::Series<C> series = tf_kld::distill::SeriesOf<C>(params.beta, params.series);
+  C f[kSums] = {};  // flushed into the double sums every kFlushSteps terms, as Lane's
   int steps = 0;
   for (int64_t i = lane; i < n; i += lanes) {
-    JsdTerms(logs, logs.u.In(t[i]), logs.u.In(p[i]), f);
+    JsdTerms(logs, series, logs.u.In(t[i]), logs.u.In(p[i]), f);
     if (++steps == kFlushSteps) {
       for (int k = 0; k < kSums; ++k) sums[k] += static_cast<double>(f[k]), f[k] = C(0);
       steps = 0;
@@ -418,12 +422,12 @@ __global__ void __launch_bounds__(kMaxBlock)
     double st[kJsdStats];
     double result = Finish(s, st);
     if (params.jsd) {
-      double js[tf_kld::distill::kJsdSums] = {0.0, 0.0, 0.0, 0.0};
+      double js[tf_kld::distill::kJsdSums] = {};
       if (live) RowJsdSums(tr, pr, cols, lane, lanes, params, st, js);
       for (int k = 0; k < tf_kld::distill::kJsdSums; ++k) {
         js[k] = in_warp ? GroupSumOrdered(js[k], group) : BlockSumOrdered(js[k], sums);
       }
-      result = tf_kld::distill::FinishJsd(params.beta, js, st);
+      result = tf_kld::distill::FinishJsd(js, st);
     } else {
       st[4] = result;
     }

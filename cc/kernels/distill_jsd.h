@@ -18,13 +18,15 @@
 // by log-sum-exp (-inf where p = q = 0).
 //
 // The sums, per row: KL(p || m) = sum p rp and KL(q || m) = sum q rq as the gradient reads them
-// (consistent with its own p and rp: the gradient sum(p (rp - KL)) is 0 to rounding), and the same
-// two as sums of terms that cancel nothing, for the loss: KL(p || m) = sum m h(rp), h(r) =
-// e^r (r - 1) + 1 >= 0 (= p rp + (m - p), whose added terms sum to 0). Where p and q are close the
-// JSD is O(d^2) while p rp is O(d); a sum of the p rp carries the rounding of each O(d) product
-// and of lp itself (ulps of |lp|, common to p and q) into the O(d^2) result: hundreds of ulps of
-// the JSD at a student's noise of 0.01, where the m h(r) give one or two. h(r) = r^2 (1/2 + r/3 +
-// r^2/8 + ...) by its series where |r| <= 1/2, else p (r - 1) + m.
+// (consistent with its own p and rp: the gradient sum(p (rp - KL)) is 0 to rounding), and the JSD
+// itself as a sum of terms that cancel nothing, for the loss. A class's term beta p rp +
+// (1 - beta) q rq is p J(d), J(d) = (1 - beta) d e^d - u log u with u = beta + (1 - beta) e^d; J
+// and J' vanish at d = 0 and J at beta = 0 and 1, so J(d) = beta (1 - beta) d^2 K(d). Where p and
+// q are close the JSD is O(d^2) while p rp is O(d): a sum of the p rp carries the rounding of each
+// O(d) product into the O(d^2) result (hundreds of ulps of the JSD at a student's noise of 0.01).
+// So where |d| <= kJsdSeriesBound = 1 the term is p beta (1 - beta) d^2 K(d), K by its Taylor
+// series in d (JsdSeries, from beta on the host), and beyond it beta p rp + (1 - beta) q rq, whose
+// parts cancel at most about 3x. reference.py's composite takes the same terms and coefficients.
 #ifndef TF_KLD_CC_KERNELS_DISTILL_JSD_H_
 #define TF_KLD_CC_KERNELS_DISTILL_JSD_H_
 
@@ -41,8 +43,13 @@ namespace distill {
 
 constexpr float kRatioBound = 64.0f;
 constexpr double kRatioMinBeta = 0x1p-125;
-// A row's second-pass sums: [sum p rp, sum q rq, sum m h(rp), sum m h(rq)].
-constexpr int kJsdSums = 4;
+// A row's second-pass sums: [sum p rp, sum q rq, the JSD].
+constexpr int kJsdSums = 3;
+// K's Taylor coefficients taken: double (and the host's table), float. With |d| <= kJsdSeriesBound
+// the rest is below half an ulp of K for every beta (u's zeros are at least pi away from 0).
+constexpr double kJsdSeriesBound = 1.0;
+constexpr int kJsdSeries = 28;
+constexpr int kJsdSeriesFloat = 12;
 
 // beta and its logs in the compute type C; tiny: beta < kRatioMinBeta.
 template <typename C>
@@ -60,6 +67,33 @@ namespace {  // internal linkage: the CPU ISA objects each keep their own copy
 inline double RatioThreshold(double beta) {
   const double theta = 2.0 * std::log(beta / (1.0 - beta));
   return theta < -kRatioBound ? -kRatioBound : theta > kRatioBound ? kRatioBound : theta;
+}
+
+// K's coefficients of d^0 .. d^(kJsdSeries - 1) at beta (0 < beta < 1), from the Taylor
+// series of t(d) = rq'(d) = beta e^-d / u, whose t' = -t (1 - t): with tau = t / beta,
+// (n + 1) tau_(n+1) = beta sum_(i+j=n) tau_i tau_j - tau_n, tau_0 = 1; rq = beta sum tau_n
+// d^(n+1) / (n + 1), J' = (1 - beta) e^d rq, J(0) = 0. Nothing divides by beta or 1 - beta, so
+// the coefficients are as exact at beta = 1e-30 as at 1/2 (within half a float64 ulp of K at
+// |d| = 1 against exact rational arithmetic).
+inline void JsdSeries(double beta, double* k) {
+  constexpr int n = kJsdSeries + 1;
+  double tau[n + 1], rq[n + 2], e = 1.0;
+  tau[0] = 1.0;
+  for (int m = 0; m < n; ++m) {
+    double s = 0.0;
+    for (int i = 0; i <= m; ++i) s += tau[i] * tau[m - i];
+    tau[m + 1] = (beta * s - tau[m]) / (m + 1);
+  }
+  rq[0] = 0.0;
+  for (int i = 1; i <= n + 1; ++i) rq[i] = tau[i - 1] / i;
+  // P_m = sum_(j <= m) rq_(m - j) / j! (e^d rq), K_j = P_(j+1) / (j + 2).
+  double inv_factorial[n + 1];
+  for (int j = 0; j <= n; ++j) inv_factorial[j] = e, e /= (j + 1);
+  for (int j = 0; j < kJsdSeries; ++j) {
+    double p = 0.0;
+    for (int i = 0; i <= j + 1; ++i) p += inv_factorial[i] * rq[j + 1 - i];
+    k[j] = p / (j + 2);
+  }
 }
 
 template <typename C>
@@ -109,10 +143,10 @@ TF_KLD_JSD_FN C LogDistance(C a, C b, C lp, C lq, const RowShift<C>& s, C t, boo
 
 // The row's JSD from its second-pass sums (kJsdSums); stats[4], stats[5] get the gradient's two
 // (stats[0..4): the row's first-pass stats).
-TF_KLD_JSD_FN double FinishJsd(double beta, const double* sums, double* stats) {
+TF_KLD_JSD_FN double FinishJsd(const double* sums, double* stats) {
   stats[4] = sums[0], stats[5] = sums[1];
   if (stats[0] == -INFINITY || stats[2] == -INFINITY) return NAN;
-  return beta * sums[2] + (1.0 - beta) * sums[3];
+  return sums[2];
 }
 
 // -log1p(s), s = u - 1, as -log(u) where u is below 1/2.
@@ -145,43 +179,43 @@ TF_KLD_JSD_FN void JsdElement(C lp, C lq, C d, const Mixture<C>& mix, C* p, C* q
   *rp = q_side ? r - d : r, *rq = q_side ? r : r + d;
 }
 
-// m h(r) for the log-ratio r = log(w / m) of w (p or q): the series where |r| <= 1/2, to r^10 in
-// float (the rest within 2^-29 of h) and to r^17 in double (within 2^-60).
+// The loss's series (JsdSeries) in the compute type C: beta (1 - beta) and K's coefficients, the
+// first kJsdSeriesFloat for float.
 template <typename C>
-TF_KLD_JSD_FN C MixTerm(C w, C r, C m) {
-  if (!(r <= C(0.5) && r >= C(-0.5))) return w * (r - C(1)) + m;
-  C h = C(0);
-  if (sizeof(C) > sizeof(float)) {  // the coefficients of r^17 .. r^11: (n - 1) / n!
-    h = C(1.0 / 22230464256000.0) * r + C(1.0 / 1394852659200.0);
-    h = h * r + C(1.0 / 93405312000.0);
-    h = h * r + C(1.0 / 6706022400.0);
-    h = h * r + C(1.0 / 518918400.0);
-    h = h * r + C(1.0 / 43545600.0);
-    h = h * r + C(1.0 / 3991680.0);
-  }
-  h = h * r + C(1.0 / 403200);  // r^10 .. r^2
-  h = h * r + C(1.0 / 45360);
-  h = h * r + C(1.0 / 5760);
-  h = h * r + C(1.0 / 840);
-  h = h * r + C(1.0 / 144);
-  h = h * r + C(1.0 / 30);
-  h = h * r + C(1.0 / 8);
-  h = h * r + C(1.0 / 3);
-  h = h * r + C(0.5);
-  return m * ((r * r) * h);
+struct Series {
+  static constexpr int kTerms = sizeof(C) > sizeof(float) ? kJsdSeries : kJsdSeriesFloat;
+  C scale, k[kTerms];
+};
+
+template <typename C>
+TF_KLD_JSD_FN Series<C> SeriesOf(double beta, const double* k) {
+  Series<C> s;
+  s.scale = static_cast<C>(beta * (1.0 - beta));
+  for (int j = 0; j < Series<C>::kTerms; ++j) s.k[j] = static_cast<C>(k[j]);
+  return s;
 }
 
-// Adds one element's terms to its row's sums (kJsdSums, C): p rp, q rq, m h(rp), m h(rq); a masked
-// class (logit -inf) has p rp = 0 and m h(rp) = m; both masked: nothing.
+// One class's JSD term from d and its parts p rp, q rq (0 where that side is masked; d is then
+// not finite): p beta (1 - beta) d^2 K(d) where |d| <= kJsdSeriesBound, else beta p rp +
+// (1 - beta) q rq.
 template <typename C>
-TF_KLD_JSD_FN void AddJsdTerms(bool masked_a, bool masked_b, C p, C q, C rp, C rq, const Mixture<C>& mix,
-                               C* sums) {
-  if (masked_a && masked_b) return;
-  const C m = mix.beta * p + mix.one_minus_beta * q;
-  if (!masked_a) sums[0] += p * rp;
-  if (!masked_b) sums[1] += q * rq;
-  sums[2] += masked_a ? m : MixTerm(p, rp, m);
-  sums[3] += masked_b ? m : MixTerm(q, rq, m);
+TF_KLD_JSD_FN C JsdTerm(C p, C d, C prp, C qrq, const Mixture<C>& mix, const Series<C>& series) {
+  const C bound = C(kJsdSeriesBound);
+  if (!(d <= bound && d >= -bound)) return mix.beta * prp + mix.one_minus_beta * qrq;
+  C k = series.k[Series<C>::kTerms - 1];
+  for (int j = Series<C>::kTerms - 2; j >= 0; --j) k = k * d + series.k[j];
+  return p * (series.scale * ((d * d) * k));
+}
+
+// Adds one element's terms to its row's sums (kJsdSums, C): p rp, q rq (0 for a masked class,
+// logit -inf) and the JSD's term (0 where both are masked).
+template <typename C>
+TF_KLD_JSD_FN void AddJsdTerms(bool masked_a, bool masked_b, C p, C q, C rp, C rq, C d, const Mixture<C>& mix,
+                               const Series<C>& series, C* sums) {
+  const C prp = masked_a ? C(0) : p * rp, qrq = masked_b ? C(0) : q * rq;
+  sums[0] += prp;
+  sums[1] += qrq;
+  sums[2] += JsdTerm(p, d, prp, qrq, mix, series);
 }
 
 }  // namespace

@@ -261,8 +261,8 @@ class KlDivergenceWithLogitsBlockOp : public OpKernel {
 };
 
 // TfKld>GeneralizedJsdWithLogitsBlock: the next block of columns' second-pass sums added to the
-// rows' state (given their whole-row first four stats): kJsdStats stats and then the loss's two
-// sums (kJsdBlockState in all), and the JSD of the sums so far.
+// rows' state (given their whole-row first four stats): kJsdStats stats and then the loss's sum
+// (kJsdBlockState in all), and the JSD of the sums so far.
 template <typename T>
 class GeneralizedJsdWithLogitsBlockOp : public OpKernel {
  public:
@@ -294,15 +294,15 @@ class GeneralizedJsdWithLogitsBlockOp : public OpKernel {
           for (Eigen::Index r = begin; r < end; ++r) {
             double* st = out + r * kS;
             if (st != in + r * kS) std::copy(in + r * kS, in + (r + 1) * kS, st);
-            double total[distill::kJsdSums] = {st[4], st[5], st[6], st[7]};
+            double total[distill::kJsdSums] = {st[4], st[5], st[6]};
             for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {  // the full op's chunks of wide rows
-              double sums[distill::kJsdSums] = {0.0, 0.0, 0.0, 0.0};
+              double sums[distill::kJsdSums] = {};
               k.jsd_sums(type, t + r * cols + c0, p + r * cols + c0, std::min(kChunk, cols - c0),
                          params, st, sums);
               for (int j = 0; j < distill::kJsdSums; ++j) total[j] += sums[j];
             }
-            loss[r] = Round<T>(distill::FinishJsd(params.beta, total, st));
-            st[6] = total[2], st[7] = total[3];
+            loss[r] = Round<T>(distill::FinishJsd(total, st));
+            st[6] = total[2];
           }
         });
   }
@@ -431,7 +431,7 @@ class GeneralizedJsdWithLogitsOp : public OpKernel {
                         k.jsd_sums_narrow(type, rt, rp, n, cols, params, st, sums);
                         for (int64_t i = 0; i < n; ++i) {
                           loss[r0 + i] = Round<T>(
-                              distill::FinishJsd(params.beta, sums + distill::kJsdSums * i, st + i * kS));
+                              distill::FinishJsd(sums + distill::kJsdSums * i, st + i * kS));
                         }
                       }
                     });
@@ -444,9 +444,9 @@ class GeneralizedJsdWithLogitsOp : public OpKernel {
                         double* st = stats + r * kS;
                         first_stats(k.kl_partial(type, t + r * cols, p + r * cols, cols,
                                                  params.temperature), st);
-                        double sums[distill::kJsdSums] = {0.0, 0.0, 0.0, 0.0};
+                        double sums[distill::kJsdSums] = {};
                         k.jsd_sums(type, t + r * cols, p + r * cols, cols, params, st, sums);
-                        loss[r] = Round<T>(distill::FinishJsd(params.beta, sums, st));
+                        loss[r] = Round<T>(distill::FinishJsd(sums, st));
                       }
                     });
       return;
@@ -478,11 +478,11 @@ class GeneralizedJsdWithLogitsOp : public OpKernel {
                     }
                   });
     for (int64_t r = 0; r < rows; ++r) {
-      double total[distill::kJsdSums] = {0.0, 0.0, 0.0, 0.0};
+      double total[distill::kJsdSums] = {};
       for (int64_t c = 0; c < chunks; ++c) {
         for (int j = 0; j < distill::kJsdSums; ++j) total[j] += sums[distill::kJsdSums * (r * chunks + c) + j];
       }
-      loss[r] = Round<T>(distill::FinishJsd(params.beta, total, stats + r * kS));
+      loss[r] = Round<T>(distill::FinishJsd(total, stats + r * kS));
     }
   }
 

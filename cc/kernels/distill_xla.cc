@@ -250,29 +250,26 @@ void LogRatios(const Rows& r, xla::XlaOp lp, xla::XlaOp lq, xla::XlaOp d_raw, co
                     xla::Select(p_zero, r.Full(-params.log1m_beta), nan));
 }
 
-// sum(p rp) over the classes (p = exp(lp)), 0 where p = 0, NaN propagates: KL(p || m) from rp = lp - lm.
-xla::XlaOp RatioSum(const Rows& r, xla::XlaOp lp, xla::XlaOp rp) {
-  return r.Sum(xla::Select(xla::Eq(lp, r.MinusInf()), r.Zeros(), xla::Mul(xla::Exp(lp), rp)));
+// p rp elementwise (p = exp(lp), r a log-ratio of p's), 0 where p = 0, NaN propagates.
+xla::XlaOp RatioTerms(const Rows& r, xla::XlaOp lp, xla::XlaOp rp) {
+  return xla::Select(xla::Eq(lp, r.MinusInf()), r.Zeros(), xla::Mul(xla::Exp(lp), rp));
 }
 
-// sum(m h(r)) over the classes, h(r) = e^r (r - 1) + 1 (distill_jsd.h's MixTerm: the series to r^10
-// in float, r^17 in double, where |r| <= 1/2, else w (r - 1) + m): KL(w || m) as a sum of terms that
-// cancel nothing, for the loss. w: p or q; masked: m where w's logit is -inf, 0 where both are.
-xla::XlaOp MixSum(const Rows& r, xla::XlaOp w, xla::XlaOp rw, xla::XlaOp m, xla::XlaOp masked,
-                  xla::XlaOp both_masked) {
+// The JSD's terms (distill_jsd.h's JsdTerm): p beta (1 - beta) d^2 K(d) where |d| <= 1, K by
+// its series (JsdSeries' coefficients, kJsdSeriesFloat of them in float), else beta p rp +
+// (1 - beta) q rq from their terms prp, qrq; 0 where both classes are masked (d is NaN there).
+xla::XlaOp JsdTerms(const Rows& r, xla::XlaOp lp, xla::XlaOp d, xla::XlaOp prp, xla::XlaOp qrq,
+                    const distill::JsdParams& params) {
   auto c = [&](double v) { return r.Literal(r.work(), v); };
-  static constexpr double kDouble[] = {22230464256000.0, 1394852659200.0, 93405312000.0, 6706022400.0,
-                                       518918400.0, 43545600.0, 3991680.0};
-  static constexpr double kFloat[] = {403200, 45360, 5760, 840, 144, 30, 8, 3, 2};
-  xla::XlaOp h = c(0.0);
-  if (r.work() == tensorflow::DT_DOUBLE) {
-    for (double k : kDouble) h = xla::Add(xla::Mul(h, rw), c(1.0 / k));
-  }
-  for (double k : kFloat) h = xla::Add(xla::Mul(h, rw), c(1.0 / k));
-  const xla::XlaOp series = xla::Mul(m, xla::Mul(xla::Mul(rw, rw), h));
-  const xla::XlaOp direct = xla::Add(xla::Mul(w, xla::Sub(rw, c(1.0))), m);
-  const xla::XlaOp term = xla::Select(xla::Le(xla::Abs(rw), c(0.5)), series, direct);
-  return r.Sum(xla::Select(both_masked, r.Zeros(), xla::Select(masked, m, term)));
+  const int terms = r.work() == tensorflow::DT_DOUBLE ? distill::kJsdSeries : distill::kJsdSeriesFloat;
+  const xla::XlaOp near = xla::Le(xla::Abs(d), c(distill::kJsdSeriesBound));
+  const xla::XlaOp dn = xla::Select(near, d, r.Zeros());
+  xla::XlaOp k = c(params.series[terms - 1]);
+  for (int j = terms - 2; j >= 0; --j) k = xla::Add(xla::Mul(k, dn), c(params.series[j]));
+  const xla::XlaOp series =
+      xla::Mul(xla::Exp(lp), xla::Mul(c(params.beta * (1.0 - params.beta)), xla::Mul(xla::Mul(dn, dn), k)));
+  const xla::XlaOp far = xla::Add(xla::Mul(c(params.beta), prp), xla::Mul(c(1.0 - params.beta), qrq));
+  return xla::Select(near, series, far);
 }
 
 class KlDivergenceWithLogitsXlaOp : public XlaOpKernel {
@@ -313,21 +310,11 @@ class GeneralizedJsdWithLogitsXlaOp : public XlaOpKernel {
                                   r.Expand(b.log_sum));
     xla::XlaOp rp, rq;
     LogRatios(r, a.lp, b.lp, d, params_, &rp, &rq);
-    // KL(p || m), KL(q || m) for the gradient (consistent with its p = e^lp and rp), and again as
-    // sums of m h(r) for the loss, with the larger of p, q as e^its log and the other as it times
-    // e^-|d| (an error of both logs scales both alike).
-    const xla::XlaOp kl_p = RatioSum(r, a.lp, rp), kl_q = RatioSum(r, b.lp, rq);
-    const xla::XlaOp up = xla::Gt(d, r.Zeros());
-    const xla::XlaOp top = xla::Exp(xla::Select(up, b.lp, a.lp));
-    const xla::XlaOp other = xla::Mul(top, xla::Exp(xla::Neg(xla::Abs(d))));
-    const xla::XlaOp p = xla::Select(up, other, top), q = xla::Select(up, top, other);
-    const xla::XlaOp m = xla::Add(xla::Mul(r.Literal(r.work(), params_.beta), p),
-                                  xla::Mul(r.Literal(r.work(), 1.0 - params_.beta), q));
-    const xla::XlaOp masked_a = xla::Eq(x, r.MinusInf()), masked_b = xla::Eq(y, r.MinusInf());
-    const xla::XlaOp both = xla::And(masked_a, masked_b);
-    const xla::XlaOp jsd = xla::Add(
-        xla::Mul(r.Literal(r.sum(), params_.beta), MixSum(r, p, rp, m, masked_a, both)),
-        xla::Mul(r.Literal(r.sum(), 1.0 - params_.beta), MixSum(r, q, rq, m, masked_b, both)));
+    // KL(p || m), KL(q || m) for the gradient (consistent with its p = e^lp and rp), and the JSD
+    // as a sum of terms that cancel nothing, for the loss.
+    const xla::XlaOp prp = RatioTerms(r, a.lp, rp), qrq = RatioTerms(r, b.lp, rq);
+    const xla::XlaOp kl_p = r.Sum(prp), kl_q = r.Sum(qrq);
+    const xla::XlaOp jsd = r.Sum(JsdTerms(r, a.lp, d, prp, qrq, params_));
     ctx->SetOutput(0, XlaHelpers::ConvertElementType(jsd, r.type()));
     ctx->SetOutput(1, r.Stats({a.max, a.log_sum, b.max, b.log_sum, kl_p, kl_q}));
   }

@@ -12,7 +12,7 @@ using tensorflow::shape_inference::ShapeHandle;
 
 constexpr int kKlStats = 5;        // distill::kStats
 constexpr int kJsdStats = 6;       // distill::kJsdStats
-constexpr int kJsdBlockState = 8;  // distill::kJsdBlockState
+constexpr int kJsdBlockState = 7;  // distill::kJsdBlockState
 constexpr int kBlockState = 7;     // distill::kBlockState
 
 // y_true (input first) and y_pred (first + 1): one shape of rank >= 1, into *merged and, without
@@ -191,10 +191,10 @@ REGISTER_OP("TfKld>GeneralizedJsdWithLogitsBlock")
     .SetShapeFn(BlockShape<kJsdBlockState, false>)
     .Doc(R"doc(
 The second pass of TfKld>GeneralizedJsdWithLogits a block of columns at a time (tf_kld.linear's
-column blocks): stats [rows, 8] holds the whole rows' first four stats (max_a, log sum_a, max_b,
+column blocks): stats [rows, 7] holds the whole rows' first four stats (max_a, log sum_a, max_b,
 log sum_b: TfKld>KlDivergenceWithLogitsBlock's after the last block), then the sums KL(p || m),
-KL(q || m) of the columns before this block as the gradient reads them, and the same two as the
-loss sums them (sums of terms m h(lp - lm) that cancel nothing; 0 to start); stats_out adds this
+KL(q || m) of the columns before this block as the gradient reads them, and the JSD as the loss
+sums it (terms that cancel nothing; 0 to start); stats_out adds this
 block's (it may take over stats' buffer) and loss is the JSD of the sums so far, so after the last
 block stats_out's first six are what TfKld>GeneralizedJsdWithLogitsGrad reads and loss the rows'
 JSD. CPU only.
