@@ -906,7 +906,7 @@ TF_KLD_INLINE Vf Expm1Small(Vf x) {
 // = log(beta p + (1 - beta) q) as ByMixture takes it.
 struct JsdLogs {
   Vf max_a, log_a, max_b, log_b, max_ba, max_ba_lo, log_ba, log_ba_lo, log_beta, log1m_beta, beta,
-      one_minus_beta, theta, scale, series[distill::kJsdSeriesFloat];
+      one_minus_beta, theta;
   Divider by_t;
   bool tiny_beta, divides;
 
@@ -926,9 +926,6 @@ struct JsdLogs {
     const distill::RowShift<float> shift = distill::RowShiftOf(max_a[0], max_b[0], stats[3] - stats[1]);
     max_ba = Splat(shift.mh), max_ba_lo = Splat(shift.ml), log_ba = Splat(shift.log_hi);
     log_ba_lo = Splat(shift.log_lo);
-    const distill::Series<float> s = distill::SeriesOf<float>(params.beta, params.series);
-    scale = Splat(s.scale);
-    for (int j = 0; j < distill::kJsdSeriesFloat; ++j) series[j] = Splat(s.k[j]);
   }
 
   // Lane i's row constants for d (the narrow rows' one row per lane).
@@ -984,17 +981,27 @@ struct JsdLogs {
     *rp = lp - lm, *rq = lq - lm;
   }
 
+  // The loss's series (distill::Series<float>) splat: the second pass's, not the gradient's.
+  struct Series {
+    Vf scale, k[distill::kJsdSeriesFloat];
+    explicit Series(const distill::JsdParams& params) {
+      const distill::Series<float> s = distill::SeriesOf<float>(params.beta, params.series);
+      scale = Splat(s.scale);
+      for (int j = 0; j < distill::kJsdSeriesFloat; ++j) k[j] = Splat(s.k[j]);
+    }
+  };
+
   // The second pass's terms (distill_jsd.h's AddJsdTerms): p rp and q rq (0 for masked classes)
   // and the JSD's term (JsdTerm: its series in d where |d| <= kJsdSeriesBound).
-  TF_KLD_INLINE void Terms(Vf a, Vf b, Vf* plain_p, Vf* plain_q, Vf* term) const {
+  TF_KLD_INLINE void Terms(const Series& series, Vf a, Vf b, Vf* plain_p, Vf* plain_q, Vf* term) const {
     Vf pe, qe, rp, rq, d;
     Vi ma, mb;
     Compute(a, b, &pe, &qe, &rp, &rq, &ma, &mb, &d);
     const Vf zero = Splat(0.0f);
     *plain_p = ma ? zero : pe * rp, *plain_q = mb ? zero : qe * rq;
-    Vf k = series[distill::kJsdSeriesFloat - 1];
-    for (int j = distill::kJsdSeriesFloat - 2; j >= 0; --j) k = Madd(k, d, series[j]);
-    const Vf near = pe * (scale * ((d * d) * k)), far = Madd(beta, *plain_p, one_minus_beta * *plain_q);
+    Vf k = series.k[distill::kJsdSeriesFloat - 1];
+    for (int j = distill::kJsdSeriesFloat - 2; j >= 0; --j) k = Madd(k, d, series.k[j]);
+    const Vf near = pe * (series.scale * ((d * d) * k)), far = Madd(beta, *plain_p, one_minus_beta * *plain_q);
     const Vf ad = BitCast<Vf>(BitCast<Vi>(d) & 0x7fffffff);  // NaN where both are masked: far
     *term = ad <= Splat(static_cast<float>(distill::kJsdSeriesBound)) ? near : far;
   }
@@ -1006,6 +1013,7 @@ void JsdSumsF(const void* y_true, const void* y_pred, int64_t n, const distill::
   const auto* t = static_cast<const typename E::Storage*>(y_true);
   const auto* p = static_cast<const typename E::Storage*>(y_pred);
   const JsdLogs logs(stats, params);
+  const JsdLogs::Series series(params);
   const Vf zero = Splat(0.0f);
   Vf f[distill::kJsdSums] = {zero, zero, zero};
   Vd lo[distill::kJsdSums] = {}, hi[distill::kJsdSums] = {};
@@ -1015,7 +1023,7 @@ void JsdSumsF(const void* y_true, const void* y_pred, int64_t n, const distill::
   };
   auto step = [&](Vf a, Vf b) __attribute__((always_inline)) {
     Vf v[distill::kJsdSums];
-    logs.Terms(a, b, &v[0], &v[1], &v[2]);
+    logs.Terms(series, a, b, &v[0], &v[1], &v[2]);
     for (int k = 0; k < distill::kJsdSums; ++k) f[k] += v[k];
     if (++steps == kFlushSteps) flush(), steps = 0;
   };
@@ -1038,6 +1046,7 @@ void JsdSumsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int64_
   const float temperature = static_cast<float>(params.temperature);
   const double no_stats[4] = {0.0, 0.0, 0.0, 0.0};  // lanes past a block's rows: zeros, ignored
   JsdLogs logs(no_stats, params);
+  const JsdLogs::Series series(params);
   NarrowBlocks<E>(y_true, y_pred, rows, cols, [&](int64_t r0, int64_t n, const Vf* a, const Vf* b) {
     logs.max_a = logs.log_a = logs.max_b = logs.log_b = Splat(0.0f);
     logs.max_ba = logs.max_ba_lo = logs.log_ba = logs.log_ba_lo = Splat(0.0f);
@@ -1052,7 +1061,7 @@ void JsdSumsNarrowF(const void* y_true, const void* y_pred, int64_t rows, int64_
     Vd lo[distill::kJsdSums] = {}, hi[distill::kJsdSums] = {};
     for (int64_t j = 0; j < cols; ++j) {
       Vf v[distill::kJsdSums];
-      logs.Terms(a[j], b[j], &v[0], &v[1], &v[2]);
+      logs.Terms(series, a[j], b[j], &v[0], &v[1], &v[2]);
       for (int k = 0; k < distill::kJsdSums; ++k) Accumulate(v[k], &lo[k], &hi[k]);
     }
     for (int64_t i = 0; i < n; ++i) {
