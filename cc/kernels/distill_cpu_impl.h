@@ -209,9 +209,34 @@ TF_KLD_INLINE void Widen(Vf v, Vd* lo, Vd* hi) {
   *lo = zero0, *hi = zero1;
 }
 
+// e^x in double for x <= 0, within a few double ulps; 0 below -708 (and at -inf), NaN for NaN.
+// The factors that move a lane's double sums to a new maximum (KlLanes::ScaleD): rare, so plain
+// vector code. n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts, n ln2_hi exact), e^r by its
+// Taylor series to r^11 (|r| <= ln 2 / 2: the rest below 1.1e-14), times 2^n made in the exponent
+// bits (n >= -1022 here).
+TF_KLD_INLINE Vd ExpNonPositiveD(Vd x) {
+  typedef int64_t Vl __attribute__((vector_size(sizeof(Vd))));
+  const Vd zero = Vd{}, floor = zero - 708.0;
+  const Vd xc = x < floor ? floor : x;
+  const Vd shifter = zero + 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
+  const Vd ks = xc * 1.4426950408889634 + shifter;
+  const Vd n = ks - shifter;
+  const Vd r = (xc - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+  constexpr double kInverseFactorials[] = {1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
+                                           1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0,
+                                           0.5, 1.0, 1.0};
+  Vd p = zero + kInverseFactorials[0];
+  for (int i = 1; i < 12; ++i) p = p * r + kInverseFactorials[i];
+  const Vl two_n = (BitCast<Vl>(ks) - BitCast<Vl>(shifter) + 1023) << 52;
+  const Vd e = p * BitCast<Vd>(two_n);
+  return x < floor ? zero : (x == x ? e : x);
+}
 
-// The per-lane state of a row piece, kLanes elements a step. The sums run in float for
-// kFlushSteps steps (at most that many terms per lane, so a few float ulps), then go into double.
+
+// The per-lane state of a row piece, kLanes elements a step, at running maxima the lanes share
+// (Raise; the narrow rows' path sets one row's final maxima per lane instead, and never raises
+// them). The sums run in float for kFlushSteps steps (at most that many terms per lane, so a few
+// float ulps), then go into double.
 // NaN and +inf logits need no test: they make a sum NaN (exp(NaN), or inf - inf at a +inf maximum),
 // masked or not, and Finish turns a NaN sum into a NaN row.
 constexpr int kFlushSteps = 8;
@@ -259,8 +284,12 @@ struct KlArgs {
 #if defined(__AVX512F__)
   Vf scale;
   double unit;
+  // natural: the exps' exponent per raw unit (scale times ln 2, exactly as the exps take it);
+  // cross_unit: the cross term's per raw unit (raw distances).
+  double natural, cross_unit = 1.0;
   explicit KlArgs(float temperature)
-      : scale(Splat(static_cast<float>(1.4426950408889634 / temperature))), unit(1.0 / temperature) {}
+      : scale(Splat(static_cast<float>(1.4426950408889634 / temperature))), unit(1.0 / temperature),
+        natural(static_cast<double>(scale[0]) * 0.6931471805599453) {}
   // The cross term's distance.
   TF_KLD_INLINE Vf operator()(Vf d) const { return d; }
   // e^(d / T) in the lanes of `keep` (d > -inf there), else 0.
@@ -274,7 +303,10 @@ struct KlArgs {
 #else
   Divider by_t;
   double unit = 1.0;
-  explicit KlArgs(float temperature) : by_t(temperature) {}
+  // natural: the exps' exponent per raw unit; cross_unit: the cross term's (both 1 / T).
+  double natural, cross_unit;
+  explicit KlArgs(float temperature)
+      : by_t(temperature), natural(1.0 / static_cast<double>(temperature)), cross_unit(natural) {}
   TF_KLD_INLINE Vf operator()(Vf d) const { return by_t.Apply<kMode>(d); }
   TF_KLD_INLINE Vf ExpAny(Vf d, Vf* u = nullptr) const {
     const Vf v = (*this)(d);
@@ -339,44 +371,53 @@ struct KlLanes {
   }
 #endif
 
-  // e^((from - to) / T) where `up`, else 1: a lane's sums moved from maximum `from` to `to`.
-  TF_KLD_INLINE Vf Scale(Vf from, Vf to, Vi up) const { return up ? arg.ExpAny(from - to) : Splat(1.0f); }
+  // e^((from - to) / T) in double, splat, for a new maximum `to` >= `from`: the factor that moves
+  // the lanes' double sums, in the units of the elements' exps (KlArgs::natural), from the maxima's
+  // exact difference. A float factor (the exps' own) put up to a float ulp of the whole sum so far
+  // into every move, independently for y_true's and y_pred's sums, so into their log-sums'
+  // difference: 3-6 times the rest of the KL's error at 32000 classes.
+  TF_KLD_INLINE Vd ScaleD(float from, float to) const {
+    return ExpNonPositiveD(Vd{} + (static_cast<double>(from) - static_cast<double>(to)) * arg.natural);
+  }
 
-  // New running maxima: the sums so far rescaled to them (rare after a row's first elements), the
-  // cross term's distances moved to them.
+  // New running maxima, shared by the lanes (a row's records, about log n of them, where a
+  // maximum per lane moved about kLanes times as often): the float partials flushed, the double
+  // sums' cross-term distances moved to them and the sums rescaled to them by one factor each.
   TF_KLD_INLINE void Raise(Vf a, Vf b, Vi up_a, Vi up_b) {
-    const Vf new_a = up_a ? a : max_a, new_b = up_b ? b : max_b;
-    Rebase((max_a - new_a) - (max_b - new_b));
-    if (AnyLane(up_a)) {
-      const Vf s = Scale(max_a, new_a, up_a);
-      Vd s0, s1;
-      Widen(s, &s0, &s1);
-      fsum_a *= s, fcross *= s;
-      sum_a0 *= s0, sum_a1 *= s1, cross0 *= s0, cross1 *= s1;
-      max_a = new_a;
+    const float old_a = max_a[0], old_b = max_b[0];
+    float new_a = old_a, new_b = old_b;
+    for (int i = 0; i < kLanes; ++i) {
+      new_a = up_a[i] && a[i] > new_a ? a[i] : new_a;  // NaN never raises a maximum
+      new_b = up_b[i] && b[i] > new_b ? b[i] : new_b;
     }
-    if (AnyLane(up_b)) {
-      const Vf s = Scale(max_b, new_b, up_b);
-      Vd s0, s1;
-      Widen(s, &s0, &s1);
-      fsum_b *= s;
-      sum_b0 *= s0, sum_b1 *= s1;
-      max_b = new_b;
+    Flush();
+    Rebase(old_a, new_a, old_b, new_b);
+    if (new_a != old_a) {
+      const Vd s = ScaleD(old_a, new_a);
+      sum_a0 *= s, sum_a1 *= s, cross0 *= s, cross1 *= s;
+      max_a = Splat(new_a);
+    }
+    if (new_b != old_b) {
+      const Vd s = ScaleD(old_b, new_b);
+      sum_b0 *= s, sum_b1 *= s;
+      max_b = Splat(new_b);
     }
   }
 
-  // The cross term sums e^(a - max_a) ((a - max_a) - (b - max_b)) at each lane's maxima (in
+  // The cross term sums e^(a - max_a) ((a - max_a) - (b - max_b)) at the running maxima (in
   // KlArgs' units), not e^(a - max_a) (a - b): the distances are exact where they count, where
   // a - b would round to the logits' magnitude (teacher logits offset by 1e4 from the student's
   // lost three decimal digits of the KL that way). Where the maxima move, each term so far moves
-  // by delta = (old max_a - new max_a) - (old max_b - new max_b) (raw units): the lane's sum_a
-  // times arg(delta) is added (a lane with an infinite or NaN delta has no term yet: nothing is).
-  TF_KLD_INLINE void Rebase(Vf delta) {
-    const Vf d = delta - delta == Splat(0.0f) ? arg(delta) : Splat(0.0f);
-    Vd d0, d1;
-    Widen(d, &d0, &d1);
-    fcross += d * fsum_a;
-    cross0 += d0 * sum_a0, cross1 += d1 * sum_a1;
+  // by delta = (old max_a - new max_a) - (old max_b - new max_b) (raw units, exact in double): the
+  // sums of e^(a - max_a) times delta (in KlArgs' units) are added (none where delta is infinite
+  // or NaN: no term yet). The float partials are flushed first.
+  TF_KLD_INLINE void Rebase(float old_a, float new_a, float old_b, float new_b) {
+    const double delta = (static_cast<double>(old_a) - static_cast<double>(new_a)) -
+                         (static_cast<double>(old_b) - static_cast<double>(new_b));
+    if (delta - delta == 0.0) {
+      const Vd d = Vd{} + delta * arg.cross_unit;
+      cross0 += d * sum_a0, cross1 += d * sum_a1;
+    }
   }
 
   // 1 in the lanes with a class of p > 0, q = 0 (+inf), else 0.
@@ -396,24 +437,17 @@ struct KlLanes {
     steps = 0;
   }
 
-  // The lanes merged: each lane's sums rescaled to the largest maximum by one vector exp (not a
-  // Merge per lane: narrow rows would pay several scalar exps per element). KlPartial's maxima are
+  // The lanes merged: they share their maxima (Raise), so by plain sums. KlPartial's maxima are
   // the raw ones divided by T in double (the gradient ops recover the raw float maxima from them
   // exactly: RawMax), its cross term in natural units.
   distill::KlPartial Reduce() {
     Flush();
     distill::KlPartial r;
-    float ma = max_a[0], mb = max_b[0];
-    for (int i = 1; i < kLanes; ++i) ma = max_a[i] > ma ? max_a[i] : ma, mb = max_b[i] > mb ? max_b[i] : mb;
-    const Vf top_a = Splat(ma), top_b = Splat(mb);
-    Rebase((max_a - top_a) - (max_b - top_b));
-    Vd a0, a1, b0, b1;
-    Widen(Scale(max_a, top_a, max_a != top_a), &a0, &a1);
-    Widen(Scale(max_b, top_b, max_b != top_b), &b0, &b1);
+    const float ma = max_a[0], mb = max_b[0];
     r.max_a = MaxStat(ma, temperature), r.max_b = MaxStat(mb, temperature);
-    r.sum_a = SumLanes(sum_a0 * a0 + sum_a1 * a1);
-    r.cross = CrossOfLogits(arg.unit * SumLanes(cross0 * a0 + cross1 * a1), r.max_a, r.max_b, r.sum_a);
-    r.sum_b = SumLanes(sum_b0 * b0 + sum_b1 * b1);
+    r.sum_a = SumLanes(sum_a0 + sum_a1);
+    r.cross = CrossOfLogits(arg.unit * SumLanes(cross0 + cross1), r.max_a, r.max_b, r.sum_a);
+    r.sum_b = SumLanes(sum_b0 + sum_b1);
 #if defined(__AVX512F__)
     r.infinite = infinite != 0;
 #else

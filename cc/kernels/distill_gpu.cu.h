@@ -98,6 +98,8 @@ struct Units {
   }
   // A distance of In() values in units of x / T.
   TF_KLD_HD C OverT(C d) const { return kRaw && scaled ? d / temperature : d; }
+  // The same in double, for a distance of the maxima taken exactly in double.
+  TF_KLD_HD double OverTD(double d) const { return kRaw && scaled ? d / static_cast<double>(temperature) : d; }
   TF_KLD_HD double Stat(C max) const {
     return kRaw ? static_cast<double>(max) / static_cast<double>(temperature) : static_cast<double>(max);
   }
@@ -130,16 +132,24 @@ struct Lane {
   TF_KLD_HD void Step(C a, C b) {
     const bool masked_a = a == C(-INFINITY), masked_b = b == C(-INFINITY);
     if (masked_b && !masked_a) infinite = 1;
-    if (a > max_a || b > max_b) Rebase(u.OverT((max_a - (a > max_a ? a : max_a)) - (max_b - (b > max_b ? b : max_b))));
-    if (a > max_a) {  // exp(-inf) = 0 for the first element; +inf makes exp(inf - inf) = NaN below
-      const C s = Exp(u.OverT(max_a - a));
-      fsum_a *= s, fcross *= s, sum_a *= static_cast<double>(s), cross *= static_cast<double>(s);
-      max_a = a;
-    }
-    if (b > max_b) {
-      const C s = Exp(u.OverT(max_b - b));
-      fsum_b *= s, sum_b *= static_cast<double>(s);
-      max_b = b;
+    if (a > max_a || b > max_b) {
+      // The partials into double first: the sums move to the new maxima by factors taken in double
+      // from the maxima's exact differences, as the CPU core's (KlLanes::Raise). A factor in C put
+      // up to an ulp of C of the whole sum so far into every move, independently for the two sums,
+      // so into their log-sums' difference.
+      Flush();
+      const double old_a = max_a, old_b = max_b;
+      const double new_a = a > max_a ? a : max_a, new_b = b > max_b ? b : max_b;
+      Rebase(u.OverTD((old_a - new_a) - (old_b - new_b)));
+      if (a > max_a) {  // exp(-inf) = 0 for the first element; +inf makes exp(inf - inf) = NaN below
+        const double s = Exp(u.OverTD(old_a - new_a));
+        sum_a *= s, cross *= s;
+        max_a = a;
+      }
+      if (b > max_b) {
+        sum_b *= Exp(u.OverTD(old_b - new_b));
+        max_b = b;
+      }
     }
     const C da = u.OverT(a - max_a), db = u.OverT(b - max_b);
     const C ea = masked_a ? C(0) : Exp(da);
@@ -151,10 +161,10 @@ struct Lane {
 
   // The cross term at the lane's maxima, as the CPU core's (KlLanes::Rebase): each term
   // e^(a - max_a) ((a - max_a) - (b - max_b)), exact distances where a - b would round to the
-  // logits' magnitude; where the maxima move, the terms so far move by delta (none yet where it
-  // is not finite).
-  TF_KLD_HD void Rebase(C delta) {
-    if (delta - delta == C(0)) fcross += delta * fsum_a, cross += static_cast<double>(delta) * sum_a;
+  // logits' magnitude; where the maxima move, the terms so far (flushed into double) move by
+  // delta (none yet where it is not finite).
+  TF_KLD_HD void Rebase(double delta) {
+    if (delta - delta == 0.0) cross += delta * sum_a;
   }
 
   TF_KLD_HD void Flush() {
