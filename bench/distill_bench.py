@@ -6,9 +6,9 @@ one run (issue 12's shapes and peers).
     python bench/distill_bench.py --quick    # small shapes (a smoke run)
 
 Peers: (a) Keras's form `keras.losses.kl_divergence(softmax(t/T), softmax(s/T))` under tf.function
-and under XLA; (b) the log-softmax composite (tf_kld.reference) under XLA; (c) TF's fused
-`softmax_cross_entropy_with_logits(labels=softmax(t/T), logits=s/T)` (the same student gradient up
-to a constant); (d) torch's `kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True)` on the
+and under XLA; (b) the log-softmax composite as users write it (`tf.nn.log_softmax`) under XLA;
+(c) TF's fused `softmax_cross_entropy_with_logits(labels=softmax(t/T), logits=s/T)` (the same
+student gradient up to a constant); (d) torch's `kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True)` on the
 CPU when PyTorch is installed; and the floor: TensorFlow reading both inputs once. Timing reuses
 bench.py's interleaved medians (every peer sampled round by round, so a slow spell hits all alike).
 Then the peak extra memory of forward+backward (float32, a fresh process per peer, calibrated as
@@ -46,7 +46,11 @@ def _fused(t, s):
 
 
 def _log_softmax_composite(t, s):
-    return tf_kld.reference.kl_with_logits_composite(t, s, TEMPERATURE)
+    """(b): the KL as users write it from tf.nn.log_softmax, in float32 for 16-bit logits (as
+    tf_kld.reference computed it until it took lp - lq from the logits' exact difference)."""
+    lp = tf.nn.log_softmax(tf.cast(t, tf.float32) / TEMPERATURE, axis=-1)
+    lq = tf.nn.log_softmax(tf.cast(s, tf.float32) / TEMPERATURE, axis=-1)
+    return tf.cast(tf.reduce_sum(tf.exp(lp) * (lp - lq), axis=-1), s.dtype)
 
 
 def _keras_form(t, s):

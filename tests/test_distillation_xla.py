@@ -72,21 +72,19 @@ def test_custom_compiles_the_ops_own_lowering(custom, beta):
     t = tf.zeros([4, 9])
     fn = tf.function(lambda a, b: D._grads(_fn(beta, 2.0), a, b, tf.ones([4])), jit_compile=True)
     types = U.graph_op_types(fn.get_concrete_function(t, t))
-    assert {forward, grad} <= types and "LogSoftmax" not in types, types
+    assert {forward, grad} <= types and "Exp" not in types, types
     hlo = fn.experimental_get_compiler_ir(t, t)(stage="hlo")
     assert f'op_type="{forward}"' in hlo and f'op_type="{grad}"' in hlo
-    assert 'op_type="LogSoftmax"' not in hlo and "custom-call" not in hlo
+    assert 'op_type="Exp"' not in hlo and "custom-call" not in hlo
 
 
 @pytest.mark.parametrize("beta", [None, 0.5])
 def test_auto_emits_composite_inside_xla(require_custom, beta):
     """implementation("auto") (the default) under jit_compile: the log-softmax composite, as for
-    kl_divergence (the JSD's writes its log-softmax out, for its exact d); outside XLA the fused
-    op."""
+    kl_divergence (written out, for its exact d: its exps); outside XLA the fused op."""
     spec = tf.TensorSpec([None, 7], tf.float32)
     jitted = U.graph_op_types(tf.function(_fn(beta, 2.0), jit_compile=True).get_concrete_function(spec, spec))
-    composite = "LogSoftmax" if beta is None else "Exp"
-    assert not {KL_OP, JSD_OP} & jitted and composite in jitted, jitted
+    assert not {KL_OP, JSD_OP} & jitted and "Exp" in jitted, jitted
     plain = U.graph_op_types(tf.function(_fn(beta, 2.0)).get_concrete_function(spec, spec))
     assert _ops_of(beta)[0] in plain, plain
 
@@ -141,6 +139,16 @@ def test_jsd_to_ulps_of_itself(require_custom, implementation, width, beta, rng)
     with tf_kld.implementation(implementation):
         fn = tf.function(_fn(beta, 3.0), jit_compile=True)
         D.assert_jsd_to_ulps_of_itself(fn, width, beta, 3.0, rng)
+
+
+@pytest.mark.parametrize("implementation", ["custom", "auto"])
+def test_kl_of_a_vocabulary_to_ulps_of_itself(require_custom, implementation, rng):
+    """test_distillation's bound on the KL at 32000 classes under jit_compile: 6 eps on the
+    lowering (1.4-1.9 over six seeds; 150-190 with lp - lq of float log-probabilities), 10 on the
+    composite "auto" compiles (4.7-6.8; 268-299 from tf.nn.log_softmax)."""
+    with tf_kld.implementation(implementation):
+        fn = tf.function(lambda a, b: tf_kld.kl_divergence_with_logits(a, b, 2.0), jit_compile=True)
+        D.assert_kl_of_a_vocabulary(fn, 6 if implementation == "custom" else 10, rng)
 
 
 @pytest.mark.parametrize("implementation", ["custom", "auto"])

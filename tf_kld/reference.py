@@ -187,8 +187,9 @@ def _log_softmax(x, temperature):
     return tf.nn.log_softmax(x, axis=-1)
 
 
-def _kl_terms(lp, lq):
-    """sum(p * (lp - lq)) over the last axis, with the conventions above.
+def _kl_terms(lp, lq, d=None):
+    """sum(p * (lp - lq)) over the last axis, with the conventions above; d: lq - lp, its value
+    more exact (_log_softmax_and_distance).
 
     Double `where`: a masked class's unselected product would otherwise send 0 * inf = NaN into
     the gradient; here every masked class gets an exact 0 gradient."""
@@ -197,10 +198,10 @@ def _kl_terms(lp, lq):
     infinite = tf.logical_and(tf.equal(lq, minus_inf), tf.greater(lp, minus_inf))
     use = tf.logical_and(tf.not_equal(lp, minus_inf), tf.logical_not(infinite))  # NaN is used
     zero = tf.zeros_like(lp)
-    diff = tf.where(use, lp - lq, zero)
+    diff = tf.where(use, lp - lq if d is None else -d, zero)
     term = tf.where(use, tf.exp(lp) * diff,
                     tf.where(infinite, tf.constant(math.inf, lp.dtype), zero))
-    return tf.reduce_sum(term, axis=-1)
+    return _row_sum(term)
 
 
 def _log_mixture(lp, lq, beta):
@@ -300,43 +301,48 @@ def _piece(width):
                default=None)
 
 
-def _row_sum(x, keepdims=False):
+def _row_sum(x, keepdims=False, dtype=None):
     """sum over the last axis; float32 rows in pieces (_piece), each summed in float32, the pieces
     in float64. XLA:CPU sums a float32 row in order, so its error grows with the width: the JSD's
     composite was 2.2-9.7 ulps off at 32000 classes (1-1.5 with pieces, as eagerly), and a float64
     sum of whole rows cost it 20%, this 1-3% (2048x32000). Widths with no such divisor
     (32003) keep the plain sum: padding the rows cost 10-15%."""
+    dtype = dtype or x.dtype
     size = _piece(x.shape[-1]) if x.dtype == tf.float32 else None
     if size is None:
-        return tf.reduce_sum(x, axis=-1, keepdims=keepdims)
+        return tf.cast(tf.reduce_sum(x, axis=-1, keepdims=keepdims), dtype)
     shape = tf.concat([tf.shape(x)[:-1], [x.shape[-1] // size, size]], 0)
     pieces = tf.cast(tf.reduce_sum(tf.reshape(x, shape), axis=-1), tf.float64)
-    return tf.cast(tf.reduce_sum(pieces, axis=-1, keepdims=keepdims), x.dtype)
+    return tf.cast(tf.reduce_sum(pieces, axis=-1, keepdims=keepdims), dtype)
 
 
-def _log_softmax_and_distance(y_true, y_pred, temperature):
+def _log_softmax_and_distance(y_true, y_pred, temperature, dtype):
     """lp, lq (log-softmax at the temperature) and d = lq - lp whose value is
     ((y - max y) - (x - max x)) / T - (log sum_y - log sum_x) (x, y the logits): lq - lp carries
-    ulps of |lp| into a d that may be far smaller. The logits' difference in float64 where the work
-    is float32 (exact), so only the rows' log-sums round, alike for every class of a row. d's
-    gradient is lq - lp's."""
-    wide = tf.float64 if y_pred.dtype == tf.float32 else y_pred.dtype
+    ulps of |lp| into a d that may be far smaller. Where the work is float32, the logits'
+    difference (exact), its division by T and the log-sums (of float32 exps, summed by _row_sum)
+    in float64, d rounded once: only the exps' rounding stays in the log-sums, alike for every
+    class of a row (float32 log-sums of about 10 at 32000 classes rounded d by up to 5e-7). Logits
+    of a 16-bit `dtype` (the inputs' own) differ exactly in float32 already: their differences stay
+    there (float64 cost XLA 10-45% in bfloat16). d's gradient is lq - lp's."""
+    sums = tf.float64 if y_pred.dtype == tf.float32 else y_pred.dtype
+    wide = y_pred.dtype if dtype in _LOW_PRECISION else sums
 
     def parts(x):
         top = tf.stop_gradient(tf.reduce_max(x, axis=-1, keepdims=True))  # lp does not depend on it
         z = x - top
         if temperature != 1.0:
             z = z / tf.constant(temperature, z.dtype)
-        log_sum = tf.math.log(_row_sum(tf.exp(z), keepdims=True))
-        return z - log_sum, log_sum, tf.cast(x, wide) - tf.cast(top, wide)
+        log_sum = tf.math.log(_row_sum(tf.exp(z), keepdims=True, dtype=sums))
+        return z - tf.cast(log_sum, z.dtype), log_sum, tf.cast(x, wide) - tf.cast(top, wide)
 
     lp, log_sum_p, shifted_x = parts(y_true)
     lq, log_sum_q, shifted_y = parts(y_pred)
     plain = lq - lp
-    exact = tf.cast(shifted_y - shifted_x, plain.dtype)
+    exact = shifted_y - shifted_x
     if temperature != 1.0:
-        exact = exact / tf.constant(temperature, plain.dtype)
-    exact = exact - (log_sum_q - log_sum_p)
+        exact = exact / tf.constant(temperature, exact.dtype)
+    exact = tf.cast(exact - tf.cast(log_sum_q - log_sum_p, wide), plain.dtype)
     finite = tf.logical_and(tf.math.is_finite(exact), tf.math.is_finite(plain))
     d = plain + tf.stop_gradient(tf.where(finite, exact - plain, tf.zeros_like(plain)))
     return lp, lq, d
@@ -372,13 +378,28 @@ def _jsd_series(beta):
                  for j in range(_SERIES_TERMS[tf.float64]))
 
 
+def _kl_with_logits(y_true, y_pred, temperature, dtype):
+    """KL(softmax(y_true / T) || softmax(y_pred / T)) of broadcast tensors of the compute dtype
+    (`dtype` the inputs' own): sum(p (lp - lq)) with lp - lq as -d, d from the logits' exact difference and the rows'
+    log-sums in float64 (_log_softmax_and_distance), as the fused op's log-sum form takes it.
+    lp - lq itself carries ulps of |lp| and |lq| (about 10 at 32000 classes), which cost
+    tf.nn.log_softmax's composite 2-50x this error (more at T != 1, where x / T rounds at the
+    logits' magnitude)."""
+    if dtype in _LOW_PRECISION:
+        # tf.nn.log_softmax's form: XLA takes the written-out log-softmax 10-45% slower on 16-bit
+        # inputs, and this form's float32 error is below a 16-bit ulp of the result except for a
+        # student within about 0.01 of its teacher (there 1e-2 of the KL: TfKld ops stay exact).
+        return _kl_terms(_log_softmax(y_true, temperature), _log_softmax(y_pred, temperature))
+    lp, lq, d = _log_softmax_and_distance(y_true, y_pred, temperature, dtype)
+    return _kl_terms(lp, lq, d)
+
+
 def kl_with_logits_composite(y_true, y_pred, temperature):
     """KL(softmax(y_true / T) || softmax(y_pred / T)) on prepared tensors of one floating dtype."""
     dtype = y_pred.dtype
     work = compute_dtype(dtype)
     y_true, y_pred = broadcast(tf.cast(y_true, work), tf.cast(y_pred, work))
-    loss = _kl_terms(_log_softmax(y_true, temperature), _log_softmax(y_pred, temperature))
-    return tf.cast(loss, dtype)
+    return tf.cast(_kl_with_logits(y_true, y_pred, temperature, dtype), dtype)
 
 
 def jsd_with_logits_composite(y_true, y_pred, beta, temperature):
@@ -387,16 +408,16 @@ def jsd_with_logits_composite(y_true, y_pred, beta, temperature):
     work = compute_dtype(dtype)
     y_true, y_pred = broadcast(tf.cast(y_true, work), tf.cast(y_pred, work))
     if beta == 0.0:
-        loss = _kl_terms(_log_softmax(y_true, temperature), _log_softmax(y_pred, temperature))
+        loss = _kl_with_logits(y_true, y_pred, temperature, dtype)
     elif beta == 1.0:
-        loss = _kl_terms(_log_softmax(y_pred, temperature), _log_softmax(y_true, temperature))
+        loss = _kl_with_logits(y_pred, y_true, temperature, dtype)
     else:
         # One sum of each class's beta p rp + (1 - beta) q rq (never negative): one reduction
         # for XLA to fuse the elementwise work into, no cancellation between two sums. Where p
         # and q are close a class's term is O(d^2) and its two parts O(d): there (|d| <= 1) it is
         # p beta (1 - beta) d^2 K(d) (_jsd_series, as the kernels), which cancels nothing, with d
         # to ulps of itself (_log_softmax_and_distance). Beyond, the parts cancel at most ~3x.
-        lp, lq, d = _log_softmax_and_distance(y_true, y_pred, temperature)
+        lp, lq, d = _log_softmax_and_distance(y_true, y_pred, temperature, dtype)
         rp, rq = log_ratios(lp, lq, beta, d)
         far = (tf.constant(beta, work) * _ratio_terms(lp, rp)
                + tf.constant(1.0 - beta, work) * _ratio_terms(lq, rq))
