@@ -152,6 +152,8 @@ struct Kernels {
   void (*exp_nonpositive)(const float* x, float* out, int64_t n);
   // log of n doubles with the narrow rows' vectorised log (for tests of its accuracy).
   void (*log)(const double* x, double* out, int64_t n);
+  // exp of n doubles <= 0 with the factors' vectorised exp (KL running sums; for tests).
+  void (*exp_double)(const double* x, double* out, int64_t n);
   // The chunked linear loss's gradients of one chunk, for row-major a [k, m], b [k, n], acc and w
   // [m, n] (w of `w_type`, not float64) and d_a [k, m]: in place, for every i < m, j < k and the
   // columns c in [col_begin, col_end),

@@ -650,3 +650,9 @@ extern "C" __attribute__((visibility("default"))) void TfKldDistillLog(const dou
                                                                        int64_t n) {
   tf_kld::distill::Cpu().log(x, out, n);
 }
+
+// The double exp that moves the KL's running sums to a new maximum (for tests of its accuracy).
+extern "C" __attribute__((visibility("default"))) void TfKldDistillExpDouble(const double* x, double* out,
+                                                                             int64_t n) {
+  tf_kld::distill::Cpu().exp_double(x, out, n);
+}
