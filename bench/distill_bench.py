@@ -6,14 +6,14 @@ one run (issue 12's shapes and peers).
     python bench/distill_bench.py --quick    # small shapes (a smoke run)
 
 Peers: (a) Keras's form `keras.losses.kl_divergence(softmax(t/T), softmax(s/T))` under tf.function
-and under XLA; (b) the log-softmax composite as users write it (`tf.nn.log_softmax`) under XLA;
-(c) TF's fused `softmax_cross_entropy_with_logits(labels=softmax(t/T), logits=s/T)` (the same
-student gradient up to a constant); (d) torch's `kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True)` on the
-CPU when PyTorch is installed; and the floor: TensorFlow reading both inputs once. Timing reuses
-bench.py's interleaved medians (every peer sampled round by round, so a slow spell hits all alike).
-Then the peak extra memory of forward+backward (float32, a fresh process per peer, calibrated as
-bench.py's), and every target of the issue, met or missed. Results: bench/out/distill_results.{json,md}
-(untracked).
+and under XLA; (b) the log-softmax composite as users write it (`tf.nn.log_softmax`) under XLA; (c)
+TF's fused `softmax_cross_entropy_with_logits(labels=softmax(t/T), logits=s/T)` (the same student
+gradient up to a constant); (d) torch's `kl_div(log_softmax(s/T), log_softmax(t/T),
+log_target=True)` on the CPU when PyTorch is installed; and the floor: TensorFlow reading both
+inputs once. Timing reuses bench.py's interleaved medians (every peer sampled round by round, so a
+slow spell hits all alike). Then the peak extra memory of forward+backward (float32, a fresh process
+per peer, calibrated as bench.py's), and every target of the issue, met or missed. Results:
+bench/out/distill_results.{json,md} (untracked).
 """
 
 import argparse
