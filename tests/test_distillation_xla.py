@@ -156,7 +156,7 @@ def test_kl_of_a_vocabulary_to_ulps_of_itself(require_custom, implementation, rn
 def test_jsd_of_a_vocabulary_to_ulps_of_itself(require_custom, implementation, beta, rng):
     """32000 classes (T = 1, a student's noise of 1 and 0.01): within 6 ulps of the JSD itself
     (1.6-2.6 over six seeds, the lowering and the composite "auto" compiles alike). XLA:CPU sums a
-    float32 row in order: the composite's three row sums in one piece each left 10-16 ulps here;
+    float32 row in order: the composite's three row sums in one piece each left 8-16 ulps here;
     it sums pieces of the row in float32 and the pieces in float64 (reference._row_sum)."""
     with tf_kld.implementation(implementation):
         fn = tf.function(_fn(beta, 1.0), jit_compile=True)
