@@ -294,12 +294,6 @@ struct KlArgs {
   TF_KLD_INLINE Vf operator()(Vf d) const { return d; }
   // e^(d / T) in the lanes of `keep` (d > -inf there), else 0.
   TF_KLD_INLINE Vf Exp(Vf d, __mmask16 keep) const { return Exp2Scaled(d, scale, keep); }
-  // e^(d / T) for any d <= 0, -inf (an unset maximum's distance) and NaN included; *u the cross
-  // term's distance.
-  TF_KLD_INLINE Vf ExpAny(Vf d, Vf* u = nullptr) const {
-    if (u != nullptr) *u = d;
-    return Exp(d, _mm512_cmp_ps_mask(BitCast<__m512>(d), _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ));
-  }
 #else
   Divider by_t;
   double unit = 1.0;
@@ -308,11 +302,6 @@ struct KlArgs {
   explicit KlArgs(float temperature)
       : by_t(temperature), natural(1.0 / static_cast<double>(temperature)), cross_unit(natural) {}
   TF_KLD_INLINE Vf operator()(Vf d) const { return by_t.Apply<kMode>(d); }
-  TF_KLD_INLINE Vf ExpAny(Vf d, Vf* u = nullptr) const {
-    const Vf v = (*this)(d);
-    if (u != nullptr) *u = v;
-    return ExpNonPositive(v);
-  }
 #endif
 };
 
